@@ -1,0 +1,1114 @@
+"""downloader: serve the files under one directory as downloads, correctly and in constant memory.
+
+A pure ASGI app on Starlette. It streams each file from an open, checked file descriptor in
+fixed-size chunks through one small async iterator, and sets every download header itself.
+Run it with `uvicorn downloader:app` (configured by DOWNLOADER_* variables) or
+`python downloader.py --root DIR`; embed it with `create_app(root, ...)` or return a
+`DownloadResponse` from your own endpoint.
+
+The module reads top to bottom; a section uses only the sections above it
+(`grep -n '^# [0-9]\\.' downloader.py` prints this table):
+
+| # | Section            | What lives there                                               |
+| - | ------------------ | -------------------------------------------------------------- |
+| 1 | Limits and errors  | every named limit; HTTPError, the one exception clients see    |
+| 2 | Settings           | kwargs and DOWNLOADER_* variables -> one frozen Settings       |
+| 3 | Path resolution    | URL path -> an open, checked regular file under the root       |
+| 4 | HTTP semantics     | RFC 9110 ranges, preconditions and header values; pure         |
+| 5 | Streaming          | bytes of an fd onto ASGI `send`, with disconnects              |
+| 7 | Responses          | DownloadResponse and error_response, the ASGI objects          |
+| 8 | App and routes     | create_app, the routes, the lazily built module-level `app`    |
+| 9 | CLI                | argv -> environment -> uvicorn                                 |
+
+Sections 1-5 know nothing of Starlette: they take and return str, int, bytes,
+os.stat_result and the small types defined here, so their tests need no HTTP.
+(Section 6, signed links and the ID catalog, arrives with its issue.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import dataclasses
+import enum
+import errno
+import json
+import mimetypes
+import os
+import re
+import secrets
+import stat
+import sys
+import time
+import unicodedata
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
+
+__all__ = [
+    "CHUNK_SIZE",
+    "MAX_RANGES",
+    "ByteRange",
+    "DownloadResponse",
+    "HTTPError",
+    "Settings",
+    "SettingsError",
+    "content_disposition",
+    "create_app",
+    "error_response",
+    "evaluate_preconditions",
+    "main",
+    "make_etag",
+    "parse_range",
+    "settings_from_env",
+]
+
+
+# =============================================================================
+# 1. Limits and errors
+# =============================================================================
+# Every limit the service enforces has a name here and a row in the README.
+# HTTPError is the only exception whose outcome a client sees; section 7 turns it
+# into JSON in one place (error_response).
+
+CHUNK_SIZE = 256 * 1024
+"""Bytes per disk read and per ASGI body message (setting: chunk_size). Starlette uses
+64 KiB, bottle 1 MiB; each connection holds about one chunk under uvicorn's flow control,
+so this is the memory a download costs. The README's benchmark section says why 256 KiB."""
+
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+"""The largest chunk_size setting accepted: one read of this size per connection at a time."""
+
+MAX_RANGES = 100
+"""More ranges than this in one Range header and the header is ignored (a 200 with the
+whole file): RFC 9110 §14.2 lets a server ignore a Range that looks like an attack."""
+
+MIN_STRONG_AGE_S = 1.0
+"""RFC 9110 §8.8.2.2: a Last-Modified date is a strong validator only if the file was last
+modified at least one second before the response's Date; until then If-Range by date fails."""
+
+
+class HTTPError(Exception):
+    """An outcome for the client: status, a fixed detail message, and extra headers.
+
+    The detail never holds OS text or a file system path (like Go's toHTTPError)."""
+
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(status, detail)
+        self.status = status
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class TransferAborted(RuntimeError):
+    """The body can't be sent whole: the file shrank, or a read failed. Raised mid-body on
+    purpose: the server then aborts the connection, so the client sees a failed transfer,
+    never a short body that looks complete."""
+
+
+def not_found() -> HTTPError:
+    return HTTPError(404, "Not Found")
+
+
+# =============================================================================
+# 2. Settings
+# =============================================================================
+# One frozen Settings object per app, from create_app's keyword arguments or from
+# DOWNLOADER_* environment variables (the same names, upper-cased). A bad value stops
+# start-up with one line that names the argument or the variable.
+
+ENV_PREFIX = "DOWNLOADER_"
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "downloads")
+
+SERVER_VARIABLES = ("HOST", "PORT", "WORKERS")
+"""DOWNLOADER_* variables read by the command line (section 9), not by create_app."""
+
+
+class SettingsError(ValueError):
+    """A setting with a bad value; str() is the one line to print."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What one app serves and how. Field names are create_app's keyword arguments."""
+
+    root: str = DEFAULT_ROOT
+    chunk_size: int = CHUNK_SIZE
+    cache_control: str = "no-cache"  # DEFAULT_CACHE_CONTROL
+    serve_hidden: bool = False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be one of 1, 0, true, false, yes, no, on, off")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+_FROM_TEXT: dict[str, Callable[[str], object]] = {"str": str, "int": _parse_int, "bool": _parse_bool}
+
+
+def _check_setting(name: str, value: object) -> object:
+    """Returns the value to keep for one setting, or raises ValueError saying what is wrong."""
+    if name == "root":
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError("must be a directory path")
+        real = os.path.realpath(os.fspath(value))
+        if not os.path.isdir(real):
+            raise ValueError(f"{os.fspath(value)!r} is not a directory")
+        return real
+    if name == "chunk_size":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= MAX_CHUNK_SIZE:
+            raise ValueError(f"must be a whole number of bytes from 1024 to {MAX_CHUNK_SIZE}")
+        return value
+    if name == "cache_control":
+        if not isinstance(value, str) or not value.isprintable() or not value.isascii():
+            raise ValueError("must be printable ASCII text")
+        return value.strip()
+    if name == "serve_hidden":
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+    raise ValueError("is not a setting")  # pragma: no cover - guarded by make_settings
+
+
+def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] = str) -> Settings:
+    """Validates keyword values into Settings; errors name each setting through `label`."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    checked: dict[str, object] = {}
+    for name, value in values.items():
+        if name not in known:
+            raise SettingsError(f"{label(name)}: unknown setting")
+        try:
+            checked[name] = _check_setting(name, value)
+        except ValueError as exc:
+            raise SettingsError(f"{label(name)}: {exc}") from None
+    if "root" not in checked:
+        checked["root"] = _check_setting("root", DEFAULT_ROOT)
+    return Settings(**checked)  # type: ignore[arg-type]
+
+
+def settings_from_env(environ: Mapping[str, str]) -> Settings:
+    """Settings from DOWNLOADER_* variables. An unknown DOWNLOADER_* variable is an error
+    too: a misspelt DOWNLOADER_SECRET must not silently serve files unprotected."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+    values: dict[str, object] = {}
+    for key, text in environ.items():
+        if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX):] in SERVER_VARIABLES:
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in types:
+            raise SettingsError(f"{key}: unknown setting")
+        try:
+            values[name] = _FROM_TEXT[types[name]](text)
+        except ValueError as exc:
+            raise SettingsError(f"{key}: {exc}, got {text!r}") from None
+    return make_settings(values, label=lambda name: ENV_PREFIX + name.upper())
+
+
+# =============================================================================
+# 3. Path resolution
+# =============================================================================
+# A URL path (already percent-decoded once, by the ASGI server) becomes an open file
+# descriptor of a regular file inside the root, or an HTTPError. Containment is checked
+# on the resolved real path, and again on the descriptor actually opened, so a symlink
+# swapped in between check and open serves nothing from outside. Every OS error becomes
+# an HTTPError in one place (os_error_to_http); outside the root answers like missing.
+
+OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in must not hang the open
+    | getattr(os, "O_NOFOLLOW", 0)  # the last component was resolved: a link now is a swap
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """What the headers need to know about one opened file."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    dev: int
+    name: str
+
+
+class OpenFile(NamedTuple):
+    fd: int
+    info: FileInfo
+
+
+def split_url_path(path: str) -> list[str]:
+    """The segments of a decoded URL path relative to the route, or HTTPError.
+
+    400 for a NUL byte or a backslash (no file name we serve holds one, and a backslash
+    is a separator to some clients); 404 for an empty path, empty segments (absolute paths,
+    `a//b`) and `.` or `..` segments: a URL that names a file has one spelling."""
+    if "\x00" in path or "\\" in path:
+        raise HTTPError(400, "Malformed path")
+    segments = path.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise not_found()
+    return segments
+
+
+def is_hidden(segments: Iterable[str]) -> bool:
+    """Is any segment a dotfile or dot-folder?"""
+    return any(segment.startswith(".") for segment in segments)
+
+
+def is_inside(root: str, real: str) -> bool:
+    """Is the resolved path `real` the root or below it? Both must be real paths."""
+    return os.path.commonpath([root, real]) == root
+
+
+def os_error_to_http(exc: OSError) -> HTTPError:
+    """The client's answer to an OS error while resolving or opening a file."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return HTTPError(403, "Forbidden")
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return HTTPError(503, "Server busy", headers={"Retry-After": "1"})
+    return not_found()  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG, EISDIR...
+
+
+def open_checked(real: str, *, root: str | None) -> OpenFile:
+    """Opens the regular file at the real path `real`; with a root, the opened descriptor
+    must still lie inside it. Raises HTTPError; never leaks the descriptor."""
+    try:
+        before = os.stat(real)
+        if not stat.S_ISREG(before.st_mode):
+            raise not_found()  # directories, FIFOs, sockets, devices: never opened
+        fd = os.open(real, OPEN_FLAGS)
+    except OSError as exc:
+        raise os_error_to_http(exc) from None
+    try:
+        st = os.fstat(fd)
+        same = (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino)
+        if not stat.S_ISREG(st.st_mode) or not same:
+            raise not_found()
+        if root is not None and os.path.isdir("/proc/self/fd"):
+            # Linux: what was really opened, whatever happened to the path meanwhile.
+            if not is_inside(root, os.readlink(f"/proc/self/fd/{fd}")):
+                raise not_found()
+        info = FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real))
+        return OpenFile(fd, info)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> OpenFile:
+    """The regular file that `url_path` names under the real directory `root`, opened.
+
+    404 when it is missing, not a regular file, hidden (unless serve_hidden), or resolves
+    outside the root through `..` or a symlink; symlinks that stay inside are followed.
+    Blocking: call it in a worker thread."""
+    segments = split_url_path(url_path)
+    if not serve_hidden and is_hidden(segments):
+        raise not_found()
+    try:
+        real = os.path.realpath(os.path.join(root, *segments), strict=True)
+    except (OSError, ValueError):
+        raise not_found() from None
+    if not is_inside(root, real):
+        raise not_found()
+    if not serve_hidden and is_hidden(os.path.relpath(real, root).split(os.sep)):
+        raise not_found()  # a link inside the root to a dotfile is still a dotfile
+    return open_checked(real, root=root)
+
+
+def open_path(path: str | os.PathLike[str]) -> OpenFile:
+    """A host app's own file path, opened and checked (a regular file); no root applies."""
+    try:
+        real = os.path.realpath(os.fspath(path), strict=True)
+    except (OSError, ValueError):
+        raise not_found() from None
+    return open_checked(real, root=None)
+
+
+# =============================================================================
+# 4. HTTP semantics
+# =============================================================================
+# Pure decisions and header values: RFC 9110 §14 (ranges), §13 (conditional requests,
+# evaluated in the order of §13.2.2), §8.8 (validators), RFC 6266 and RFC 8187
+# (Content-Disposition). Plain values in, plain values out; HTTPError for 412 and 416.
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """Bytes start .. stop-1 of a file; stop is exclusive, like range()."""
+
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def content_range(self, size: int) -> str:
+        return f"bytes {self.start}-{self.stop - 1}/{size}"
+
+
+def _parse_range_spec(spec: str, size: int) -> ByteRange | None:
+    """One range-spec, clamped to the file; None when unsatisfiable; ValueError when invalid."""
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(" \t"), last.strip(" \t")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        raise ValueError(spec)
+    if not first:  # suffix-range: the last N bytes
+        if not last.isascii() or not last.isdigit():
+            raise ValueError(spec)
+        suffix = int(last)
+        # RFC 9110 §14.1.1: a suffix-length of 0 is unsatisfiable.
+        return ByteRange(max(0, size - suffix), size) if suffix > 0 else None
+    if not first.isascii() or not first.isdigit() or (last and not (last.isascii() and last.isdigit())):
+        raise ValueError(spec)
+    start = int(first)
+    if last and int(last) < start:
+        raise ValueError(spec)  # RFC 9110 §14.1.1: last-pos < first-pos is invalid
+    if start >= size:
+        return None
+    stop = size if not last else min(int(last) + 1, size)
+    return ByteRange(start, stop)
+
+
+def coalesce(ranges: Sequence[ByteRange]) -> list[ByteRange]:
+    """Merges overlapping ranges; each merged range stands where the first of its members
+    stood, the rest keep request order (RFC 9110 §14.3 allows coalescing)."""
+    merged: list[ByteRange] = []
+    for r in ranges:
+        for i, m in enumerate(merged):
+            if r.start < m.stop and m.start < r.stop:
+                merged[i] = ByteRange(min(m.start, r.start), max(m.stop, r.stop))
+                break
+        else:
+            merged.append(r)
+    if len(merged) < len(ranges):
+        return coalesce(merged)  # a merge can make a range reach another
+    return merged
+
+
+def parse_range(value: str, size: int) -> list[ByteRange] | None:
+    """The ranges to send for a Range header on a file of `size` bytes.
+
+    Returns None to ignore the header and send the whole file with 200: a syntactically
+    invalid header or unit, more than MAX_RANGES ranges, ranges adding up to more than the
+    file (Go's guard against overlapping sets), or an empty file (no byte range can
+    describe it). Raises HTTPError(416) with `Content-Range: bytes */size` when the header
+    is valid but no range is satisfiable. Like Go and Apache, whitespace around list
+    elements and numbers is accepted; one invalid element invalidates the whole header."""
+    unit, eq, range_set = value.partition("=")
+    if not eq or unit.strip(" \t").lower() != "bytes":
+        return None
+    specs = [spec for spec in (s.strip(" \t") for s in range_set.split(",")) if spec]
+    if not specs or len(specs) > MAX_RANGES:
+        return None
+    try:
+        parsed = [_parse_range_spec(spec, size) for spec in specs]
+    except ValueError:
+        return None
+    if size == 0:
+        return None
+    ranges = [r for r in parsed if r is not None]
+    if not ranges:
+        raise HTTPError(416, "Range Not Satisfiable", headers={"Content-Range": f"bytes */{size}"})
+    if sum(r.length for r in ranges) > size:
+        return None
+    return coalesce(ranges)
+
+
+class Cond(enum.Enum):
+    """The result of one precondition: absent (NONE), or evaluated TRUE or FALSE."""
+
+    NONE = "none"
+    TRUE = "true"
+    FALSE = "false"
+
+
+# RFC 9110 §8.8.3: entity-tag = [ weak ] opaque-tag; opaque-tag = DQUOTE *etagc DQUOTE;
+# etagc = %x21 / %x23-7E / obs-text.
+_ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e\x80-\xff]*"')
+
+
+def scan_etags(value: str) -> list[str]:
+    """The entity-tags of a comma-separated list, as written (W/ and quotes kept).
+    Stops at the first malformed member, like Go's scanETag."""
+    tags: list[str] = []
+    pos = 0
+    while True:
+        while pos < len(value) and value[pos] in " \t,":
+            pos += 1
+        match = _ETAG.match(value, pos)
+        if match is None:
+            return tags
+        tags.append(match.group())
+        pos = match.end()
+        while pos < len(value) and value[pos] in " \t":
+            pos += 1
+        if pos < len(value) and value[pos] != ",":
+            return tags
+
+
+def etag_strong_match(a: str, b: str) -> bool:
+    return a == b and not a.startswith("W/")
+
+
+def etag_weak_match(a: str, b: str) -> bool:
+    return a.removeprefix("W/") == b.removeprefix("W/")
+
+
+_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+_DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_MONTH = r"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# RFC 9110 §5.6.7: IMF-fixdate, and the obsolete rfc850-date and asctime-date forms.
+_IMF_FIXDATE = re.compile(rf"{_DAY}, (\d\d) {_MONTH} (\d{{4}}) {_TIME} GMT")
+_RFC850_DATE = re.compile(rf"(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d\d)-{_MONTH}-(\d\d) {_TIME} GMT")
+_ASCTIME_DATE = re.compile(rf"{_DAY} {_MONTH} ([ \d]\d) {_TIME} (\d{{4}})")
+
+
+def parse_http_date(value: str, *, now: float | None = None) -> int | None:
+    """POSIX seconds of an HTTP-date in any of the three forms of RFC 9110 §5.6.7, or None
+    (a recipient ignores a malformed date rather than failing the request)."""
+    value = value.strip(" \t")
+    if m := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hh, mm, ss = m.groups()
+    elif m := _ASCTIME_DATE.fullmatch(value):
+        month, day, hh, mm, ss, year = m.groups()
+    elif m := _RFC850_DATE.fullmatch(value):
+        day, month, yy, hh, mm, ss = m.groups()
+        # RFC 9110 §5.6.7: a two-digit year more than 50 years in the future means the past.
+        this_year = time.gmtime(time.time() if now is None else now).tm_year
+        year_n = this_year - this_year % 100 + int(yy)
+        year = str(year_n - 100 if year_n > this_year + 50 else year_n)
+    else:
+        return None
+    fields = (int(year), _MONTHS[month], int(day), int(hh), int(mm), int(ss))
+    if not (1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
+        return None
+    return calendar.timegm(fields + (0, 0, 0))
+
+
+def http_date(seconds: float) -> str:
+    """IMF-fixdate of a POSIX time, e.g. 'Sun, 06 Nov 1994 08:49:37 GMT'."""
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
+
+
+def check_if_match(value: str | None, etag: str) -> Cond:
+    """RFC 9110 §13.1.1: strong comparison; `*` matches any current representation."""
+    if value is None:
+        return Cond.NONE
+    if value.strip(" \t") == "*":
+        return Cond.TRUE
+    return Cond.TRUE if any(etag_strong_match(tag, etag) for tag in scan_etags(value)) else Cond.FALSE
+
+
+def check_if_none_match(value: str | None, etag: str) -> Cond:
+    """RFC 9110 §13.1.2: weak comparison; `*` is false when the file exists (it does)."""
+    if value is None:
+        return Cond.NONE
+    if value.strip(" \t") == "*":
+        return Cond.FALSE
+    return Cond.FALSE if any(etag_weak_match(tag, etag) for tag in scan_etags(value)) else Cond.TRUE
+
+
+def check_if_modified_since(value: str | None, mtime: float) -> Cond:
+    """RFC 9110 §13.1.3: false when not modified since the date; a bad date is ignored."""
+    date = None if value is None else parse_http_date(value)
+    if date is None:
+        return Cond.NONE
+    return Cond.FALSE if int(mtime) <= date else Cond.TRUE
+
+
+def check_if_unmodified_since(value: str | None, mtime: float) -> Cond:
+    """RFC 9110 §13.1.4: true when not modified since the date; a bad date is ignored."""
+    date = None if value is None else parse_http_date(value)
+    if date is None:
+        return Cond.NONE
+    return Cond.TRUE if int(mtime) <= date else Cond.FALSE
+
+
+def check_if_range(value: str | None, etag: str, mtime: float, now: float) -> Cond:
+    """RFC 9110 §13.1.5: the range applies only if the validator still matches: an ETag by
+    strong comparison, or a date equal to Last-Modified when that date is a strong
+    validator (§8.8.2.2: modified at least a second ago). Anything else is false."""
+    if value is None:
+        return Cond.NONE
+    value = value.strip(" \t")
+    if value.startswith(('"', "W/")):
+        return Cond.TRUE if etag_strong_match(value, etag) else Cond.FALSE
+    date = parse_http_date(value)
+    if date is not None and date == int(mtime) and now - mtime >= MIN_STRONG_AGE_S:
+        return Cond.TRUE
+    return Cond.FALSE
+
+
+def evaluate_preconditions(method: str, headers: Mapping[str, str], etag: str, mtime: float) -> int | None:
+    """412, 304 or None (go on), evaluating the preconditions in the order of RFC 9110
+    §13.2.2. `headers` has lower-case names. If-Range is not here: it only decides
+    whether a Range applies (see plan_response)."""
+    # Steps 1 and 2: If-Match, or If-Unmodified-Since when If-Match is absent.
+    cond = check_if_match(headers.get("if-match"), etag)
+    if cond is Cond.NONE:
+        cond = check_if_unmodified_since(headers.get("if-unmodified-since"), mtime)
+    if cond is Cond.FALSE:
+        return 412
+    # Steps 3 and 4: If-None-Match, or If-Modified-Since (GET and HEAD only) when it is absent.
+    safe = method in ("GET", "HEAD")
+    cond = check_if_none_match(headers.get("if-none-match"), etag)
+    if cond is Cond.FALSE:
+        return 304 if safe else 412
+    if cond is Cond.NONE and safe and check_if_modified_since(headers.get("if-modified-since"), mtime) is Cond.FALSE:
+        return 304
+    return None
+
+
+def make_etag(size: int, mtime_ns: int) -> str:
+    """A strong ETag that changes whenever the size or the nanosecond mtime changes.
+    Inode numbers stay out, so replicas holding copies of a file agree on it."""
+    return f'"{mtime_ns:x}-{size:x}"'
+
+
+EXTRA_MEDIA_TYPES = {
+    ".gz": "application/gzip",
+    ".tgz": "application/gzip",
+    ".bz2": "application/x-bzip2",
+    ".xz": "application/x-xz",
+    ".zst": "application/zstd",
+    ".7z": "application/x-7z-compressed",
+    ".rar": "application/vnd.rar",
+    ".webp": "image/webp",
+    ".avif": "image/avif",
+    ".webm": "video/webm",
+    ".mkv": "video/x-matroska",
+    ".flac": "audio/flac",
+    ".opus": "audio/opus",
+    ".md": "text/markdown",
+    ".csv": "text/csv",
+    ".iso": "application/x-iso9660-image",
+    ".wasm": "application/wasm",
+    ".mjs": "text/javascript",
+    ".epub": "application/epub+zip",
+    ".apk": "application/vnd.android.package-archive",
+    ".deb": "application/vnd.debian.binary-package",
+    ".dmg": "application/x-apple-diskimage",
+    ".msi": "application/x-msi",
+}
+
+
+def build_media_types() -> dict[str, str]:
+    """Extension -> media type. Python's built-in table plus EXTRA_MEDIA_TYPES, never the
+    machine's /etc/mime.types, so every machine answers the same."""
+    table = mimetypes.MimeTypes(filenames=())
+    types = dict(table.types_map[True])
+    types.update(EXTRA_MEDIA_TYPES)
+    return types
+
+
+def media_type_for(name: str, types: Mapping[str, str]) -> str:
+    """Content-Type by the last extension; text gets charset=utf-8; unknown is octet-stream."""
+    media_type = types.get(os.path.splitext(name)[1].lower(), "application/octet-stream")
+    return f"{media_type}; charset=utf-8" if media_type.startswith("text/") else media_type
+
+
+# RFC 8187 §3.2.1: attr-char = ALPHA / DIGIT / "!" / "#" / "$" / "&" / "+" / "-" / "." /
+# "^" / "_" / "`" / "|" / "~"; everything else is percent-encoded UTF-8.
+_ATTR_CHAR_PUNCTUATION = "!#$&+-.^_`|~"
+
+
+def ascii_filename(name: str) -> str:
+    """The ASCII fallback for `filename=`: accents dropped (é -> e), other non-ASCII
+    characters, controls, `"`, `\\` and `%` (which some clients decode) become `_`."""
+    out = []
+    for char in unicodedata.normalize("NFKD", name):
+        if unicodedata.combining(char):
+            continue
+        out.append(char if " " <= char <= "~" and char not in '"\\%' else "_")
+    return "".join(out) or "download"
+
+
+def utf8_filename(name: str) -> str:
+    """The name for `filename=` as UTF-8 bytes (each byte one str character, as header
+    values travel in latin-1), with controls, `"` and `\\` replaced by `_`."""
+    safe = "".join("_" if char in '"\\' or not char.isprintable() else char for char in name)
+    return safe.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+def wants_utf8_filename(user_agent: str) -> bool:
+    """Does this client read only `filename=` yet expect UTF-8 in it? curl's -J ignores
+    `filename*` ("it does not yet support the filename* field", curl/curl#1888)."""
+    return user_agent.startswith("curl/")
+
+
+def content_disposition(name: str, disposition: str = "attachment", *, utf8_fallback: bool = False) -> str:
+    """RFC 6266 Content-Disposition for a file name: a quoted ASCII `filename`, plus an
+    RFC 8187 `filename*` with the exact name when the fallback had to change it. No name
+    can break out of the header: no CR, LF or other control, no unescaped quote.
+
+    Deviation (RFC 6266 Appendix D advises ASCII in `filename=`): with `utf8_fallback`, for
+    clients that read only `filename=` (wants_utf8_filename), it carries the UTF-8 bytes."""
+    fallback = utf8_filename(name) if utf8_fallback else ascii_filename(name)
+    value = f'{disposition}; filename="{fallback}"'
+    if fallback != name:
+        encoded = urllib.parse.quote(name, safe=_ATTR_CHAR_PUNCTUATION, encoding="utf-8", errors="surrogatepass")
+        value += f"; filename*=UTF-8''{encoded}"
+    return value
+
+
+def download_headers(
+    info: FileInfo, *, media_type: str, etag: str, disposition: str, cache_control: str
+) -> list[tuple[str, str]]:
+    """The headers every answer about this file carries (not Content-Length, which
+    depends on the ranges)."""
+    headers = [
+        ("Content-Type", media_type),
+        ("Accept-Ranges", "bytes"),
+        ("Last-Modified", http_date(info.mtime_ns / 1e9)),
+        ("ETag", etag),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
+    if disposition:
+        headers.append(("Content-Disposition", disposition))
+    if cache_control:
+        headers.append(("Cache-Control", cache_control))
+    return headers
+
+
+NOT_MODIFIED_HEADERS = ("Cache-Control", "Content-Location", "Date", "ETag", "Expires", "Vary", "Last-Modified")
+"""RFC 9110 §15.4.5: a 304 carries these of the 200's headers (Last-Modified because the
+issue of cache updates asks for it) and no representation metadata besides."""
+
+
+def multipart_layout(
+    ranges: Sequence[ByteRange], size: int, media_type: str, boundary: str
+) -> tuple[list[bytes | ByteRange], int]:
+    """The body of a multipart/byteranges response (RFC 9110 §14.6) as literal byte pieces
+    and file ranges, and its exact length, known before the first byte is sent:
+
+        --BOUNDARY\\r\\n
+        Content-Type: text/plain\\r\\n
+        Content-Range: bytes 0-4/10\\r\\n
+        \\r\\n
+        <bytes 0-4 of the file>\\r\\n
+        --BOUNDARY\\r\\n
+        ... one part per range ...
+        <bytes of the last range>\\r\\n
+        --BOUNDARY--\\r\\n
+    """
+    pieces: list[bytes | ByteRange] = []
+    separator = b""
+    for r in ranges:
+        head = f"--{boundary}\r\nContent-Type: {media_type}\r\nContent-Range: {r.content_range(size)}\r\n\r\n"
+        pieces += [separator + head.encode("latin-1"), r]
+        separator = b"\r\n"
+    pieces.append(f"\r\n--{boundary}--\r\n".encode("latin-1"))
+    length = sum(p.length if isinstance(p, ByteRange) else len(p) for p in pieces)
+    return pieces, length
+
+
+class Plan(NamedTuple):
+    """What to answer: the status, every header, and the body as pieces (literal bytes
+    and file ranges) that section 5 streams."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    pieces: list[bytes | ByteRange]
+
+
+def plan_response(
+    method: str,
+    request_headers: Mapping[str, str],
+    info: FileInfo,
+    *,
+    media_type: str,
+    disposition: str,
+    cache_control: str,
+    now: float,
+    boundary: str,
+) -> Plan:
+    """The whole answer to a GET or HEAD of a file, decided in RFC 9110 order:
+
+    1. validators: a strong ETag and Last-Modified from the one fstat;
+    2. preconditions (§13.2.2): 412 raises, 304 returns with the §15.4.5 headers;
+    3. Range (§14.2), for GET and HEAD alike, unless If-Range says the file changed:
+       416 raises, None or no Range is the whole file (200);
+    4. one range: 206 with Content-Range; several: 206 multipart/byteranges.
+    HEAD gets exactly the GET's headers; the caller leaves out the body."""
+    etag = make_etag(info.size, info.mtime_ns)
+    mtime = info.mtime_ns / 1e9
+    headers = download_headers(
+        info, media_type=media_type, etag=etag, disposition=disposition, cache_control=cache_control
+    )
+
+    status = evaluate_preconditions(method, request_headers, etag, mtime)
+    if status == 412:
+        raise HTTPError(412, "Precondition Failed")
+    if status == 304:
+        return Plan(304, [h for h in headers if h[0] in NOT_MODIFIED_HEADERS], [])
+
+    ranges = None
+    range_value = request_headers.get("range")
+    if range_value is not None and check_if_range(request_headers.get("if-range"), etag, mtime, now) is not Cond.FALSE:
+        ranges = parse_range(range_value, info.size)
+
+    if ranges is None:
+        whole = [ByteRange(0, info.size)] if info.size else []
+        return Plan(200, headers + [("Content-Length", str(info.size))], whole)
+    if len(ranges) == 1:
+        (r,) = ranges
+        extra = [("Content-Length", str(r.length)), ("Content-Range", r.content_range(info.size))]
+        return Plan(206, headers + extra, [r])
+    pieces, length = multipart_layout(ranges, info.size, media_type, boundary)
+    headers = [h for h in headers if h[0] != "Content-Type"]
+    headers += [("Content-Type", f"multipart/byteranges; boundary={boundary}"), ("Content-Length", str(length))]
+    return Plan(206, headers, pieces)
+
+
+# =============================================================================
+# 5. Streaming
+# =============================================================================
+# FileChunks reads the pieces of a plan from an fd it owns, off the event loop, one chunk
+# at a time; send_body awaits every send (that is the backpressure: no queue, no
+# read-ahead) while a sibling task listens for http.disconnect (ASGI 2.3). An OSError
+# from send (ASGI 2.4) ends it the same way. The fd is closed in one finally.
+
+
+class FileChunks:
+    """Async iterator over `pieces` of the open file `fd`: literal bytes are yielded as
+    they are, each ByteRange is read with os.pread in chunks of at most `chunk_size` in a
+    worker thread. It owns `fd`: aclose() closes it, once. A short read means the file
+    shrank, and that or a failed read raises TransferAborted. Bytes appended meanwhile are never read."""
+
+    def __init__(self, fd: int, pieces: Iterable[bytes | ByteRange], chunk_size: int = CHUNK_SIZE) -> None:
+        self._fd = fd
+        self._pieces = iter(pieces)
+        self._chunk_size = chunk_size
+        self._pos = self._stop = 0
+
+    def __aiter__(self) -> FileChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while self._pos >= self._stop:
+            piece = next(self._pieces, None)
+            if piece is None:
+                raise StopAsyncIteration
+            if isinstance(piece, bytes):
+                return piece
+            self._pos, self._stop = piece.start, piece.stop
+        wanted = min(self._chunk_size, self._stop - self._pos)
+        try:
+            data = await anyio.to_thread.run_sync(os.pread, self._fd, wanted, self._pos)
+        except OSError as exc:
+            raise TransferAborted("read failed") from exc
+        if len(data) != wanted:
+            raise TransferAborted("file shrank while being sent")
+        self._pos += wanted
+        return data
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+async def send_body(send: Send, receive: Receive, start: Message, chunks: FileChunks) -> int:
+    """Sends the `start` message, every chunk, then the closing empty message; returns the
+    body bytes sent.
+
+    A client that disconnects ends it early and quietly. TransferAborted propagates so that
+    the server aborts the connection. The chunks are closed however it ends."""
+    sent = 0
+    failure: BaseException | None = None
+
+    async def stop_on_disconnect(scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(stop_on_disconnect, group.cancel_scope)
+            try:
+                await send(start)
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent += len(chunk)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # ASGI 2.4: send raises OSError once the client is gone
+            except TransferAborted as exc:
+                failure = exc  # raised below, outside the task group, unwrapped
+            group.cancel_scope.cancel()
+    finally:
+        await chunks.aclose()
+    if failure is not None:
+        raise failure
+    return sent
+
+
+# =============================================================================
+# 7. Responses
+# =============================================================================
+# The ASGI objects: DownloadResponse (a file, with every header, range and precondition
+# of section 4 and the streaming of section 5) and error_response (HTTPError -> JSON, the
+# only place that happens). A host app can return either from its own endpoints.
+
+
+def request_headers(scope: Scope) -> dict[str, str]:
+    """Lower-case header names -> values; repeated fields joined with ', ' (RFC 9110 §5.3)."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", ()):
+        name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+VALIDATOR_HEADERS = ("etag", "last-modified")
+
+
+class ErrorResponse(Response):
+    """JSON {"detail": ...} with the error's status and headers, never a validator (an error
+    describes no representation, like Go's serveError), and no body for HEAD."""
+
+    media_type = "application/json"
+
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        kept = {k: v for k, v in (headers or {}).items() if k.lower() not in VALIDATOR_HEADERS}
+        super().__init__(json.dumps({"detail": detail}).encode(), status_code=status, headers=kept)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        head = scope.get("method") == "HEAD"
+        await send({"type": "http.response.body", "body": b"" if head else self.body})
+
+
+def error_response(exc: HTTPError) -> Response:
+    """The one place an HTTPError becomes a response."""
+    return ErrorResponse(exc.status, exc.detail, exc.headers)
+
+
+_MEDIA_TYPES = build_media_types()
+DEFAULT_CACHE_CONTROL = "no-cache"
+
+
+class DownloadResponse(Response):
+    """A file download that any Starlette/FastAPI endpoint can return.
+
+    Without `root`, `path` is a file path of the host app's; it must name a regular file.
+    With `root`, `path` is a URL path under that directory, checked exactly as the
+    /download route checks it (no `..`, no hidden files unless `serve_hidden`, nothing
+    that resolves outside the root). Either way the file is opened when the response is
+    sent, in a worker thread, and 404 (JSON) answers anything else.
+
+    The answer is the /download route's: 200, 206 (one range, or multipart/byteranges),
+    304, 412 or 416 per RFC 9110; HEAD gets the same headers and no body. `filename`
+    (default: the file's own name) goes into Content-Disposition with `disposition`
+    ("attachment" or "inline"); `media_type` defaults to one guessed from that name;
+    `headers` are added as they are."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        root: str | os.PathLike[str] | None = None,
+        serve_hidden: bool = False,
+        filename: str | None = None,
+        media_type: str | None = None,
+        disposition: str = "attachment",
+        cache_control: str = DEFAULT_CACHE_CONTROL,
+        chunk_size: int = CHUNK_SIZE,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if disposition not in ("attachment", "inline"):
+            raise ValueError("disposition must be 'attachment' or 'inline'")
+        self.path = os.fspath(path)
+        self.root = None if root is None else os.fspath(root)
+        self.serve_hidden = serve_hidden
+        self.filename = filename
+        self.media_type = media_type
+        self.disposition = disposition
+        self.cache_control = cache_control
+        self.chunk_size = chunk_size
+        self.extra_headers = _raw((headers or {}).items())
+        self.background = None
+
+    def open(self) -> OpenFile:
+        if self.root is None:
+            return open_path(self.path)
+        return open_under_root(os.path.realpath(self.root), self.path, serve_hidden=self.serve_hidden)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            opened = await anyio.to_thread.run_sync(self.open)
+        except HTTPError as exc:
+            await error_response(exc)(scope, receive, send)
+            return
+        try:
+            plan = self.plan(scope, opened.info)
+            chunks = FileChunks(opened.fd, () if scope["method"] == "HEAD" else plan.pieces, self.chunk_size)
+        except BaseException as exc:
+            os.close(opened.fd)
+            if not isinstance(exc, HTTPError):
+                raise
+            await error_response(exc)(scope, receive, send)
+            return
+        start = {"type": "http.response.start", "status": plan.status, "headers": _raw(plan.headers) + self.extra_headers}
+        await send_body(send, receive, start, chunks)
+
+    def plan(self, scope: Scope, info: FileInfo) -> Plan:
+        name = self.filename or info.name
+        headers = request_headers(scope)
+        utf8_fallback = wants_utf8_filename(headers.get("user-agent", ""))
+        return plan_response(
+            scope["method"],
+            headers,
+            info,
+            media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
+            disposition=content_disposition(name, self.disposition, utf8_fallback=utf8_fallback),
+            cache_control=self.cache_control,
+            now=time.time(),
+            boundary=secrets.token_hex(16),
+        )
+
+
+# =============================================================================
+# 8. App and routes
+# =============================================================================
+# create_app builds the Starlette app from Settings; every error a client can cause,
+# ours or Starlette's (404 no route, 405 with Allow), leaves as JSON through error_response.
+# The module-level `app` is built from the environment on first use, not at import.
+
+
+def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -> Starlette:
+    """The whole service as a Starlette app, mountable under any prefix.
+
+    `root` is the directory served (default: the sample files); every other keyword is a
+    field of Settings (README: Configuration). Raises SettingsError for a bad value."""
+    values = dict(settings)
+    if root is not None:
+        values["root"] = root
+    config = make_settings(values)
+
+    async def download(request: Request) -> Response:
+        return DownloadResponse(
+            request.path_params["path"],
+            root=config.root,
+            serve_hidden=config.serve_hidden,
+            cache_control=config.cache_control,
+            chunk_size=config.chunk_size,
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPError):
+            return error_response(exc)
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(HTTPError(exc.status_code, exc.detail, exc.headers))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return error_response(HTTPError(500, "Internal Server Error"))
+
+    app = Starlette(
+        routes=[Route("/download/{path:path}", download, methods=["GET", "HEAD"])],
+        exception_handlers={HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error},
+    )
+    app.state.settings = config
+    return app
+
+
+def __getattr__(name: str) -> object:
+    """`downloader.app`, built from DOWNLOADER_* variables the first time it is asked for,
+    so importing the module to embed it never reads the environment. A bad setting stops
+    start-up with one line on stderr."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        built = create_app(**dataclasses.asdict(settings_from_env(os.environ)))
+    except SettingsError as exc:
+        print(f"downloader: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    globals()["app"] = built
+    return built
+
+
+# =============================================================================
+# 9. CLI
+# =============================================================================
+# `python downloader.py [--root DIR] [--host H] [--port P] [--workers N]`: flags become
+# DOWNLOADER_* variables (so they override the environment and reach every worker
+# process), the settings are checked once, and uvicorn serves `downloader:app`.
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="downloader.py", description="Serve the files under a directory as downloads.")
+    parser.add_argument("--root", help="directory to serve (DOWNLOADER_ROOT; default: the sample files)")
+    parser.add_argument("--host", help="address to listen on (DOWNLOADER_HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (DOWNLOADER_PORT; default 8000)")
+    parser.add_argument("--workers", type=int, help="worker processes (DOWNLOADER_WORKERS; default 1)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    for flag in ("root", "host", "port", "workers"):
+        if getattr(args, flag) is not None:
+            os.environ[ENV_PREFIX + flag.upper()] = str(getattr(args, flag))
+    try:
+        settings = settings_from_env(os.environ)
+        host = os.environ.get("DOWNLOADER_HOST", "127.0.0.1")
+        port = _server_int("PORT", 8000, 0, 65535)
+        workers = _server_int("WORKERS", 1, 1, 256)
+    except SettingsError as exc:
+        print(f"downloader: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    shown = f"[{host}]" if ":" in host else host
+    print(f"downloader: serving {settings.root} on http://{shown}:{port}/", flush=True)
+    uvicorn.run("downloader:app", host=host, port=port, workers=workers, app_dir=os.path.dirname(os.path.abspath(__file__)))
+    return 0
+
+
+def _server_int(name: str, default: int, low: int, high: int) -> int:
+    text = os.environ.get(ENV_PREFIX + name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise SettingsError(f"{ENV_PREFIX}{name}: must be a whole number from {low} to {high}, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
