@@ -1,0 +1,206 @@
+"""Shared fixtures: a root of small known files beside a secret, an httpx client on the
+ASGI app, a live uvicorn server on 127.0.0.1, and `need` for system programs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+import downloader  # noqa: E402
+
+SECRET = b"TOP-SECRET-7f3a9c: never served"
+TEN = b"0123456789"
+UNICODE_NAME = "résumé 数据.txt"
+OLD_MTIME = 1_700_000_000  # 2023-11-14T22:13:20Z: a fixed, strong Last-Modified
+
+
+def make_root(base: Path) -> Path:
+    """base/secret.txt beside base/root/, which holds every kind of entry the tests need."""
+    (base / "secret.txt").write_bytes(SECRET)
+    (base / "outside").mkdir()
+    (base / "outside" / "secret.txt").write_bytes(SECRET)
+    root = base / "root"
+    root.mkdir()
+    (root / "ten.txt").write_bytes(TEN)
+    (root / "empty.txt").write_bytes(b"")
+    (root / UNICODE_NAME).write_bytes("naïve ünïcode\n".encode())
+    (root / "data.bin").write_bytes(bytes(range(256)))
+    (root / ".hidden").write_bytes(SECRET)
+    (root / ".dotdir").mkdir()
+    (root / ".dotdir" / "inner.txt").write_bytes(SECRET)
+    (root / "sub").mkdir()
+    (root / "sub" / "inner.txt").write_bytes(b"inner")
+    (root / "link-out").symlink_to(base / "secret.txt")
+    (root / "linkdir-out").symlink_to(base / "outside")
+    (root / "link-in").symlink_to(root / "ten.txt")
+    (root / "link-hidden").symlink_to(root / ".hidden")
+    (root / "loop").symlink_to(root / "loop")
+    os.mkfifo(root / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "socket"))
+    sock.close()
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (OLD_MTIME, OLD_MTIME))
+    return root
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_root(tmp_path)
+
+
+@pytest.fixture
+async def client(root: Path) -> Iterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=downloader.create_app(root))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+def need(program: str) -> str:
+    """The path of a system program, or skip the test saying which package CI installs."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.skip(f"{program} is not installed (.ci/run installs it)")
+    return path
+
+
+@dataclass
+class LiveServer:
+    url: str
+    port: int
+    pid: int
+    log: Path
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def wait_fd_count(self, wanted: int, timeout: float = 10.0) -> int:
+        """Polls the server's open fd count until it is at most `wanted`; returns the last count."""
+        deadline = time.monotonic() + timeout
+        count = self.fd_count()
+        while count > wanted and time.monotonic() < deadline:
+            time.sleep(0.05)
+            count = self.fd_count()
+        return count
+
+
+def start_server(root: Path, log: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> tuple[subprocess.Popen, LiveServer]:
+    """uvicorn serving downloader:app on 127.0.0.1 and a port the kernel picks."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
+    full_env.update({"DOWNLOADER_ROOT": str(root), "PYTHONUNBUFFERED": "1"}, **(env or {}))
+    command = [sys.executable, "-m", "uvicorn", "downloader:app", "--host", "127.0.0.1", "--port", "0", *(args or [])]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, cwd=PROJECT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        match = re.search(r"running on http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
+        if match:
+            port = int(match.group(1))
+            return proc, LiveServer(f"http://127.0.0.1:{port}", port, proc.pid, log)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_server(proc)
+    raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture
+def live_server(root: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """A real uvicorn on the `root` fixture; its log is printed when the test fails."""
+    proc, server = start_server(root, tmp_path / "server.log")
+    try:
+        yield server
+    finally:
+        stop_server(proc)
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(f"--- server log ---\n{server.log.read_text(errors='replace')}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def raw_request(port: int, target: bytes, method: bytes = b"GET", headers: bytes = b"", timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One request with the target sent byte for byte (no client normalises it); returns
+    the status, lower-cased headers and body of a Content-Length framed response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(method + b" " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + headers + b"\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    parsed = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return status, parsed, body
+
+
+async def asgi_request(app, raw_path: bytes, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Calls the ASGI app with `raw_path` exactly as given, decoded once as uvicorn does
+    (httpx would normalise `..` away before the app saw it)."""
+    from urllib.parse import unquote
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": method, "scheme": "http", "root_path": "", "query_string": b"",
+        "raw_path": raw_path, "path": unquote(raw_path.decode("ascii")),
+        "headers": [(b"host", b"testserver"), *(headers or [])],
+        "client": ("127.0.0.1", 1234), "server": ("testserver", 80),
+    }
+    messages: list[dict] = []
+    request_sent = False
+
+    async def receive() -> dict:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        import anyio
+        await anyio.sleep_forever()
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    start = messages[0]
+    body = b"".join(m.get("body", b"") for m in messages[1:])
+    got = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
+    return start["status"], got, body

@@ -1,0 +1,136 @@
+"""Section 5 against a real uvicorn: big files byte-exact, disconnects that leak nothing,
+and files that change while they are sent."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import downloader
+
+MIB = 1024 * 1024
+
+
+def write_big_file(path: Path, mib: int) -> str:
+    """A file of `mib` MiB of distinct blocks (random, numbered); returns its sha256."""
+    digest = hashlib.sha256()
+    seed = os.urandom(MIB)
+    with open(path, "wb") as out:
+        for i in range(mib):
+            block = i.to_bytes(8, "big") + seed[8:]
+            out.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_download(port: int, name: str, headers: dict[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/download/{name}", headers=headers or {})
+    return conn, conn.getresponse()
+
+
+def test_big_file_is_byte_exact(live_server, root: Path) -> None:
+    wanted = write_big_file(root / "big.bin", 300)
+    conn, response = open_download(live_server.port, "big.bin")
+    digest = hashlib.sha256()
+    while chunk := response.read(MIB):
+        digest.update(chunk)
+    conn.close()
+    assert response.status == 200
+    assert response.getheader("Content-Length") == str(300 * MIB)
+    assert digest.hexdigest() == wanted
+
+
+def test_disconnect_mid_body_leaks_no_fd(live_server, root: Path) -> None:
+    write_big_file(root / "big.bin", 64)
+    http.client.HTTPConnection("127.0.0.1", live_server.port).request("GET", "/download/ten.txt")
+    baseline = live_server.wait_fd_count(0, timeout=0.5)
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", live_server.port))
+        sock.sendall(b"GET /download/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.close()
+    assert live_server.wait_fd_count(baseline) <= baseline
+    conn, response = open_download(live_server.port, "ten.txt")
+    assert (response.status, response.read()) == (200, b"0123456789")
+    conn.close()
+
+
+def test_truncated_file_fails_the_transfer(live_server, root: Path) -> None:
+    path = root / "big.bin"
+    write_big_file(path, 200)
+    conn, response = open_download(live_server.port, "big.bin")
+    assert response.status == 200
+    received = len(response.read(MIB))
+    os.truncate(path, 2 * MIB)
+    while chunk := response.read(MIB):  # http.client returns b"" when the server closes early
+        received += len(chunk)
+    conn.close()
+    assert 0 < received < 200 * MIB
+    assert response.length > 0  # bytes announced by Content-Length that never came
+    assert "TransferAborted: file shrank while being sent" in live_server.log.read_text()
+
+
+def test_bytes_appended_while_sending_are_not_sent(live_server, root: Path) -> None:
+    path = root / "big.bin"
+    wanted = write_big_file(path, 64)
+    conn, response = open_download(live_server.port, "big.bin")
+    first = response.read(MIB)
+    with open(path, "ab") as out:
+        out.write(b"appended" * 1000)
+    rest = response.read()
+    conn.close()
+    assert hashlib.sha256(first + rest).hexdigest() == wanted
+
+
+def test_head_sends_no_body(live_server) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=10)
+    conn.request("HEAD", "/download/ten.txt")
+    response = conn.getresponse()
+    assert (response.status, response.getheader("Content-Length"), response.read()) == (200, "10", b"")
+    conn.request("GET", "/download/ten.txt")  # the same connection is still in step
+    assert conn.getresponse().read() == b"0123456789"
+    conn.close()
+
+
+def test_fifo_does_not_hang(live_server) -> None:
+    started = time.monotonic()
+    conn, response = open_download(live_server.port, "fifo")
+    assert response.status == 404
+    assert time.monotonic() - started < 5
+    conn.close()
+
+
+# FileChunks directly: the iterator and its ownership of the fd.
+
+@pytest.mark.anyio
+async def test_file_chunks_reads_pieces_in_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(100)))
+    fd = os.open(path, os.O_RDONLY)
+    pieces = [b"<", downloader.ByteRange(10, 35), b">", downloader.ByteRange(90, 100)]
+    chunks = downloader.FileChunks(fd, pieces, chunk_size=10)
+    got = [chunk async for chunk in chunks]
+    assert got == [b"<", bytes(range(10, 20)), bytes(range(20, 30)), bytes(range(30, 35)), b">", bytes(range(90, 100))]
+    await chunks.aclose()
+    await chunks.aclose()  # twice is safe
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+@pytest.mark.anyio
+async def test_file_chunks_raises_on_a_short_read(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 50)
+    fd = os.open(path, os.O_RDONLY)
+    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, 100)], chunk_size=40)
+    assert await chunks.__anext__() == b"x" * 40
+    with pytest.raises(downloader.TransferAborted):
+        await chunks.__anext__()
+    await chunks.aclose()
