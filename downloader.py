@@ -28,10 +28,12 @@ os.stat_result and the small types defined here, so their tests need no HTTP.
 from __future__ import annotations
 
 import argparse
+import base64
 import calendar
 import dataclasses
 import enum
 import errno
+import itertools
 import json
 import mimetypes
 import os
@@ -42,7 +44,7 @@ import sys
 import time
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -146,6 +148,8 @@ class Settings:
     chunk_size: int = CHUNK_SIZE
     cache_control: str = "no-cache"  # DEFAULT_CACHE_CONTROL
     serve_hidden: bool = False
+    listing: bool = True
+    blob_limit: int = 200 * 1024 * 1024
 
 
 def _parse_bool(text: str) -> bool:
@@ -184,7 +188,11 @@ def _check_setting(name: str, value: object) -> object:
         if not isinstance(value, str) or not value.isprintable() or not value.isascii():
             raise ValueError("must be printable ASCII text")
         return value.strip()
-    if name == "serve_hidden":
+    if name == "blob_limit":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("must be a whole number of bytes, 0 or more")
+        return value
+    if name in ("serve_hidden", "listing"):
         if not isinstance(value, bool):
             raise ValueError("must be true or false")
         return value
@@ -345,6 +353,67 @@ def open_path(path: str | os.PathLike[str]) -> OpenFile:
     except (OSError, ValueError):
         raise not_found() from None
     return open_checked(real, root=None)
+
+
+class ListedFile(NamedTuple):
+    path: str  # relative to the root, "/"-separated
+    size: int
+    mtime: float
+
+
+def _listed(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.stat_result | None:
+    """The stat of a directory entry worth listing: a regular file, or a symlink to one
+    that stays inside the root (and is not a hidden file there)."""
+    try:
+        if not entry.is_symlink():
+            st = entry.stat(follow_symlinks=False)
+            return st if stat.S_ISREG(st.st_mode) else None
+        real = os.path.realpath(entry.path, strict=True)
+        if not is_inside(root, real) or (not serve_hidden and is_hidden(os.path.relpath(real, root).split(os.sep))):
+            return None
+        st = os.stat(real)
+        return st if stat.S_ISREG(st.st_mode) else None
+    except (OSError, ValueError):
+        return None
+
+
+def walk_files(root: str, *, after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
+    """Every file /download would serve under the real directory `root`, in the order of
+    their relative paths, starting after the path `after`. Symlinked directories are not
+    followed (no loops); names that are not UTF-8 are left out (no URL can name them
+    faithfully). Subtrees wholly before `after` are skipped unread, so paging through a
+    big tree costs about one page of work per page. Blocking: run it in a thread."""
+
+    def visit(directory: str, prefix: str) -> Iterator[ListedFile]:
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError:
+            return
+        keyed = []
+        for entry in entries:
+            if (not serve_hidden and entry.name.startswith(".")) or not _is_utf8(entry.name):
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            # A folder sorts as "name/" so that this walk yields paths in string order.
+            keyed.append((prefix + entry.name + ("/" if is_dir else ""), is_dir, entry))
+        keyed.sort(key=lambda k: k[0])
+        for key, is_dir, entry in keyed:
+            if is_dir:
+                if key > after or after.startswith(key):
+                    yield from visit(entry.path, key)
+            elif key > after and (st := _listed(entry, root, serve_hidden)) is not None:
+                yield ListedFile(key, st.st_size, st.st_mtime)
+
+    return visit(root, "")
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # =============================================================================
@@ -608,6 +677,7 @@ EXTRA_MEDIA_TYPES = {
     ".csv": "text/csv",
     ".iso": "application/x-iso9660-image",
     ".wasm": "application/wasm",
+    ".js": "text/javascript",  # RFC 9239
     ".mjs": "text/javascript",
     ".epub": "application/epub+zip",
     ".apk": "application/vnd.android.package-archive",
@@ -1008,6 +1078,53 @@ class DownloadResponse(Response):
 # The module-level `app` is built from the environment on first use, not at import.
 
 
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PAGE_ASSETS = ("app.js", "style.css", "screenshot.png")
+"""The files of static/ that GET /static/{name} serves; nothing else there is reachable."""
+
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+
+
+def encode_cursor(path: str) -> str:
+    return base64.urlsafe_b64encode(path.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(text: str) -> str:
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True).decode("utf-8")
+    except ValueError:
+        raise HTTPError(400, "Malformed cursor") from None
+
+
+def list_limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIST_LIMIT
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIST_LIMIT:
+        raise HTTPError(400, f"limit must be a whole number from 1 to {MAX_LIST_LIMIT}")
+    return int(text)
+
+
+def list_page(root: str, *, after: str, limit: int, serve_hidden: bool) -> tuple[list[ListedFile], str | None]:
+    """One page of walk_files and the cursor of the next (None on the last page)."""
+    files = list(itertools.islice(walk_files(root, after=after, serve_hidden=serve_hidden), limit + 1))
+    if len(files) > limit:
+        return files[:limit], encode_cursor(files[limit - 1].path)
+    return files, None
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def page_html(blob_limit: int) -> bytes:
+    """static/index.html with the configured blob limit written into its meta tag."""
+    with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as f:
+        html = f.read()
+    html = re.sub(r'(<meta name="downloader-blob-limit" content=")\d*(")', rf"\g<1>{blob_limit}\g<2>", html)
+    return html.encode("utf-8")
+
+
 def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -> Starlette:
     """The whole service as a Starlette app, mountable under any prefix.
 
@@ -1017,6 +1134,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     if root is not None:
         values["root"] = root
     config = make_settings(values)
+    page = page_html(config.blob_limit)
 
     async def download(request: Request) -> Response:
         return DownloadResponse(
@@ -1026,6 +1144,40 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
             cache_control=config.cache_control,
             chunk_size=config.chunk_size,
         )
+
+    async def list_files(request: Request) -> Response:
+        if not config.listing:
+            raise not_found()
+        limit = list_limit(request.query_params.get("limit"))
+        after = decode_cursor(request.query_params.get("cursor", ""))
+        files, next_cursor = await anyio.to_thread.run_sync(
+            lambda: list_page(config.root, after=after, limit=limit, serve_hidden=config.serve_hidden)
+        )
+        prefix = request.scope.get("root_path", "")
+        items = [
+            {
+                "name": f.path.rsplit("/", 1)[-1],
+                "path": f.path,
+                "size": f.size,
+                "modified": rfc3339(f.mtime),
+                "content_type": media_type_for(f.path, _MEDIA_TYPES),
+                "url": f"{prefix}/download/{urllib.parse.quote(f.path)}",
+            }
+            for f in files
+        ]
+        body = json.dumps({"files": items, "next_cursor": next_cursor}, ensure_ascii=False).encode("utf-8")
+        return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
+
+    async def index(request: Request) -> Response:
+        if not config.listing:
+            raise not_found()
+        return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    async def asset(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in PAGE_ASSETS:
+            raise not_found()
+        return DownloadResponse(os.path.join(STATIC_DIR, name), disposition="inline")
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPError):
@@ -1037,7 +1189,12 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
         return error_response(HTTPError(500, "Internal Server Error"))
 
     app = Starlette(
-        routes=[Route("/download/{path:path}", download, methods=["GET", "HEAD"])],
+        routes=[
+            Route("/download/{path:path}", download, methods=["GET", "HEAD"]),
+            Route("/api/files", list_files, methods=["GET", "HEAD"]),
+            Route("/", index, methods=["GET", "HEAD"]),
+            Route("/static/{name}", asset, methods=["GET", "HEAD"]),
+        ],
         exception_handlers={HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error},
     )
     app.state.settings = config
