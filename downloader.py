@@ -30,21 +30,28 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
+import contextlib
 import dataclasses
 import enum
 import errno
+import functools
+import hashlib
+import hmac
+import inspect
 import itertools
 import json
 import mimetypes
 import os
 import re
 import secrets
+import sqlite3
 import stat
 import sys
 import time
 import unicodedata
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -148,8 +155,16 @@ class Settings:
     chunk_size: int = CHUNK_SIZE
     cache_control: str = "no-cache"  # DEFAULT_CACHE_CONTROL
     serve_hidden: bool = False
-    listing: bool = True
+    listing: bool | None = None  # None: on, unless a secret protects /download
     blob_limit: int = 200 * 1024 * 1024
+    secret: tuple[str, ...] = ()  # link-signing keys: the first signs, all verify
+    catalog: str | None = None  # SQLite file of the ID catalog
+    admin_token: str | None = None  # bearer token of /api/links; None: the admin API is off
+    authorize: Callable[..., object] | None = None  # Python only: allow or deny each download
+
+    @property
+    def listing_on(self) -> bool:
+        return self.listing if self.listing is not None else not self.secret
 
 
 def _parse_bool(text: str) -> bool:
@@ -168,66 +183,108 @@ def _parse_int(text: str) -> int:
         raise ValueError("must be a whole number") from None
 
 
-_FROM_TEXT: dict[str, Callable[[str], object]] = {"str": str, "int": _parse_int, "bool": _parse_bool}
+def _parse_keys(text: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in text.split(",") if key.strip())
 
 
-def _check_setting(name: str, value: object) -> object:
-    """Returns the value to keep for one setting, or raises ValueError saying what is wrong."""
-    if name == "root":
-        if not isinstance(value, (str, os.PathLike)):
-            raise ValueError("must be a directory path")
-        real = os.path.realpath(os.fspath(value))
-        if not os.path.isdir(real):
-            raise ValueError(f"{os.fspath(value)!r} is not a directory")
-        return real
-    if name == "chunk_size":
-        if isinstance(value, bool) or not isinstance(value, int) or not 1024 <= value <= MAX_CHUNK_SIZE:
-            raise ValueError(f"must be a whole number of bytes from 1024 to {MAX_CHUNK_SIZE}")
+def _check_root(value: object) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError("must be a directory path")
+    real = os.path.realpath(os.fspath(value))
+    if not os.path.isdir(real):
+        raise ValueError(f"{os.fspath(value)!r} is not a directory")
+    return real
+
+
+def _check_int(low: int, high: int, unit: str) -> Callable[[object], int]:
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be a whole number of {unit} from {low} to {high}")
         return value
-    if name == "cache_control":
-        if not isinstance(value, str) or not value.isprintable() or not value.isascii():
-            raise ValueError("must be printable ASCII text")
-        return value.strip()
-    if name == "blob_limit":
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError("must be a whole number of bytes, 0 or more")
-        return value
-    if name in ("serve_hidden", "listing"):
-        if not isinstance(value, bool):
-            raise ValueError("must be true or false")
-        return value
-    raise ValueError("is not a setting")  # pragma: no cover - guarded by make_settings
+
+    return check
+
+
+def _check_bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _check_text(value: object) -> str:
+    if not isinstance(value, str) or not value.isprintable() or not value.isascii():
+        raise ValueError("must be printable ASCII text")
+    return value.strip()
+
+
+def _check_keys(value: object) -> tuple[str, ...]:
+    keys = (value,) if isinstance(value, str) else value
+    if not isinstance(keys, (tuple, list)) or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError("must be a key, or a list of keys (comma-separated in the environment)")
+    return tuple(keys)
+
+
+def _check_catalog(value: object) -> str:
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError("must be a file path")
+    folder = os.path.dirname(os.path.abspath(os.fspath(value)))
+    if not os.path.isdir(folder):
+        raise ValueError(f"folder {folder!r} does not exist")
+    return os.path.abspath(os.fspath(value))
+
+
+def _check_callable(value: object) -> Callable[..., object]:
+    if not callable(value):
+        raise ValueError("must be a callable")
+    return value
+
+
+# name -> (text of a DOWNLOADER_* variable -> value, or None when Python-only; value check)
+SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object], object]]] = {
+    "root": (str, _check_root),
+    "chunk_size": (_parse_int, _check_int(1024, MAX_CHUNK_SIZE, "bytes")),
+    "cache_control": (str, _check_text),
+    "serve_hidden": (_parse_bool, _check_bool),
+    "listing": (_parse_bool, _check_bool),
+    "blob_limit": (_parse_int, _check_int(0, 2**53, "bytes")),
+    "secret": (_parse_keys, _check_keys),
+    "catalog": (str, _check_catalog),
+    "admin_token": (str, _check_text),
+    "authorize": (None, _check_callable),
+}
 
 
 def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] = str) -> Settings:
-    """Validates keyword values into Settings; errors name each setting through `label`."""
-    known = {f.name for f in dataclasses.fields(Settings)}
+    """Validates keyword values into Settings; errors name each setting through `label`.
+    None means the default."""
     checked: dict[str, object] = {}
     for name, value in values.items():
-        if name not in known:
+        if name not in SETTING_RULES:
             raise SettingsError(f"{label(name)}: unknown setting")
+        if value is None:
+            continue
         try:
-            checked[name] = _check_setting(name, value)
+            checked[name] = SETTING_RULES[name][1](value)
         except ValueError as exc:
             raise SettingsError(f"{label(name)}: {exc}") from None
     if "root" not in checked:
-        checked["root"] = _check_setting("root", DEFAULT_ROOT)
+        checked["root"] = _check_root(DEFAULT_ROOT)
     return Settings(**checked)  # type: ignore[arg-type]
 
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
     """Settings from DOWNLOADER_* variables. An unknown DOWNLOADER_* variable is an error
     too: a misspelt DOWNLOADER_SECRET must not silently serve files unprotected."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
     values: dict[str, object] = {}
     for key, text in environ.items():
         if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX):] in SERVER_VARIABLES:
             continue
         name = key[len(ENV_PREFIX):].lower()
-        if name not in types:
+        from_text = SETTING_RULES.get(name, (None, None))[0]
+        if from_text is None:
             raise SettingsError(f"{key}: unknown setting")
         try:
-            values[name] = _FROM_TEXT[types[name]](text)
+            values[name] = from_text(text)
         except ValueError as exc:
             raise SettingsError(f"{key}: {exc}, got {text!r}") from None
     return make_settings(values, label=lambda name: ENV_PREFIX + name.upper())
@@ -260,6 +317,7 @@ class FileInfo:
     ino: int
     dev: int
     name: str
+    path: str  # the real path opened
 
 
 class OpenFile(NamedTuple):
@@ -319,7 +377,7 @@ def open_checked(real: str, *, root: str | None) -> OpenFile:
             # Linux: what was really opened, whatever happened to the path meanwhile.
             if not is_inside(root, os.readlink(f"/proc/self/fd/{fd}")):
                 raise not_found()
-        info = FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real))
+        info = FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real), real)
         return OpenFile(fd, info)
     except BaseException:
         os.close(fd)
@@ -864,13 +922,33 @@ def plan_response(
 # from send (ASGI 2.4) ends it the same way. The fd is closed in one finally.
 
 
+Gate = Callable[[], bool]
+"""A piece of a body that yields no bytes: called (in a worker thread) when the stream
+reaches it; False aborts the transfer. Used to count a completed download just before
+the file's last byte goes out."""
+
+
+def hold_last_byte(pieces: Sequence[bytes | ByteRange], size: int, gate: Gate) -> list[bytes | ByteRange | Gate]:
+    """`pieces` with `gate` placed just before the file's last byte, wherever a range holds
+    it: only a transfer that reaches the end of the file passes the gate."""
+    held: list[bytes | ByteRange | Gate] = []
+    for piece in pieces:
+        if isinstance(piece, ByteRange) and piece.stop == size and piece.length > 0:
+            if piece.length > 1:
+                held.append(ByteRange(piece.start, size - 1))
+            held += [gate, ByteRange(size - 1, size)]
+        else:
+            held.append(piece)
+    return held
+
+
 class FileChunks:
     """Async iterator over `pieces` of the open file `fd`: literal bytes are yielded as
     they are, each ByteRange is read with os.pread in chunks of at most `chunk_size` in a
-    worker thread. It owns `fd`: aclose() closes it, once. A short read means the file
+    worker thread, and each Gate is called there (False: TransferAborted). It owns `fd`: aclose() closes it, once. A short read means the file
     shrank, and that or a failed read raises TransferAborted. Bytes appended meanwhile are never read."""
 
-    def __init__(self, fd: int, pieces: Iterable[bytes | ByteRange], chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, fd: int, pieces: Iterable[bytes | ByteRange | Gate], chunk_size: int = CHUNK_SIZE) -> None:
         self._fd = fd
         self._pieces = iter(pieces)
         self._chunk_size = chunk_size
@@ -886,6 +964,10 @@ class FileChunks:
                 raise StopAsyncIteration
             if isinstance(piece, bytes):
                 return piece
+            if not isinstance(piece, ByteRange):
+                if not await anyio.to_thread.run_sync(piece):
+                    raise TransferAborted("the gate refused the rest of the body")
+                continue
             self._pos, self._stop = piece.start, piece.stop
         wanted = min(self._chunk_size, self._stop - self._pos)
         try:
@@ -939,6 +1021,175 @@ async def send_body(send: Send, receive: Receive, start: Message, chunks: FileCh
     if failure is not None:
         raise failure
     return sent
+
+
+# =============================================================================
+# 6. Signed links and catalog
+# =============================================================================
+# Two ways to hand out a protected file. Signed links are stateless: an HMAC-SHA256 over
+# the exact path and the expiry, so any replica holding the secret verifies them alone
+# (like S3 presigned URLs and nginx secure_link). Opaque IDs live in a SQLite catalog
+# (WAL mode, shared safely by worker processes) with expiry, revocation and a download
+# limit counted in completed transfers. Nothing here knows Starlette.
+
+LINK_DOMAIN = "downloader-link-v1"
+"""The first line of every signed string: a signature is never valid for anything else."""
+
+
+def link_signature(path: str, expires: int, key: str) -> str:
+    """HMAC-SHA256 of the canonical string (domain, exact decoded path, expiry), base64url."""
+    message = f"{LINK_DOMAIN}\n{path}\n{expires}".encode("utf-8", "surrogatepass")
+    digest = hmac.new(key.encode("utf-8"), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def sign_url(
+    path: str,
+    *,
+    secret: str | Sequence[str],
+    expires_in: float | None = None,
+    expires_at: float | None = None,
+    prefix: str = "",
+    now: float | None = None,
+) -> str:
+    """`{prefix}/download/PATH?expires=...&signature=...` for the file at `path` (relative to
+    the root, "/"-separated), valid until `expires_at` (POSIX seconds) or for `expires_in`
+    seconds. With several keys, the first signs (key rotation)."""
+    if (expires_in is None) == (expires_at is None):
+        raise ValueError("give exactly one of expires_in and expires_at")
+    key = secret if isinstance(secret, str) else secret[0]
+    expires = int(expires_at if expires_at is not None else (time.time() if now is None else now) + expires_in)
+    query = urllib.parse.urlencode({"expires": expires, "signature": link_signature(path, expires, key)})
+    return f"{prefix}/download/{urllib.parse.quote(path)}?{query}"
+
+
+def verify_link(path: str, query: Mapping[str, str], keys: Sequence[str], now: float) -> None:
+    """Raises HTTPError(403) unless `query` holds a signature of `path` and its expiry by
+    one of `keys`, not yet expired. Signatures are compared in constant time, and the
+    signature is checked before the expiry, so a tampered expiry is 'invalid', not 'expired'."""
+    expires, signature = query.get("expires"), query.get("signature")
+    if expires is None or signature is None:
+        raise HTTPError(403, "This link needs a valid signature")
+    if not expires.isascii() or not expires.isdigit() or len(expires) > 12:
+        raise HTTPError(403, "Invalid link signature")
+    given = signature.encode("ascii", "replace")
+    if not any(hmac.compare_digest(given, link_signature(path, int(expires), key).encode("ascii")) for key in keys):
+        raise HTTPError(403, "Invalid link signature")
+    if int(expires) <= now:
+        raise HTTPError(403, "This link has expired")
+
+
+def parse_ttl(text: str) -> int:
+    """Seconds in '90', '45s', '30m', '1h' or '7d'; ValueError otherwise."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"bad duration {text!r}: use a positive number with s, m, h or d, like 1h")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One catalog entry: an opaque ID for a file under the root."""
+
+    id: str
+    path: str
+    name: str | None
+    created: float
+    expires_at: float | None
+    max_downloads: int | None
+    downloads: int
+    revoked: bool
+
+    def as_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+class Catalog:
+    """Opaque download IDs in SQLite: `add` a file, `get`, `revoke`, `list`, and `claim`
+    one completed download. Every call opens its own connection, so threads and worker
+    processes share the file safely (WAL mode; writers wait up to 10 s)."""
+
+    SCHEMA = """CREATE TABLE IF NOT EXISTS links (
+        id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created REAL NOT NULL,
+        expires_at REAL, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0,
+        revoked INTEGER NOT NULL DEFAULT 0)"""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        with contextlib.closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(self.SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def add(self, path: str, *, expires_at: float | None = None, max_downloads: int | None = None, name: str | None = None) -> Link:
+        """A new random ID (UUID4) for the file at `path` (relative to the root)."""
+        if max_downloads is not None and max_downloads < 1:
+            raise ValueError("max_downloads must be 1 or more")
+        link = Link(str(uuid.uuid4()), path, name, time.time(), expires_at, max_downloads, 0, False)
+        with contextlib.closing(self._connect()) as db:
+            db.execute(
+                "INSERT INTO links (id, path, name, created, expires_at, max_downloads) VALUES (?, ?, ?, ?, ?, ?)",
+                (link.id, link.path, link.name, link.created, link.expires_at, link.max_downloads),
+            )
+        return link
+
+    def get(self, link_id: str) -> Link | None:
+        with contextlib.closing(self._connect()) as db:
+            row = db.execute("SELECT * FROM links WHERE id = ?", (link_id,)).fetchone()
+        return None if row is None else Link(**{**dict(row), "revoked": bool(row["revoked"])})
+
+    def list(self) -> list[Link]:
+        with contextlib.closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM links ORDER BY created, id").fetchall()
+        return [Link(**{**dict(row), "revoked": bool(row["revoked"])}) for row in rows]
+
+    def revoke(self, link_id: str) -> bool:
+        """True when the ID existed (revoking twice is harmless)."""
+        with contextlib.closing(self._connect()) as db:
+            return db.execute("UPDATE links SET revoked = 1 WHERE id = ?", (link_id,)).rowcount == 1
+
+    def claim(self, link_id: str) -> bool:
+        """Counts one completed download, atomically: False when the limit is already
+        reached (so of two racing workers, exactly one gets True for the last one)."""
+        with contextlib.closing(self._connect()) as db:
+            cursor = db.execute(
+                "UPDATE links SET downloads = downloads + 1 WHERE id = ? AND revoked = 0"
+                " AND (max_downloads IS NULL OR downloads < max_downloads)",
+                (link_id,),
+            )
+            return cursor.rowcount == 1
+
+
+def link_state(link: Link, now: float) -> str:
+    """'active', 'revoked', 'expired' or 'used-up'."""
+    if link.revoked:
+        return "revoked"
+    if link.expires_at is not None and link.expires_at <= now:
+        return "expired"
+    if link.max_downloads is not None and link.downloads >= link.max_downloads:
+        return "used-up"
+    return "active"
+
+
+LINK_GONE = {
+    "revoked": "This download link was revoked",
+    "expired": "This download link has expired",
+    "used-up": "This download link has been used up",
+}
+
+
+def check_link(link: Link | None, now: float) -> Link:
+    """The link if it may serve now; else HTTPError: 404 unknown, 410 revoked, expired or used up."""
+    if link is None:
+        raise HTTPError(404, "Unknown download link")
+    state = link_state(link, now)
+    if state != "active":
+        raise HTTPError(410, LINK_GONE[state])
+    return link
 
 
 # =============================================================================
@@ -1003,7 +1254,9 @@ class DownloadResponse(Response):
     304, 412 or 416 per RFC 9110; HEAD gets the same headers and no body. `filename`
     (default: the file's own name) goes into Content-Disposition with `disposition`
     ("attachment" or "inline"); `media_type` defaults to one guessed from that name;
-    `headers` are added as they are."""
+    `headers` are added as they are. `authorize`, given the opened file's FileInfo, may
+    raise HTTPError to refuse it; `gate` is called just before the file's last byte is
+    sent, and False aborts the transfer (hold_last_byte)."""
 
     def __init__(
         self,
@@ -1017,6 +1270,8 @@ class DownloadResponse(Response):
         cache_control: str = DEFAULT_CACHE_CONTROL,
         chunk_size: int = CHUNK_SIZE,
         headers: Mapping[str, str] | None = None,
+        authorize: Callable[[FileInfo], Awaitable[None]] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         if disposition not in ("attachment", "inline"):
             raise ValueError("disposition must be 'attachment' or 'inline'")
@@ -1029,6 +1284,8 @@ class DownloadResponse(Response):
         self.cache_control = cache_control
         self.chunk_size = chunk_size
         self.extra_headers = _raw((headers or {}).items())
+        self.authorize = authorize
+        self.gate = gate
         self.background = None
 
     def open(self) -> OpenFile:
@@ -1043,8 +1300,13 @@ class DownloadResponse(Response):
             await error_response(exc)(scope, receive, send)
             return
         try:
+            if self.authorize is not None:
+                await self.authorize(opened.info)
             plan = self.plan(scope, opened.info)
-            chunks = FileChunks(opened.fd, () if scope["method"] == "HEAD" else plan.pieces, self.chunk_size)
+            pieces: Sequence[bytes | ByteRange | Gate] = () if scope["method"] == "HEAD" else plan.pieces
+            if self.gate is not None and pieces:
+                pieces = hold_last_byte(plan.pieces, opened.info.size, self.gate)
+            chunks = FileChunks(opened.fd, pieces, self.chunk_size)
         except BaseException as exc:
             os.close(opened.fd)
             if not isinstance(exc, HTTPError):
@@ -1081,6 +1343,9 @@ class DownloadResponse(Response):
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PAGE_ASSETS = ("app.js", "style.css", "screenshot.png")
 """The files of static/ that GET /static/{name} serves; nothing else there is reachable."""
+
+LISTING_LINK_TTL_S = 3600
+"""With a secret and the listing switched on, the listing's links are signed for an hour."""
 
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
@@ -1125,6 +1390,71 @@ def page_html(blob_limit: int) -> bytes:
     return html.encode("utf-8")
 
 
+def json_response(content: object, status: int = 200) -> Response:
+    body = json.dumps(content, ensure_ascii=False).encode("utf-8")
+    return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def authorization(authorize: Callable[..., object] | None, request: Request) -> Callable[[FileInfo], Awaitable[None]] | None:
+    """The per-request check that calls the host's `authorize(request, file)` hook: an
+    async one is awaited, a sync one runs in a worker thread (it may block on a database).
+    Only True allows; anything else denies with 403, failing closed. To answer 401, the
+    hook raises HTTPError(401, ..., headers={"WWW-Authenticate": ...})."""
+    if authorize is None:
+        return None
+
+    async def check(info: FileInfo) -> None:
+        if inspect.iscoroutinefunction(authorize) or inspect.iscoroutinefunction(getattr(authorize, "__call__", None)):
+            allowed = await authorize(request, info)  # type: ignore[misc]
+        else:
+            allowed = await anyio.to_thread.run_sync(authorize, request, info)
+        if allowed is not True:
+            raise HTTPError(403, "Forbidden")
+
+    return check
+
+
+def check_bearer(request: Request, token: str) -> None:
+    """401 with WWW-Authenticate unless `Authorization: Bearer <token>` (constant-time)."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise HTTPError(401, "A valid bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="downloader"'})
+
+
+async def read_link_request(request: Request) -> dict[str, object]:
+    """The JSON body of POST /api/links, checked: path (required), ttl or expires_at,
+    max_downloads, name."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise HTTPError(400, "The body must be JSON") from None
+    if not isinstance(body, dict) or not isinstance(body.get("path"), str):
+        raise HTTPError(400, "path (a string) is required")
+    unknown = set(body) - {"path", "ttl", "expires_at", "max_downloads", "name"}
+    if unknown:
+        raise HTTPError(400, f"unknown fields: {', '.join(sorted(unknown))}")
+    for field, low in (("ttl", 1), ("expires_at", 0), ("max_downloads", 1)):
+        value = body.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low):
+            raise HTTPError(400, f"{field} must be a number of at least {low}")
+    if body.get("ttl") is not None and body.get("expires_at") is not None:
+        raise HTTPError(400, "give ttl or expires_at, not both")
+    if body.get("name") is not None and (not isinstance(body["name"], str) or not body["name"] or "/" in body["name"]):
+        raise HTTPError(400, "name must be a file name")
+    return body
+
+
+def link_json(link: Link, prefix: str) -> dict[str, object]:
+    return {**link.as_json(), "url": f"{prefix}/files/{link.id}"}
+
+
+def register_file(catalog: Catalog, settings: Settings, path: str, **options: object) -> Link:
+    """Adds a catalog ID for `path` after checking that /download would serve it."""
+    opened = open_under_root(settings.root, path, serve_hidden=settings.serve_hidden)
+    os.close(opened.fd)
+    return catalog.add(path, **options)  # type: ignore[arg-type]
+
+
 def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -> Starlette:
     """The whole service as a Starlette app, mountable under any prefix.
 
@@ -1135,18 +1465,33 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
         values["root"] = root
     config = make_settings(values)
     page = page_html(config.blob_limit)
+    catalog = Catalog(config.catalog) if config.catalog else None
 
-    async def download(request: Request) -> Response:
+    def file_response(request: Request, path: str, **options: object) -> DownloadResponse:
         return DownloadResponse(
-            request.path_params["path"],
+            path,
             root=config.root,
             serve_hidden=config.serve_hidden,
             cache_control=config.cache_control,
             chunk_size=config.chunk_size,
+            authorize=authorization(config.authorize, request),
+            **options,  # type: ignore[arg-type]
         )
 
+    async def download(request: Request) -> Response:
+        path = request.path_params["path"]
+        if config.secret:
+            verify_link(path, request.query_params, config.secret, time.time())
+        return file_response(request, path)
+
+    async def file_by_id(request: Request) -> Response:
+        if catalog is None:
+            raise not_found()
+        link = check_link(await anyio.to_thread.run_sync(catalog.get, request.path_params["id"]), time.time())
+        return file_response(request, link.path, filename=link.name, gate=functools.partial(catalog.claim, link.id))
+
     async def list_files(request: Request) -> Response:
-        if not config.listing:
+        if not config.listing_on:
             raise not_found()
         limit = list_limit(request.query_params.get("limit"))
         after = decode_cursor(request.query_params.get("cursor", ""))
@@ -1154,6 +1499,13 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
             lambda: list_page(config.root, after=after, limit=limit, serve_hidden=config.serve_hidden)
         )
         prefix = request.scope.get("root_path", "")
+        now = time.time()
+
+        def url(path: str) -> str:
+            if config.secret:  # the listing was switched on explicitly: hand out signed links
+                return sign_url(path, secret=config.secret, expires_in=LISTING_LINK_TTL_S, prefix=prefix, now=now)
+            return f"{prefix}/download/{urllib.parse.quote(path)}"
+
         items = [
             {
                 "name": f.path.rsplit("/", 1)[-1],
@@ -1161,15 +1513,39 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
                 "size": f.size,
                 "modified": rfc3339(f.mtime),
                 "content_type": media_type_for(f.path, _MEDIA_TYPES),
-                "url": f"{prefix}/download/{urllib.parse.quote(f.path)}",
+                "url": url(f.path),
             }
             for f in files
         ]
-        body = json.dumps({"files": items, "next_cursor": next_cursor}, ensure_ascii=False).encode("utf-8")
-        return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
+        return json_response({"files": items, "next_cursor": next_cursor})
+
+    async def links(request: Request) -> Response:
+        if catalog is None or config.admin_token is None:
+            raise not_found()
+        check_bearer(request, config.admin_token)
+        prefix = request.scope.get("root_path", "")
+        if request.method == "GET":
+            return json_response({"links": [link_json(link, prefix) for link in await anyio.to_thread.run_sync(catalog.list)]})
+        body = await read_link_request(request)
+        ttl, expires_at = body.get("ttl"), body.get("expires_at")
+        options = {
+            "expires_at": time.time() + ttl if ttl is not None else expires_at,  # type: ignore[operator]
+            "max_downloads": None if body.get("max_downloads") is None else int(body["max_downloads"]),  # type: ignore[call-overload]
+            "name": body.get("name"),
+        }
+        link = await anyio.to_thread.run_sync(lambda: register_file(catalog, config, str(body["path"]), **options))
+        return json_response(link_json(link, prefix), status=201)
+
+    async def revoke_link(request: Request) -> Response:
+        if catalog is None or config.admin_token is None:
+            raise not_found()
+        check_bearer(request, config.admin_token)
+        if not await anyio.to_thread.run_sync(catalog.revoke, request.path_params["id"]):
+            raise HTTPError(404, "Unknown download link")
+        return Response(status_code=204)
 
     async def index(request: Request) -> Response:
-        if not config.listing:
+        if not config.listing_on:
             raise not_found()
         return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
 
@@ -1191,13 +1567,17 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     app = Starlette(
         routes=[
             Route("/download/{path:path}", download, methods=["GET", "HEAD"]),
+            Route("/files/{id}", file_by_id, methods=["GET", "HEAD"]),
             Route("/api/files", list_files, methods=["GET", "HEAD"]),
+            Route("/api/links", links, methods=["GET", "POST"]),
+            Route("/api/links/{id}", revoke_link, methods=["DELETE"]),
             Route("/", index, methods=["GET", "HEAD"]),
             Route("/static/{name}", asset, methods=["GET", "HEAD"]),
         ],
         exception_handlers={HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error},
     )
     app.state.settings = config
+    app.state.catalog = catalog
     return app
 
 
@@ -1230,10 +1610,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (DOWNLOADER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (DOWNLOADER_PORT; default 8000)")
     parser.add_argument("--workers", type=int, help="worker processes (DOWNLOADER_WORKERS; default 1)")
+    commands = parser.add_subparsers(dest="command", metavar="{sign,add,revoke,list}")
+    sign = commands.add_parser("sign", help="print a signed URL for a file (needs DOWNLOADER_SECRET)")
+    sign.add_argument("path", help="the file, relative to the root")
+    sign.add_argument("--ttl", default="1h", help="how long the link works: 90, 45s, 30m, 1h, 7d (default 1h)")
+    sign.add_argument("--base-url", help="scheme://host:port[/prefix] of the server (default: from --host and --port)")
+    add = commands.add_parser("add", help="register a file under a new ID (needs DOWNLOADER_CATALOG)")
+    add.add_argument("path", help="the file, relative to the root")
+    add.add_argument("--ttl", help="how long the ID works (default: no expiry)")
+    add.add_argument("--max-downloads", type=int, help="completed downloads allowed (default: no limit)")
+    add.add_argument("--name", help="the name the file downloads under (default: its own)")
+    add.add_argument("--base-url", help="scheme://host:port[/prefix] of the server")
+    revoke = commands.add_parser("revoke", help="revoke an ID")
+    revoke.add_argument("id")
+    commands.add_parser("list", help="list the catalog's IDs")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Serve, or run one subcommand; returns the exit status (2: a bad setting)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     for flag in ("root", "host", "port", "workers"):
         if getattr(args, flag) is not None:
@@ -1243,14 +1638,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         host = os.environ.get("DOWNLOADER_HOST", "127.0.0.1")
         port = _server_int("PORT", 8000, 0, 65535)
         workers = _server_int("WORKERS", 1, 1, 256)
+        shown = f"[{host}]" if ":" in host else host
+        base_url = (getattr(args, "base_url", None) or f"http://{shown}:{port}").rstrip("/")
+        if args.command is not None:
+            return run_command(args, settings, base_url)
     except SettingsError as exc:
         print(f"downloader: {exc}", file=sys.stderr)
         return 2
     import uvicorn
 
-    shown = f"[{host}]" if ":" in host else host
     print(f"downloader: serving {settings.root} on http://{shown}:{port}/", flush=True)
     uvicorn.run("downloader:app", host=host, port=port, workers=workers, app_dir=os.path.dirname(os.path.abspath(__file__)))
+    return 0
+
+
+def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> int:
+    """sign, add, revoke or list; prints the result on stdout, errors as one line on stderr."""
+    try:
+        ttl = parse_ttl(args.ttl) if getattr(args, "ttl", None) else None
+    except ValueError as exc:
+        raise SettingsError(f"--ttl: {exc}") from None
+    if args.command == "sign":
+        if not settings.secret:
+            raise SettingsError("DOWNLOADER_SECRET: not set; sign needs the key the server verifies with")
+        print(base_url + sign_url(args.path, secret=settings.secret, expires_in=ttl))
+        return 0
+    if settings.catalog is None:
+        raise SettingsError(f"DOWNLOADER_CATALOG: not set; {args.command} needs the catalog file")
+    catalog = Catalog(settings.catalog)
+    if args.command == "add":
+        expires_at = None if ttl is None else time.time() + ttl
+        try:
+            link = register_file(catalog, settings, args.path, expires_at=expires_at, max_downloads=args.max_downloads, name=args.name)
+        except (HTTPError, ValueError) as exc:
+            print(f"downloader: cannot add {args.path!r}: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+            return 1
+        print(f"{link.id} {base_url}/files/{link.id}")
+        return 0
+    if args.command == "revoke":
+        if not catalog.revoke(args.id):
+            print(f"downloader: unknown ID {args.id}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.id}")
+        return 0
+    print("id\tpath\tdownloads\tmax_downloads\texpires\tstate")
+    now = time.time()
+    for link in catalog.list():
+        expires = "-" if link.expires_at is None else rfc3339(link.expires_at)
+        limit = "-" if link.max_downloads is None else str(link.max_downloads)
+        print(f"{link.id}\t{link.path}\t{link.downloads}\t{limit}\t{expires}\t{link_state(link, now)}")
     return 0
 
 
