@@ -51,7 +51,7 @@ import time
 import unicodedata
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,7 +68,9 @@ __all__ = [
     "CHUNK_SIZE",
     "MAX_RANGES",
     "ByteRange",
+    "Catalog",
     "DownloadResponse",
+    "GeneratedDownload",
     "HTTPError",
     "Settings",
     "SettingsError",
@@ -80,6 +82,9 @@ __all__ = [
     "make_etag",
     "parse_range",
     "settings_from_env",
+    "sign_url",
+    "stream_download",
+    "verify_link",
 ]
 
 
@@ -161,6 +166,7 @@ class Settings:
     catalog: str | None = None  # SQLite file of the ID catalog
     admin_token: str | None = None  # bearer token of /api/links; None: the admin API is off
     authorize: Callable[..., object] | None = None  # Python only: allow or deny each download
+    zip_compression: bool = False  # deflate /zip entries (then no Content-Length)
 
     @property
     def listing_on(self) -> bool:
@@ -251,6 +257,7 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "catalog": (str, _check_catalog),
     "admin_token": (str, _check_text),
     "authorize": (None, _check_callable),
+    "zip_compression": (_parse_bool, _check_bool),
 }
 
 
@@ -435,9 +442,10 @@ def _listed(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.stat_r
         return None
 
 
-def walk_files(root: str, *, after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
-    """Every file /download would serve under the real directory `root`, in the order of
-    their relative paths, starting after the path `after`. Symlinked directories are not
+def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
+    """Every file /download would serve under the real directory `root` (or its subfolder
+    `folder`, a checked relative path), in the order of their paths relative to the root,
+    starting after the path `after`. Symlinked directories are not
     followed (no loops); names that are not UTF-8 are left out (no URL can name them
     faithfully). Subtrees wholly before `after` are skipped unread, so paging through a
     big tree costs about one page of work per page. Blocking: run it in a thread."""
@@ -463,7 +471,27 @@ def walk_files(root: str, *, after: str = "", serve_hidden: bool = False) -> Ite
             elif key > after and (st := _listed(entry, root, serve_hidden)) is not None:
                 yield ListedFile(key, st.st_size, st.st_mtime)
 
-    return visit(root, "")
+    return visit(os.path.join(root, folder), folder + "/") if folder else visit(root, "")
+
+
+def resolve_folder(root: str, url_path: str, *, serve_hidden: bool = False) -> str:
+    """The folder `url_path` names under the root, as a checked relative path ("" for the
+    root itself), by the rules of open_under_root; 404 when it is not a folder there."""
+    if url_path == "":
+        return ""
+    segments = split_url_path(url_path.rstrip("/"))
+    if not serve_hidden and is_hidden(segments):
+        raise not_found()
+    try:
+        real = os.path.realpath(os.path.join(root, *segments), strict=True)
+    except (OSError, ValueError):
+        raise not_found() from None
+    relative = os.path.relpath(real, root)
+    if not is_inside(root, real) or not os.path.isdir(real) or relative == ".":
+        raise not_found()
+    if not serve_hidden and is_hidden(relative.split(os.sep)):
+        raise not_found()
+    return relative.replace(os.sep, "/")
 
 
 def _is_utf8(name: str) -> bool:
@@ -818,9 +846,31 @@ def download_headers(
     ]
     if disposition:
         headers.append(("Content-Disposition", disposition))
-    if cache_control:
-        headers.append(("Cache-Control", cache_control))
+    headers.append(("Cache-Control", no_transform(cache_control)))
     return headers
+
+
+def no_transform(cache_control: str) -> str:
+    """`cache_control` plus no-transform: RFC 9111 §5.2.2.6 forbids intermediaries to
+    transform the content (recompress it, drop Content-Length), which would break byte
+    ranges and resumes."""
+    directives = [d.strip() for d in cache_control.split(",") if d.strip()]
+    if "no-transform" not in (d.lower() for d in directives):
+        directives.append("no-transform")
+    return ", ".join(directives)
+
+
+def coding_guard(accept_encoding: str | None) -> list[tuple[str, str]]:
+    """An empty `Content-Encoding` when the client accepts a content coding, else nothing.
+
+    Content-Encoding = #content-coding (RFC 9110 §8.4), and the # list rule admits zero
+    members (§5.6.1): the empty field says, truthfully, that no coding was applied, without
+    the reserved `identity` token (§8.4.1). Compression layers in front of us that leave a
+    response alone when it already carries Content-Encoding (Starlette's and Django's
+    GZipMiddleware) then keep our bytes, Content-Length and ranges exact; `no-transform`
+    in Cache-Control tells proxies the same. Clients that asked for no coding never see it."""
+    codings = [part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")]
+    return [("Content-Encoding", "")] if any(c and c != "identity" for c in codings) else []
 
 
 NOT_MODIFIED_HEADERS = ("Cache-Control", "Content-Location", "Date", "ETag", "Expires", "Vary", "Last-Modified")
@@ -887,7 +937,7 @@ def plan_response(
     mtime = info.mtime_ns / 1e9
     headers = download_headers(
         info, media_type=media_type, etag=etag, disposition=disposition, cache_control=cache_control
-    )
+    ) + coding_guard(request_headers.get("accept-encoding"))
 
     status = evaluate_preconditions(method, request_headers, etag, mtime)
     if status == 412:
@@ -988,7 +1038,50 @@ class FileChunks:
             os.close(fd)
 
 
-async def send_body(send: Send, receive: Receive, start: Message, chunks: FileChunks) -> int:
+class ByteStream:
+    """Async iterator over generated bytes: from an async iterable, or from a sync one
+    read in a worker thread (it may block). With `size`, exactly that many bytes come
+    out, or TransferAborted. aclose() closes the source (generators run their finally)."""
+
+    _END = object()
+
+    def __init__(self, content: AsyncIterable[bytes] | Iterable[bytes], size: int | None = None) -> None:
+        self._source = content
+        self._async = content.__aiter__() if isinstance(content, AsyncIterable) else None
+        self._sync = None if isinstance(content, AsyncIterable) else iter(content)
+        self._size = size
+        self._sent = 0
+
+    def __aiter__(self) -> ByteStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            if self._async is not None:
+                chunk = await anext(self._async, self._END)
+            else:
+                chunk = await anyio.to_thread.run_sync(next, self._sync, self._END)
+            if chunk is self._END:
+                if self._size is not None and self._sent != self._size:
+                    raise TransferAborted("generated content was shorter than its size")
+                raise StopAsyncIteration
+            if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                raise TypeError(f"generated content must be bytes, got {type(chunk).__name__}")
+            self._sent += len(chunk)
+            if self._size is not None and self._sent > self._size:
+                raise TransferAborted("generated content was longer than its size")
+            if chunk:
+                return bytes(chunk)
+
+    async def aclose(self) -> None:
+        source = self._async if self._async is not None else self._sync
+        if hasattr(source, "aclose"):
+            await source.aclose()
+        elif hasattr(source, "close"):
+            source.close()
+
+
+async def send_body(send: Send, receive: Receive, start: Message, chunks: FileChunks | ByteStream) -> int:
     """Sends the `start` message, every chunk, then the closing empty message; returns the
     body bytes sent.
 
@@ -1332,6 +1425,128 @@ class DownloadResponse(Response):
         )
 
 
+class GeneratedDownload(Response):
+    """Generated content (an async or sync iterable of bytes) as a download: the
+    Content-Disposition, Content-Type, nosniff and Cache-Control of a file download;
+    Content-Length when `size` is known (then exactly `size` bytes are sent, or the
+    transfer is aborted), chunked when it is not. No validators and no ranges
+    (Accept-Ranges: none): the bytes are made anew for every request."""
+
+    def __init__(
+        self,
+        content: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        filename: str,
+        media_type: str | None = None,
+        size: int | None = None,
+        disposition: str = "attachment",
+        cache_control: str = "no-store",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if disposition not in ("attachment", "inline"):
+            raise ValueError("disposition must be 'attachment' or 'inline'")
+        self.content = content
+        self.filename = filename
+        self.media_type = media_type or media_type_for(filename, _MEDIA_TYPES)
+        self.size = size
+        self.disposition = disposition
+        self.cache_control = cache_control
+        self.extra_headers = _raw((headers or {}).items())
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        requested = request_headers(scope)
+        utf8_fallback = wants_utf8_filename(requested.get("user-agent", ""))
+        headers = [
+            ("Content-Type", self.media_type),
+            ("Content-Disposition", content_disposition(self.filename, self.disposition, utf8_fallback=utf8_fallback)),
+            ("X-Content-Type-Options", "nosniff"),
+            ("Cache-Control", no_transform(self.cache_control)),
+            ("Accept-Ranges", "none"),
+        ]
+        if self.size is not None:
+            headers.append(("Content-Length", str(self.size)))
+        headers += coding_guard(requested.get("accept-encoding"))
+        start = {"type": "http.response.start", "status": 200, "headers": _raw(headers) + self.extra_headers}
+        chunks = ByteStream(self.content, self.size)
+        if scope["method"] == "HEAD":
+            await chunks.aclose()
+            chunks = ByteStream((), 0)
+        await send_body(send, receive, start, chunks)
+
+
+def stream_download(
+    content: AsyncIterable[bytes] | Iterable[bytes],
+    filename: str,
+    *,
+    media_type: str | None = None,
+    size: int | None = None,
+    disposition: str = "attachment",
+    headers: Mapping[str, str] | None = None,
+) -> GeneratedDownload:
+    """Generated content as a download: an async or sync iterator of bytes (a sync one
+    is read in a worker thread), a file name, and the media type (default: guessed from
+    the name). With `size`, the response carries Content-Length."""
+    return GeneratedDownload(content, filename=filename, media_type=media_type, size=size, disposition=disposition, headers=headers)
+
+
+COMPRESSED_SUFFIXES = frozenset(
+    ".zip .gz .tgz .bz2 .xz .zst .7z .rar .jar .apk .whl .epub .docx .xlsx .pptx .odt .jpg .jpeg"
+    " .png .gif .webp .avif .heic .mp4 .m4v .mkv .webm .mov .avi .mp3 .m4a .aac .ogg .opus .flac"
+    " .woff .woff2 .pdf".split()
+)
+"""Suffixes of files stored as they are even when ZIP compression is on: compressing them
+again costs CPU and saves nothing."""
+
+MAX_ZIP_FILES = 100_000
+"""More files than this in one folder and /zip answers 413."""
+
+
+def _entry_bytes(root: str, path: str, size: int, serve_hidden: bool, chunk_size: int) -> Iterator[bytes]:
+    """The bytes of one ZIP entry, opened (and checked) only when the stream reaches it;
+    a file gone or resized since the listing aborts the transfer."""
+    try:
+        opened = open_under_root(root, path, serve_hidden=serve_hidden)
+    except HTTPError:
+        raise TransferAborted("a file of the folder disappeared") from None
+    try:
+        if opened.info.size != size:
+            raise TransferAborted("a file of the folder changed size")
+        for start in range(0, size, chunk_size):
+            data = os.pread(opened.fd, min(chunk_size, size - start), start)
+            if len(data) != min(chunk_size, size - start):
+                raise TransferAborted("a file of the folder shrank")
+            yield data
+    finally:
+        os.close(opened.fd)
+
+
+def folder_zip(settings: Settings, folder: str) -> GeneratedDownload:
+    """The folder (a checked path relative to the root, "" for the root) as a ZIP built by
+    zipstream-ng while it is sent, from the files /download would serve there. Entries
+    are stored by default, so the archive's exact size is known before the first byte
+    (Content-Length); with zip_compression they are deflated (chunked), except for
+    already-compressed types. Blocking (it walks the folder): run it in a thread."""
+    import zipstream
+
+    compress = settings.zip_compression
+    archive = zipstream.ZipStream(compress_type=zipstream.ZIP_DEFLATED if compress else zipstream.ZIP_STORED, sized=not compress)
+    count = 0
+    for f in walk_files(settings.root, folder=folder, serve_hidden=settings.serve_hidden):
+        count += 1
+        if count > MAX_ZIP_FILES:
+            raise HTTPError(413, f"The folder holds more than {MAX_ZIP_FILES} files")
+        stored = compress and os.path.splitext(f.path)[1].lower() in COMPRESSED_SUFFIXES
+        archive.add(
+            _entry_bytes(settings.root, f.path, f.size, settings.serve_hidden, settings.chunk_size),
+            f.path[len(folder) + 1 :] if folder else f.path,
+            size=f.size,
+            compress_type=zipstream.ZIP_STORED if stored else None,
+        )
+    name = (folder.rsplit("/", 1)[-1] if folder else os.path.basename(settings.root)) or "download"
+    return GeneratedDownload(archive, filename=f"{name}.zip", media_type="application/zip", size=None if compress else len(archive))
+
+
 # =============================================================================
 # 8. App and routes
 # =============================================================================
@@ -1490,6 +1705,14 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
         link = check_link(await anyio.to_thread.run_sync(catalog.get, request.path_params["id"]), time.time())
         return file_response(request, link.path, filename=link.name, gate=functools.partial(catalog.claim, link.id))
 
+    async def zip_folder(request: Request) -> Response:
+        if config.secret or config.authorize is not None:
+            raise not_found()  # protected deployments: /zip has no signature or hook check
+        folder = request.path_params["folder"]
+        return await anyio.to_thread.run_sync(
+            lambda: folder_zip(config, resolve_folder(config.root, folder, serve_hidden=config.serve_hidden))
+        )
+
     async def list_files(request: Request) -> Response:
         if not config.listing_on:
             raise not_found()
@@ -1568,6 +1791,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
         routes=[
             Route("/download/{path:path}", download, methods=["GET", "HEAD"]),
             Route("/files/{id}", file_by_id, methods=["GET", "HEAD"]),
+            Route("/zip/{folder:path}", zip_folder, methods=["GET", "HEAD"]),
             Route("/api/files", list_files, methods=["GET", "HEAD"]),
             Route("/api/links", links, methods=["GET", "POST"]),
             Route("/api/links/{id}", revoke_link, methods=["DELETE"]),

@@ -113,7 +113,7 @@ def test_http_date() -> None:
 
 @pytest.mark.anyio
 async def test_every_download_header(client, root: Path) -> None:
-    response = await client.get("/download/ten.txt")
+    response = await client.get("/download/ten.txt", headers={"Accept-Encoding": "identity"})
     mtime_ns = (root / "ten.txt").stat().st_mtime_ns
     assert response.status_code == 200
     assert response.content == TEN
@@ -124,9 +124,25 @@ async def test_every_download_header(client, root: Path) -> None:
         "accept-ranges": "bytes",
         "last-modified": downloader.http_date(OLD_MTIME),
         "etag": downloader.make_etag(10, mtime_ns),
-        "cache-control": "no-cache",
+        "cache-control": "no-cache, no-transform",
         "x-content-type-options": "nosniff",
     }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("accept", "guard"), [("gzip", [""]), ("gzip, deflate, br", [""]), ("br;q=1.0, identity;q=0.5", [""]), ("identity", []), ("", [])])
+async def test_empty_content_encoding_when_a_coding_is_accepted(client, accept: str, guard: list[str]) -> None:
+    response = await client.get("/download/ten.txt", headers={"Accept-Encoding": accept})
+    assert response.headers.get_list("content-encoding") == guard
+    assert response.content == TEN
+
+
+@pytest.mark.parametrize(
+    ("value", "wanted"),
+    [("no-cache", "no-cache, no-transform"), ("public, max-age=60", "public, max-age=60, no-transform"), ("no-store, No-Transform", "no-store, No-Transform"), ("", "no-transform")],
+)
+def test_no_transform_is_always_there(value: str, wanted: str) -> None:
+    assert downloader.no_transform(value) == wanted
 
 
 @pytest.mark.anyio
@@ -158,7 +174,7 @@ async def test_cache_control_is_configurable(root: Path) -> None:
     app = downloader.create_app(root, cache_control="private, max-age=60")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         response = await c.get("/download/ten.txt")
-    assert response.headers["cache-control"] == "private, max-age=60"
+    assert response.headers["cache-control"] == "private, max-age=60, no-transform"
 
 
 @pytest.mark.anyio
