@@ -1,0 +1,923 @@
+"""Section 6: signed links (HMAC, expiry, key rotation), the ID catalog (Python, CLI and
+admin API; expiry, revocation, download limits counted in completed transfers, racing
+workers), and the authorize hook of create_app."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+import downloader
+from conftest import PROJECT, TEN, UNICODE_NAME, need, start_server, stop_server
+from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
+
+KEY = "k-3f9a"
+TOKEN = "admin-7c1e"
+FAR = 4_102_444_800  # 2100-01-01T00:00:00Z: an expiry no test outlives
+SIG_RE = r"[A-Za-z0-9_-]{43}"  # base64url of 32 bytes, unpadded
+
+
+# =============================================================================
+# Helpers
+# =============================================================================
+
+
+def asgi_client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def asgi_get(app, target: str, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Calls the ASGI app with the target's path exactly as given (percent escapes
+    included), decoded once as uvicorn does; httpx might normalise the escapes away."""
+    raw_path, _, query = target.partition("?")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": method, "scheme": "http", "root_path": "", "query_string": query.encode("ascii"),
+        "raw_path": raw_path.encode("ascii"), "path": urllib.parse.unquote(raw_path),
+        "headers": [(b"host", b"testserver"), *(headers or [])],
+        "client": ("127.0.0.1", 1234), "server": ("testserver", 80),
+    }
+    messages: list[dict] = []
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    got = {k.decode("latin-1"): v.decode("latin-1") for k, v in messages[0]["headers"]}
+    return messages[0]["status"], got, b"".join(m.get("body", b"") for m in messages[1:])
+
+
+def query_of(url: str) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+
+
+def with_query(url: str, **changes: str | None) -> str:
+    """`url` with query fields replaced (None: removed), in the original order."""
+    path, _, _ = url.partition("?")
+    fields = {**query_of(url), **changes}
+    return path + "?" + urllib.parse.urlencode({k: v for k, v in fields.items() if v is not None})
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "downloader.py", *args], cwd=PROJECT, env=clean_env(**env), capture_output=True, text=True, timeout=30
+    )
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+GONE = {"detail": "This download link has been used up"}
+REVOKED = {"detail": "This download link was revoked"}
+EXPIRED = {"detail": "This download link has expired"}
+UNKNOWN = {"detail": "Unknown download link"}
+NEEDS_SIGNATURE = {"detail": "This link needs a valid signature"}
+INVALID = {"detail": "Invalid link signature"}
+LINK_EXPIRED = {"detail": "This link has expired"}
+
+
+# =============================================================================
+# Signing: sign_url and verify_link on plain values
+# =============================================================================
+
+
+def test_sign_url_layout_and_signature() -> None:
+    url = sign_url("sub/inner.txt", secret=KEY, expires_at=FAR)
+    assert url == f"/download/sub/inner.txt?expires={FAR}&signature={link_signature('sub/inner.txt', FAR, KEY)}"
+    assert re.fullmatch(rf"/download/sub/inner\.txt\?expires={FAR}&signature={SIG_RE}", url)
+
+
+def test_sign_url_quotes_the_path_and_signs_it_decoded() -> None:
+    url = sign_url(UNICODE_NAME, secret=KEY, expires_at=FAR, prefix="/p")
+    quoted = "r%C3%A9sum%C3%A9%20%E6%95%B0%E6%8D%AE.txt"
+    assert url == f"/p/download/{quoted}?expires={FAR}&signature={link_signature(UNICODE_NAME, FAR, KEY)}"
+
+
+def test_sign_url_expires_in_counts_from_the_injected_clock() -> None:
+    assert query_of(sign_url("ten.txt", secret=KEY, expires_in=90, now=1_000_000))["expires"] == "1000090"
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"expires_in": 60, "expires_at": FAR}], ids=["neither", "both"])
+def test_sign_url_needs_exactly_one_expiry(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        sign_url("ten.txt", secret=KEY, **kwargs)
+
+
+def test_verify_link_accepts_until_the_expiry_second() -> None:
+    query = query_of(sign_url("ten.txt", secret=KEY, expires_at=1000))
+    verify_link("ten.txt", query, [KEY], now=999)
+    verify_link("ten.txt", query, [KEY], now=999.999)
+
+
+@pytest.mark.parametrize("now", [1000, 1000.5, 10**9], ids=["at-expiry", "half-second-after", "long-after"])
+def test_verify_link_refuses_from_the_expiry_second(now: float) -> None:
+    query = query_of(sign_url("ten.txt", secret=KEY, expires_at=1000))
+    with pytest.raises(HTTPError) as caught:
+        verify_link("ten.txt", query, [KEY], now=now)
+    assert (caught.value.status, caught.value.detail) == (403, "This link has expired")
+
+
+def test_verify_link_tampered_expiry_is_invalid_not_expired() -> None:
+    """The signature is checked first: a moved expiry must not be reported as 'expired'."""
+    query = query_of(sign_url("ten.txt", secret=KEY, expires_at=1000))
+    with pytest.raises(HTTPError) as caught:
+        verify_link("ten.txt", {**query, "expires": "999"}, [KEY], now=5000)
+    assert (caught.value.status, caught.value.detail) == (403, "Invalid link signature")
+
+
+VERIFY_CASES = [
+    # (query changes, detail)
+    ({"signature": None}, "This link needs a valid signature"),
+    ({"expires": None}, "This link needs a valid signature"),
+    ({"expires": "abc"}, "Invalid link signature"),
+    ({"expires": "-1000"}, "Invalid link signature"),
+    ({"expires": "１０００"}, "Invalid link signature"),  # fullwidth digits: isdigit() but not ASCII
+    ({"expires": "9" * 13}, "Invalid link signature"),
+    ({"signature": "é" * 43}, "Invalid link signature"),
+]
+
+
+@pytest.mark.parametrize(("changes", "detail"), VERIFY_CASES, ids=["no-signature", "no-expires", "expires-abc", "expires-negative", "expires-fullwidth", "expires-13-digits", "signature-non-ascii"])
+def test_verify_link_refuses_malformed_queries(changes: dict, detail: str) -> None:
+    query = query_of(sign_url("ten.txt", secret=KEY, expires_at=1000))
+    query = {k: v for k, v in {**query, **changes}.items() if v is not None}
+    with pytest.raises(HTTPError) as caught:
+        verify_link("ten.txt", query, [KEY], now=0)
+    assert (caught.value.status, caught.value.detail) == (403, detail)
+
+
+def test_rotation_first_key_signs_and_every_key_verifies() -> None:
+    assert sign_url("ten.txt", secret=["new", "old"], expires_at=FAR) == sign_url("ten.txt", secret="new", expires_at=FAR)
+    for signer in ("new", "old"):
+        verify_link("ten.txt", query_of(sign_url("ten.txt", secret=signer, expires_at=FAR)), ["new", "old"], now=0)
+    with pytest.raises(HTTPError) as caught:
+        verify_link("ten.txt", query_of(sign_url("ten.txt", secret="retired", expires_at=FAR)), ["new", "old"], now=0)
+    assert (caught.value.status, caught.value.detail) == (403, "Invalid link signature")
+
+
+# =============================================================================
+# Signing through HTTP
+# =============================================================================
+
+
+@pytest.mark.anyio
+async def test_signed_link_round_trip(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=KEY)) as c:
+        response = await c.get(sign_url("ten.txt", secret=KEY, expires_in=60))
+        unsigned = await c.get("/download/ten.txt")
+    assert (response.status_code, response.content) == (200, TEN)
+    assert response.headers["content-disposition"] == 'attachment; filename="ten.txt"'
+    assert (unsigned.status_code, unsigned.json()) == (403, NEEDS_SIGNATURE)
+    assert "etag" not in unsigned.headers
+
+
+@pytest.mark.anyio
+async def test_signed_link_to_unicode_name_round_trip(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=KEY)) as c:
+        response = await c.get(sign_url(UNICODE_NAME, secret=KEY, expires_in=60))
+    assert (response.status_code, response.content) == (200, (root / UNICODE_NAME).read_bytes())
+
+
+def _good(path: str = "ten.txt", key: str = KEY) -> str:
+    return sign_url(path, secret=key, expires_at=FAR)
+
+
+def _swap_last(signature: str) -> str:
+    return signature[:-1] + ("A" if signature[-1] != "A" else "B")
+
+
+TAMPERED = [
+    # (id, target built from a good link, detail)
+    ("path-changed-to-alias", lambda: _good().replace("/download/ten.txt", "/download/link-in"), INVALID),
+    ("path-changed-case", lambda: _good().replace("/download/ten.txt", "/download/TEN.txt"), INVALID),
+    ("other-file", lambda: _good().replace("/download/ten.txt", "/download/data.bin"), INVALID),
+    ("subdir-prefix-added", lambda: _good().replace("/download/ten.txt", "/download/sub/ten.txt"), INVALID),
+    ("expiry-plus-1", lambda: with_query(_good(), expires=str(FAR + 1)), INVALID),
+    ("expiry-minus-1", lambda: with_query(_good(), expires=str(FAR - 1)), INVALID),
+    ("signature-changed", lambda: with_query(_good(), signature=_swap_last(query_of(_good())["signature"])), INVALID),
+    ("signature-truncated", lambda: with_query(_good(), signature=query_of(_good())["signature"][:-1]), INVALID),
+    ("signature-padded", lambda: with_query(_good(), signature=query_of(_good())["signature"] + "="), INVALID),
+    ("signature-empty", lambda: with_query(_good(), signature=""), INVALID),
+    ("signature-missing", lambda: with_query(_good(), signature=None), NEEDS_SIGNATURE),
+    ("expires-missing", lambda: with_query(_good(), expires=None), NEEDS_SIGNATURE),
+    ("query-missing", lambda: "/download/ten.txt", NEEDS_SIGNATURE),
+    ("other-secret", lambda: _good(key="not-" + KEY), INVALID),
+    ("signature-of-other-file", lambda: with_query(_good(), signature=query_of(_good("data.bin"))["signature"]), INVALID),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("make", "detail"), [c[1:] for c in TAMPERED], ids=[c[0] for c in TAMPERED])
+async def test_tampered_link_is_403(root: Path, make, detail: dict) -> None:
+    status, headers, body = await asgi_get(create_app(root, secret=KEY), make())
+    assert (status, body) == (403, json.dumps(detail).encode())
+    assert headers["content-type"] == "application/json"
+    assert "content-disposition" not in headers
+
+
+ENCODED_VARIANTS = [
+    # (id, path signed, target path as sent)
+    ("escaped-letter", "ten.txt", "/download/t%65n.txt"),
+    ("all-escaped", "ten.txt", "/download/%74%65%6E%2E%74%78%74"),
+    ("lower-case-hex", UNICODE_NAME, "/download/r%c3%a9sum%c3%a9%20%e6%95%b0%e6%8d%ae.txt"),
+    ("escaped-slash", "sub/inner.txt", "/download/sub%2Finner.txt"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("signed", "target"), [c[1:] for c in ENCODED_VARIANTS], ids=[c[0] for c in ENCODED_VARIANTS])
+async def test_percent_encoded_spelling_of_the_signed_path_is_valid(root: Path, signed: str, target: str) -> None:
+    query = sign_url(signed, secret=KEY, expires_at=FAR).partition("?")[2]
+    status, _, body = await asgi_get(create_app(root, secret=KEY), f"{target}?{query}")
+    assert (status, body) == (200, (root / signed).read_bytes())
+
+
+@pytest.mark.anyio
+async def test_link_expired_in_the_past_is_403(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=KEY)) as c:
+        response = await c.get(sign_url("ten.txt", secret=KEY, expires_at=time.time() - 1))
+        head = await c.head(sign_url("ten.txt", secret=KEY, expires_at=time.time() - 1))
+    assert (response.status_code, response.json()) == (403, LINK_EXPIRED)
+    assert (head.status_code, head.content) == (403, b"")
+
+
+@pytest.mark.anyio
+async def test_rotation_old_key_still_verifies_and_new_one_signs(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=["new", "old"])) as c:
+        by_old = await c.get(sign_url("ten.txt", secret="old", expires_in=60))
+        by_new = await c.get(sign_url("ten.txt", secret="new", expires_in=60))
+        by_retired = await c.get(sign_url("ten.txt", secret="retired", expires_in=60))
+    assert (by_old.status_code, by_old.content) == (200, TEN)
+    assert (by_new.status_code, by_new.content) == (200, TEN)
+    assert (by_retired.status_code, by_retired.json()) == (403, INVALID)
+
+
+@pytest.mark.anyio
+async def test_range_on_signed_link_is_exact_206(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=KEY)) as c:
+        response = await c.get(sign_url("ten.txt", secret=KEY, expires_in=60), headers={"Range": "bytes=2-4"})
+        suffix = await c.get(sign_url("ten.txt", secret=KEY, expires_in=60), headers={"Range": "bytes=-3"})
+    assert (response.status_code, response.content) == (206, b"234")
+    assert (response.headers["content-range"], response.headers["content-length"]) == ("bytes 2-4/10", "3")
+    assert (suffix.status_code, suffix.headers["content-range"], suffix.content) == (206, "bytes 7-9/10", b"789")
+
+
+@pytest.mark.anyio
+async def test_if_none_match_on_signed_link_is_304(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=KEY)) as c:
+        url = sign_url("ten.txt", secret=KEY, expires_in=60)
+        first = await c.get(url)
+        again = await c.get(url, headers={"If-None-Match": first.headers["etag"]})
+        forged = await c.get(with_query(url, signature=""), headers={"If-None-Match": first.headers["etag"]})
+    assert (again.status_code, again.content) == (304, b"")
+    assert again.headers["etag"] == first.headers["etag"]
+    assert "content-length" not in again.headers or again.headers["content-length"] == "0"
+    assert "content-disposition" not in again.headers
+    # a 304 must not confirm a file to someone without a valid link
+    assert (forged.status_code, forged.json()) == (403, INVALID)
+
+
+@pytest.mark.anyio
+async def test_secret_switches_listing_off(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=KEY)) as c:
+        listing = await c.get("/api/files")
+        page = await c.get("/")
+    assert (listing.status_code, listing.json()) == (404, {"detail": "Not Found"})
+    assert (page.status_code, page.json()) == (404, {"detail": "Not Found"})
+
+
+@pytest.mark.anyio
+async def test_listing_switched_on_with_secret_hands_out_links_signed_by_first_key(root: Path) -> None:
+    async with asgi_client(create_app(root, secret=["new", "old"], listing=True)) as c:
+        files = (await c.get("/api/files")).json()["files"]
+        ten = next(f for f in files if f["path"] == "ten.txt")
+        download = await c.get(ten["url"])
+    assert re.fullmatch(rf"/download/ten\.txt\?expires=\d+&signature={SIG_RE}", ten["url"])
+    verify_link("ten.txt", query_of(ten["url"]), ["new"], now=time.time())
+    assert (download.status_code, download.content) == (200, TEN)
+
+
+def test_cli_sign_prints_a_url_curl_downloads(root: Path, tmp_path: Path) -> None:
+    curl = need("curl")
+    proc, server = start_server(root, tmp_path / "server.log", env={"DOWNLOADER_SECRET": KEY})
+    try:
+        before = int(time.time())
+        result = cli("sign", "ten.txt", "--ttl", "1h", "--base-url", server.url, DOWNLOADER_SECRET=KEY, DOWNLOADER_ROOT=str(root))
+        after = int(time.time()) + 1
+        assert (result.returncode, result.stderr) == (0, "")
+        match = re.fullmatch(rf"{re.escape(server.url)}/download/ten\.txt\?expires=(\d+)&signature={SIG_RE}\n", result.stdout)
+        assert match, result.stdout
+        assert before + 3600 <= int(match.group(1)) <= after + 3600
+        url = result.stdout.strip()
+        got = subprocess.run([curl, "-sS", "-f", url], capture_output=True, timeout=30)
+        assert (got.returncode, got.stdout) == (0, TEN), got.stderr
+        refused = subprocess.run([curl, "-sS", "-w", "\n%{http_code}", f"{server.url}/download/ten.txt"], capture_output=True, timeout=30)
+        assert refused.stdout == b'{"detail": "This link needs a valid signature"}\n403'
+        tampered = subprocess.run([curl, "-sS", "-w", "\n%{http_code}", url.replace("ten.txt", "data.bin")], capture_output=True, timeout=30)
+        assert tampered.stdout == b'{"detail": "Invalid link signature"}\n403'
+    finally:
+        stop_server(proc)
+
+
+def test_cli_sign_without_secret_is_refused(root: Path) -> None:
+    result = cli("sign", "ten.txt", DOWNLOADER_ROOT=str(root))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "downloader: DOWNLOADER_SECRET: not set; sign needs the key the server verifies with\n"
+
+
+# =============================================================================
+# Catalog: the Python API
+# =============================================================================
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "catalog.db"
+
+
+@pytest.mark.anyio
+async def test_catalog_register_download_revoke_in_python(root: Path, db: Path) -> None:
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", name="report.txt")
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", link.id)
+    assert (link.path, link.name, link.expires_at, link.max_downloads, link.downloads, link.revoked) == ("ten.txt", "report.txt", None, None, 0, False)
+    assert catalog.get(link.id) == link
+    assert catalog.list() == [link]
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        first = await c.get(f"/files/{link.id}")
+        second = await c.get(f"/files/{link.id}")
+        assert catalog.revoke(link.id) is True
+        revoked = await c.get(f"/files/{link.id}")
+        revoked_head = await c.head(f"/files/{link.id}")
+    assert (first.status_code, first.content) == (200, TEN)
+    assert first.headers["content-disposition"] == 'attachment; filename="report.txt"'
+    assert (second.status_code, second.content) == (200, TEN)
+    assert (revoked.status_code, revoked.json()) == (410, REVOKED)
+    assert (revoked_head.status_code, revoked_head.content) == (410, b"")
+    assert catalog.get(link.id).downloads == 2
+    assert catalog.get(link.id).revoked is True
+    assert catalog.revoke(link.id) is True  # twice is harmless
+    assert catalog.revoke("no-such-id") is False
+    assert catalog.get("no-such-id") is None
+
+
+def test_catalog_refuses_a_limit_below_one(db: Path) -> None:
+    with pytest.raises(ValueError):
+        Catalog(db).add("ten.txt", max_downloads=0)
+
+
+def test_catalog_claim_stops_at_the_limit(db: Path) -> None:
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", max_downloads=2)
+    assert [catalog.claim(link.id) for _ in range(3)] == [True, True, False]
+    assert catalog.get(link.id).downloads == 2
+    unlimited = catalog.add("ten.txt")
+    assert all(catalog.claim(unlimited.id) for _ in range(5))
+    catalog.revoke(unlimited.id)
+    assert catalog.claim(unlimited.id) is False
+    assert catalog.claim("no-such-id") is False
+
+
+@pytest.mark.anyio
+async def test_files_id_serves_the_same_headers_as_download(root: Path, db: Path) -> None:
+    link = Catalog(db).add("ten.txt")
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        by_path = await c.get("/download/ten.txt")
+        by_id = await c.get(f"/files/{link.id}")
+        head = await c.head(f"/files/{link.id}")
+    assert (by_id.status_code, by_id.content) == (200, TEN)
+    assert dict(by_id.headers) == dict(by_path.headers)
+    assert (head.status_code, head.content, dict(head.headers)) == (200, b"", dict(by_path.headers))
+
+
+@pytest.mark.anyio
+async def test_unknown_link_is_404(root: Path, db: Path) -> None:
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        response = await c.get("/files/0b7f4bf6-2f0b-4b8c-9c55-000000000000")
+        head = await c.head("/files/nope")
+    async with asgi_client(create_app(root)) as c:
+        no_catalog = await c.get("/files/nope")
+    assert (response.status_code, response.json()) == (404, UNKNOWN)
+    assert (head.status_code, head.content) == (404, b"")
+    assert (no_catalog.status_code, no_catalog.json()) == (404, {"detail": "Not Found"})
+
+
+@pytest.mark.anyio
+async def test_link_expired_in_the_past_is_410(root: Path, db: Path) -> None:
+    catalog = Catalog(db)
+    past = catalog.add("ten.txt", expires_at=time.time() - 1)
+    future = catalog.add("ten.txt", expires_at=time.time() + 3600)
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        expired = await c.get(f"/files/{past.id}")
+        valid = await c.get(f"/files/{future.id}")
+    assert (expired.status_code, expired.json()) == (410, EXPIRED)
+    assert (valid.status_code, valid.content) == (200, TEN)
+
+
+@pytest.mark.anyio
+async def test_link_whose_file_vanished_is_404(root: Path, db: Path) -> None:
+    link = Catalog(db).add("ten.txt")
+    (root / "ten.txt").unlink()
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        response = await c.get(f"/files/{link.id}")
+    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+
+
+# =============================================================================
+# Catalog: download limits count completed transfers only
+# =============================================================================
+
+
+@pytest.mark.anyio
+async def test_head_range_and_304_do_not_use_up_a_one_time_link(root: Path, db: Path) -> None:
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", max_downloads=1)
+    url = f"/files/{link.id}"
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        head = await c.head(url)
+        preview = await c.get(url, headers={"Range": "bytes=0-3"})
+        cached = await c.get(url, headers={"If-None-Match": head.headers["etag"]})
+        assert catalog.get(link.id).downloads == 0
+        full = await c.get(url)
+        assert catalog.get(link.id).downloads == 1
+        after = await c.get(url)
+        after_head = await c.head(url)
+        after_range = await c.get(url, headers={"Range": "bytes=0-3"})
+    assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "10")
+    assert (preview.status_code, preview.headers["content-range"], preview.content) == (206, "bytes 0-3/10", b"0123")
+    assert (cached.status_code, cached.content) == (304, b"")
+    assert (full.status_code, full.content) == (200, TEN)
+    assert (after.status_code, after.json()) == (410, GONE)
+    assert (after_head.status_code, after_head.content) == (410, b"")
+    assert (after_range.status_code, after_range.json()) == (410, GONE)
+
+
+@pytest.mark.anyio
+async def test_range_reaching_the_last_byte_counts_as_a_download(root: Path, db: Path) -> None:
+    """aria2c splits a file into segments: only the one holding the last byte counts."""
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", max_downloads=2)
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        segments = [await c.get(f"/files/{link.id}", headers={"Range": r}) for r in ("bytes=0-2", "bytes=3-5", "bytes=6-8")]
+        assert catalog.get(link.id).downloads == 0
+        last = await c.get(f"/files/{link.id}", headers={"Range": "bytes=9-"})
+        assert catalog.get(link.id).downloads == 1
+        suffix = await c.get(f"/files/{link.id}", headers={"Range": "bytes=-1"})
+        assert catalog.get(link.id).downloads == 2
+        gone = await c.get(f"/files/{link.id}", headers={"Range": "bytes=0-2"})
+    assert [(s.status_code, s.content) for s in segments] == [(206, b"012"), (206, b"345"), (206, b"678")]
+    assert (last.status_code, last.headers["content-range"], last.content) == (206, "bytes 9-9/10", b"9")
+    assert (suffix.status_code, suffix.content) == (206, b"9")
+    assert (gone.status_code, gone.json()) == (410, GONE)
+
+
+def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(root: Path, tmp_path: Path, db: Path) -> None:
+    data = os.urandom(4 * 1024 * 1024 + 123)
+    (root / "big.bin").write_bytes(data)
+    link = Catalog(db).add("big.bin", max_downloads=1)
+    log = tmp_path / "server.log"
+    proc, server = start_server(root, log, env={"DOWNLOADER_CATALOG": str(db)}, args=["--workers", "2"])
+    try:
+        # With --workers, uvicorn logs its address before the workers accept connections.
+        wait_for(lambda: log.read_text().count("Application startup complete.") == 2, what="both workers")
+        clients = 20
+        barrier = threading.Barrier(clients)
+        outcomes: list[str] = [""] * clients
+
+        def fetch(i: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            try:
+                barrier.wait(30)
+                conn.request("GET", f"/files/{link.id}")
+                response = conn.getresponse()
+                body = response.read()
+                if response.status == 410:
+                    outcomes[i] = "gone" if json.loads(body) == GONE else f"410 {body[:80]!r}"
+                elif response.status == 200 and body == data:
+                    outcomes[i] = "full"
+                elif response.status == 200 and len(body) < len(data):
+                    outcomes[i] = "aborted"
+                else:
+                    outcomes[i] = f"{response.status} {len(body)} bytes"
+            except (http.client.HTTPException, OSError):
+                outcomes[i] = "aborted"  # IncompleteRead, reset or closed mid-body
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert outcomes.count("full") == 1, outcomes
+        assert set(outcomes) - {"full"} <= {"gone", "aborted"}, outcomes
+        assert Catalog(db).get(link.id).downloads == 1
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", f"/files/{link.id}")
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (410, GONE)
+        conn.close()
+    except BaseException:
+        print(f"--- server log ---\n{log.read_text(errors='replace')}")
+        raise
+    finally:
+        stop_server(proc)
+
+
+# =============================================================================
+# Catalog: the CLI
+# =============================================================================
+
+
+def test_cli_add_download_list_revoke(root: Path, db: Path) -> None:
+    env = {"DOWNLOADER_CATALOG": str(db), "DOWNLOADER_ROOT": str(root)}
+    added = cli("add", "ten.txt", "--max-downloads", "2", "--name", "report.txt", "--ttl", "1h", "--base-url", "https://dl.example/p/", **env)
+    assert (added.returncode, added.stderr) == (0, "")
+    match = re.fullmatch(r"(\S+) https://dl\.example/p/files/(\S+)\n", added.stdout)
+    assert match and match.group(1) == match.group(2), added.stdout
+    link_id = match.group(1)
+    link = Catalog(db).get(link_id)
+    assert (link.path, link.name, link.max_downloads, link.downloads) == ("ten.txt", "report.txt", 2, 0)
+    assert time.time() + 3500 < link.expires_at <= time.time() + 3600
+
+    async def download() -> httpx.Response:
+        async with asgi_client(create_app(root, catalog=db)) as c:
+            return await c.get(f"/files/{link_id}")
+
+    first = anyio.run(download)
+    assert (first.status_code, first.content) == (200, TEN)
+    assert first.headers["content-disposition"] == 'attachment; filename="report.txt"'
+
+    listed = cli("list", **env)
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(link.expires_at))
+    assert (listed.returncode, listed.stderr) == (0, "")
+    assert listed.stdout == f"id\tpath\tdownloads\tmax_downloads\texpires\tstate\n{link_id}\tten.txt\t1\t2\t{expires}\tactive\n"
+
+    revoked = cli("revoke", link_id, **env)
+    assert (revoked.returncode, revoked.stdout, revoked.stderr) == (0, f"revoked {link_id}\n", "")
+    after = anyio.run(download)
+    assert (after.status_code, after.json()) == (410, REVOKED)
+    assert cli("list", **env).stdout.splitlines()[1] == f"{link_id}\tten.txt\t1\t2\t{expires}\trevoked"
+
+
+def test_cli_list_shows_states(root: Path, db: Path) -> None:
+    catalog = Catalog(db)
+    used = catalog.add("ten.txt", max_downloads=1)
+    catalog.claim(used.id)
+    old = catalog.add("data.bin", expires_at=1_000_000_000)
+    result = cli("list", DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
+    assert result.stdout.splitlines() == [
+        "id\tpath\tdownloads\tmax_downloads\texpires\tstate",
+        f"{used.id}\tten.txt\t1\t1\t-\tused-up",
+        f"{old.id}\tdata.bin\t0\t-\t2001-09-09T01:46:40Z\texpired",
+    ]
+
+
+CLI_ERRORS = [
+    # (id, args, exit status, stderr)
+    ("add-missing-file", ["add", "missing.txt"], 1, "downloader: cannot add 'missing.txt': Not Found\n"),
+    ("add-outside-root", ["add", "../secret.txt"], 1, "downloader: cannot add '../secret.txt': Not Found\n"),
+    ("add-hidden-file", ["add", ".hidden"], 1, "downloader: cannot add '.hidden': Not Found\n"),
+    ("add-zero-limit", ["add", "ten.txt", "--max-downloads", "0"], 1, "downloader: cannot add 'ten.txt': max_downloads must be 1 or more\n"),
+    ("revoke-unknown", ["revoke", "nope"], 1, "downloader: unknown ID nope\n"),
+]
+
+
+@pytest.mark.parametrize(("args", "status", "stderr"), [c[1:] for c in CLI_ERRORS], ids=[c[0] for c in CLI_ERRORS])
+def test_cli_catalog_errors(root: Path, db: Path, args: list[str], status: int, stderr: str) -> None:
+    result = cli(*args, DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
+    assert (result.returncode, result.stdout, result.stderr) == (status, "", stderr)
+    assert Catalog(db).list() == []
+
+
+def test_cli_catalog_commands_need_the_catalog(root: Path) -> None:
+    result = cli("list", DOWNLOADER_ROOT=str(root))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "downloader: DOWNLOADER_CATALOG: not set; list needs the catalog file\n"
+
+
+# =============================================================================
+# Catalog: the admin API
+# =============================================================================
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BEARER_401 = {"detail": "A valid bearer token is required"}
+
+
+@pytest.fixture
+async def admin(root: Path, db: Path) -> Iterator[httpx.AsyncClient]:
+    async with asgi_client(create_app(root, catalog=db, admin_token=TOKEN)) as c:
+        yield c
+
+
+@pytest.mark.anyio
+async def test_admin_api_register_download_list_revoke(admin: httpx.AsyncClient, db: Path) -> None:
+    before = time.time()
+    created = await admin.post("/api/links", json={"path": "ten.txt", "ttl": 600, "max_downloads": 3, "name": "r.txt"}, headers=AUTH)
+    after = time.time()
+    assert created.status_code == 201
+    assert created.headers["content-type"] == "application/json"
+    body = created.json()
+    link_id = body["id"]
+    assert body == {
+        "id": link_id, "path": "ten.txt", "name": "r.txt", "created": body["created"], "expires_at": body["expires_at"],
+        "max_downloads": 3, "downloads": 0, "revoked": False, "url": f"/files/{link_id}",
+    }
+    assert before <= body["created"] <= after
+    assert before + 600 <= body["expires_at"] <= after + 600
+    assert Catalog(db).get(link_id).as_json() == {k: v for k, v in body.items() if k != "url"}
+
+    download = await admin.get(body["url"])
+    assert (download.status_code, download.content) == (200, TEN)
+    assert download.headers["content-disposition"] == 'attachment; filename="r.txt"'
+
+    listed = await admin.get("/api/links", headers=AUTH)
+    assert (listed.status_code, listed.json()) == (200, {"links": [{**body, "downloads": 1}]})
+
+    deleted = await admin.delete(f"/api/links/{link_id}", headers=AUTH)
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    gone = await admin.get(body["url"])
+    assert (gone.status_code, gone.json()) == (410, REVOKED)
+    listed = await admin.get("/api/links", headers=AUTH)
+    assert listed.json() == {"links": [{**body, "downloads": 1, "revoked": True}]}
+    unknown = await admin.delete("/api/links/nope", headers=AUTH)
+    assert (unknown.status_code, unknown.json()) == (404, UNKNOWN)
+
+
+@pytest.mark.anyio
+async def test_admin_api_expires_at_in_the_past_gives_410(admin: httpx.AsyncClient) -> None:
+    created = await admin.post("/api/links", json={"path": "ten.txt", "expires_at": 1_000_000_000}, headers=AUTH)
+    assert (created.status_code, created.json()["expires_at"]) == (201, 1_000_000_000)
+    response = await admin.get(created.json()["url"])
+    assert (response.status_code, response.json()) == (410, EXPIRED)
+
+
+@pytest.mark.anyio
+async def test_admin_api_one_time_link(admin: httpx.AsyncClient) -> None:
+    created = (await admin.post("/api/links", json={"path": "data.bin", "max_downloads": 1}, headers=AUTH)).json()
+    assert (created["max_downloads"], created["expires_at"], created["name"]) == (1, None, None)
+    first = await admin.get(created["url"])
+    second = await admin.get(created["url"])
+    assert (first.status_code, first.content) == (200, bytes(range(256)))
+    assert (second.status_code, second.json()) == (410, GONE)
+
+
+BAD_AUTH = [
+    ("none", {}),
+    ("wrong-token", {"Authorization": "Bearer wrong"}),
+    ("token-prefix", {"Authorization": f"Bearer {TOKEN[:-1]}"}),
+    ("empty-bearer", {"Authorization": "Bearer "}),
+    ("basic-scheme", {"Authorization": f"Basic {TOKEN}"}),
+    ("token-alone", {"Authorization": TOKEN}),
+]
+ADMIN_CALLS = [("GET", "/api/links", None), ("POST", "/api/links", {"path": "ten.txt"}), ("DELETE", "/api/links/some-id", None)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("headers", [c[1] for c in BAD_AUTH], ids=[c[0] for c in BAD_AUTH])
+@pytest.mark.parametrize(("method", "url", "body"), ADMIN_CALLS, ids=[c[0] for c in ADMIN_CALLS])
+async def test_admin_api_without_the_right_token_is_401(admin: httpx.AsyncClient, db: Path, headers: dict, method: str, url: str, body) -> None:
+    response = await admin.request(method, url, json=body, headers=headers)
+    assert (response.status_code, response.json()) == (401, BEARER_401)
+    assert response.headers["www-authenticate"] == 'Bearer realm="downloader"'
+    assert Catalog(db).list() == []
+
+
+@pytest.mark.anyio
+async def test_admin_api_right_token_any_scheme_case(admin: httpx.AsyncClient) -> None:
+    response = await admin.get("/api/links", headers={"Authorization": f"bearer {TOKEN}"})
+    assert (response.status_code, response.json()) == (200, {"links": []})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("settings", [{"admin_token": TOKEN}, {"catalog": "DB"}, {}], ids=["no-catalog", "no-token", "neither"])
+async def test_admin_api_is_404_unless_configured(root: Path, db: Path, settings: dict) -> None:
+    settings = {k: (str(db) if v == "DB" else v) for k, v in settings.items()}
+    async with asgi_client(create_app(root, **settings)) as c:
+        listed = await c.get("/api/links", headers=AUTH)
+        created = await c.post("/api/links", json={"path": "ten.txt"}, headers=AUTH)
+        deleted = await c.delete("/api/links/x", headers=AUTH)
+    for response in (listed, created, deleted):
+        assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+        assert "www-authenticate" not in response.headers
+
+
+BAD_LINK_REQUESTS = [
+    # (id, body as bytes, status, detail)
+    ("not-json", b"path=ten.txt", 400, "The body must be JSON"),
+    ("json-list", b'["ten.txt"]', 400, "path (a string) is required"),
+    ("no-path", b"{}", 400, "path (a string) is required"),
+    ("path-not-string", b'{"path": 1}', 400, "path (a string) is required"),
+    ("unknown-field", b'{"path": "ten.txt", "owner": "x"}', 400, "unknown fields: owner"),
+    ("ttl-zero", b'{"path": "ten.txt", "ttl": 0}', 400, "ttl must be a number of at least 1"),
+    ("ttl-string", b'{"path": "ten.txt", "ttl": "1h"}', 400, "ttl must be a number of at least 1"),
+    ("max-zero", b'{"path": "ten.txt", "max_downloads": 0}', 400, "max_downloads must be a number of at least 1"),
+    ("max-bool", b'{"path": "ten.txt", "max_downloads": true}', 400, "max_downloads must be a number of at least 1"),
+    ("ttl-and-expires", b'{"path": "ten.txt", "ttl": 60, "expires_at": 4102444800}', 400, "give ttl or expires_at, not both"),
+    ("name-with-slash", b'{"path": "ten.txt", "name": "a/b.txt"}', 400, "name must be a file name"),
+    ("name-empty", b'{"path": "ten.txt", "name": ""}', 400, "name must be a file name"),
+    ("missing-file", b'{"path": "missing.txt"}', 404, "Not Found"),
+    ("outside-root", b'{"path": "../secret.txt"}', 404, "Not Found"),
+    ("symlink-out", b'{"path": "link-out"}', 404, "Not Found"),
+    ("hidden-file", b'{"path": ".hidden"}', 404, "Not Found"),
+    ("directory", b'{"path": "sub"}', 404, "Not Found"),
+]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("body", "status", "detail"), [c[1:] for c in BAD_LINK_REQUESTS], ids=[c[0] for c in BAD_LINK_REQUESTS])
+async def test_admin_api_refuses_bad_link_requests(admin: httpx.AsyncClient, db: Path, body: bytes, status: int, detail: str) -> None:
+    response = await admin.post("/api/links", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert (response.status_code, response.json()) == (status, {"detail": detail})
+    assert Catalog(db).list() == []
+
+
+@pytest.mark.anyio
+async def test_admin_api_under_a_mount_prefix_returns_prefixed_urls(root: Path, db: Path) -> None:
+    host = Starlette(routes=[Mount("/p", app=create_app(root, catalog=db, admin_token=TOKEN))])
+    async with asgi_client(host) as c:
+        created = await c.post("/p/api/links", json={"path": "ten.txt"}, headers=AUTH)
+        link_id = created.json()["id"]
+        listed = await c.get("/p/api/links", headers=AUTH)
+        download = await c.get(created.json()["url"])
+        deleted = await c.delete(f"/p/api/links/{link_id}", headers=AUTH)
+    assert (created.status_code, created.json()["url"]) == (201, f"/p/files/{link_id}")
+    assert [link["url"] for link in listed.json()["links"]] == [f"/p/files/{link_id}"]
+    assert (download.status_code, download.content) == (200, TEN)
+    assert deleted.status_code == 204
+
+
+# =============================================================================
+# The authorize hook
+# =============================================================================
+
+
+def _sync_allow(request, file) -> bool:
+    return True
+
+
+async def _async_allow(request, file) -> bool:
+    return True
+
+
+class _AsyncCallable:
+    async def __call__(self, request, file) -> bool:
+        return True
+
+
+HOOK_KINDS = [("sync", _sync_allow), ("async", _async_allow), ("async-callable-object", _AsyncCallable()), ("lambda", lambda request, file: True)]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("hook", [k[1] for k in HOOK_KINDS], ids=[k[0] for k in HOOK_KINDS])
+async def test_hook_returning_true_allows(root: Path, hook) -> None:
+    async with asgi_client(create_app(root, authorize=hook)) as c:
+        response = await c.get("/download/ten.txt")
+        part = await c.get("/download/ten.txt", headers={"Range": "bytes=1-2"})
+    assert (response.status_code, response.content) == (200, TEN)
+    assert (part.status_code, part.content) == (206, b"12")
+
+
+def _returning(value):
+    def sync_hook(request, file):
+        return value
+
+    async def async_hook(request, file):
+        return value
+
+    return sync_hook, async_hook
+
+
+DENYING_VALUES = [("false", False), ("none", None), ("one", 1), ("string-true", "True"), ("object", object()), ("list", [True])]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", [0, 1], ids=["sync", "async"])
+@pytest.mark.parametrize("value", [v[1] for v in DENYING_VALUES], ids=[v[0] for v in DENYING_VALUES])
+async def test_hook_returning_anything_but_true_denies_403(root: Path, value, kind: int) -> None:
+    """Fail closed: a hook that forgets to return (None) or returns a truthy non-True denies."""
+    hook = _returning(value)[kind]
+    async with asgi_client(create_app(root, authorize=hook)) as c:
+        response = await c.get("/download/ten.txt")
+        head = await c.head("/download/ten.txt")
+    assert (response.status_code, response.json()) == (403, {"detail": "Forbidden"})
+    assert "content-disposition" not in response.headers and "etag" not in response.headers
+    assert (head.status_code, head.content) == (403, b"")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_hook_raising_401_sends_www_authenticate(root: Path, kind: str) -> None:
+    def sync_hook(request, file):
+        raise HTTPError(401, "Log in to download", headers={"WWW-Authenticate": "Bearer"})
+
+    async def async_hook(request, file):
+        raise HTTPError(401, "Log in to download", headers={"WWW-Authenticate": "Bearer"})
+
+    async with asgi_client(create_app(root, authorize=sync_hook if kind == "sync" else async_hook)) as c:
+        response = await c.get("/download/ten.txt")
+    assert (response.status_code, response.json()) == (401, {"detail": "Log in to download"})
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "etag" not in response.headers
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_hook_sees_the_request_and_the_resolved_file(root: Path, kind: str) -> None:
+    seen: list[tuple[str, str, int, str, str]] = []
+
+    def record(request, file) -> bool:
+        seen.append((request.url.path, file.name, file.size, file.path, request.headers.get("x-user", "")))
+        return request.headers.get("x-user") == "alice"
+
+    async def async_record(request, file) -> bool:
+        return record(request, file)
+
+    async with asgi_client(create_app(root, authorize=record if kind == "sync" else async_record)) as c:
+        inner = await c.get("/download/sub/inner.txt", headers={"X-User": "alice"})
+        via_link = await c.get("/download/link-in", headers={"X-User": "bob"})
+        missing = await c.get("/download/missing.txt", headers={"X-User": "alice"})
+    assert (inner.status_code, inner.content) == (200, b"inner")
+    assert (via_link.status_code, via_link.json()) == (403, {"detail": "Forbidden"})
+    assert (missing.status_code, missing.json()) == (404, {"detail": "Not Found"})
+    real = os.path.realpath(root)
+    # the symlink is seen as what it resolves to; a missing file never reaches the hook
+    assert seen == [
+        ("/download/sub/inner.txt", "inner.txt", 5, os.path.join(real, "sub", "inner.txt"), "alice"),
+        ("/download/link-in", "ten.txt", 10, os.path.join(real, "ten.txt"), "bob"),
+    ]
+
+
+@pytest.mark.anyio
+async def test_hook_guards_catalog_links_and_a_denial_uses_up_nothing(root: Path, db: Path) -> None:
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", max_downloads=1)
+    allowed = {"yes": False}
+    async with asgi_client(create_app(root, catalog=db, authorize=lambda request, file: allowed["yes"])) as c:
+        denied = await c.get(f"/files/{link.id}")
+        assert catalog.get(link.id).downloads == 0
+        allowed["yes"] = True
+        served = await c.get(f"/files/{link.id}")
+    assert (denied.status_code, denied.json()) == (403, {"detail": "Forbidden"})
+    assert (served.status_code, served.content) == (200, TEN)
+    assert catalog.get(link.id).downloads == 1
+
+
+@pytest.mark.anyio
+async def test_hook_runs_after_the_signature_check(root: Path) -> None:
+    calls: list[str] = []
+
+    def hook(request, file) -> bool:
+        calls.append(file.name)
+        return True
+
+    async with asgi_client(create_app(root, secret=KEY, authorize=hook)) as c:
+        forged = await c.get("/download/ten.txt?expires=4102444800&signature=x")
+        signed = await c.get(sign_url("ten.txt", secret=KEY, expires_in=60))
+    assert (forged.status_code, forged.json()) == (403, INVALID)
+    assert (signed.status_code, signed.content) == (200, TEN)
+    assert calls == ["ten.txt"]
+
+
+def test_authorize_must_be_callable(root: Path) -> None:
+    with pytest.raises(downloader.SettingsError) as caught:
+        create_app(root, authorize="yes")
+    assert str(caught.value) == "authorize: must be a callable"
