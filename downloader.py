@@ -44,16 +44,18 @@ import mimetypes
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 import stat
 import sys
+import tempfile
 import time
 import unicodedata
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import anyio
 import anyio.to_thread
@@ -62,7 +64,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "CHUNK_SIZE",
@@ -107,6 +109,18 @@ MAX_RANGES = 100
 """More ranges than this in one Range header and the header is ignored (a 200 with the
 whole file): RFC 9110 §14.2 lets a server ignore a Range that looks like an attack."""
 
+STALL_TIMEOUT_S = 60.0
+"""A download whose next chunk the server can't take for this long is aborted (setting:
+stall_timeout): uvicorn has no write timeout, and a client that stops reading would
+otherwise hold a task and a file descriptor forever."""
+
+GRACE_S = 30.0
+"""After SIGTERM, `python downloader.py` stops accepting and gives in-flight downloads this
+long to finish (DOWNLOADER_GRACE, --grace); then it closes them."""
+
+RETRY_AFTER_S = 5
+"""The Retry-After of a 503 when max_active_downloads are already running."""
+
 MIN_STRONG_AGE_S = 1.0
 """RFC 9110 §8.8.2.2: a Last-Modified date is a strong validator only if the file was last
 modified at least one second before the response's Date; until then If-Range by date fails."""
@@ -144,7 +158,7 @@ def not_found() -> HTTPError:
 ENV_PREFIX = "DOWNLOADER_"
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "downloads")
 
-SERVER_VARIABLES = ("HOST", "PORT", "WORKERS")
+SERVER_VARIABLES = ("HOST", "PORT", "WORKERS", "GRACE", "PROXY_HEADERS", "FORWARDED_ALLOW_IPS")
 """DOWNLOADER_* variables read by the command line (section 9), not by create_app."""
 
 
@@ -167,6 +181,13 @@ class Settings:
     admin_token: str | None = None  # bearer token of /api/links; None: the admin API is off
     authorize: Callable[..., object] | None = None  # Python only: allow or deny each download
     zip_compression: bool = False  # deflate /zip entries (then no Content-Length)
+    max_active_downloads: int | None = None  # per process; beyond it 503 with Retry-After
+    rate_limit: int | None = None  # bytes per second per download, like nginx's limit_rate
+    stall_timeout: float = STALL_TIMEOUT_S  # a send that waits longer aborts the download
+    access_log: str = "-"  # one JSON line per download: "-" stdout, "off", or a file path
+    metrics: bool = True  # GET /metrics in Prometheus format
+    offload: str | None = None  # "x-accel-redirect": nginx sends the bytes
+    offload_prefix: str = "/_downloader_files/"  # nginx's internal location for the root
 
     @property
     def listing_on(self) -> bool:
@@ -245,6 +266,25 @@ def _check_callable(value: object) -> Callable[..., object]:
     return value
 
 
+def _check_seconds(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+        raise ValueError("must be a number of seconds above 0, at most 86400")
+    return float(value)
+
+
+def _check_offload(value: object) -> str:
+    if value not in ("x-accel-redirect",):
+        raise ValueError("must be x-accel-redirect")
+    return str(value)
+
+
+def _check_offload_prefix(value: object) -> str:
+    text = _check_text(value)
+    if not text.startswith("/") or not text.endswith("/") or "//" in text:
+        raise ValueError("must be a path that starts and ends with /, like /_downloader_files/")
+    return text
+
+
 # name -> (text of a DOWNLOADER_* variable -> value, or None when Python-only; value check)
 SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object], object]]] = {
     "root": (str, _check_root),
@@ -258,6 +298,13 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "admin_token": (str, _check_text),
     "authorize": (None, _check_callable),
     "zip_compression": (_parse_bool, _check_bool),
+    "max_active_downloads": (_parse_int, _check_int(1, 1_000_000, "downloads")),
+    "rate_limit": (_parse_int, _check_int(1024, 2**40, "bytes per second")),
+    "stall_timeout": (float, _check_seconds),
+    "access_log": (str, _check_text),
+    "metrics": (_parse_bool, _check_bool),
+    "offload": (str, _check_offload),
+    "offload_prefix": (str, _check_offload_prefix),
 }
 
 
@@ -591,6 +638,17 @@ def parse_range(value: str, size: int) -> list[ByteRange] | None:
     if sum(r.length for r in ranges) > size:
         return None
     return coalesce(ranges)
+
+
+def reaches_end(range_value: str | None, size: int) -> bool:
+    """Would a GET with this Range header send the file's last byte (a whole file: yes)?"""
+    if range_value is None:
+        return True
+    try:
+        ranges = parse_range(range_value, size)
+    except HTTPError:
+        return False
+    return ranges is None or any(r.stop == size for r in ranges)
 
 
 class Cond(enum.Enum):
@@ -1081,10 +1139,28 @@ class ByteStream:
             source.close()
 
 
-async def send_body(send: Send, receive: Receive, start: Message, chunks: FileChunks | ByteStream) -> int:
+def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
+    """The read size under a bandwidth limit: at most an eighth of a second's worth, so
+    the pacing stays smooth and the average lands within a few percent of the limit."""
+    return chunk_size if not rate_limit else max(1024, min(chunk_size, rate_limit // 8))
+
+
+async def send_body(
+    send: Send,
+    receive: Receive,
+    start: Message,
+    chunks: FileChunks | ByteStream,
+    *,
+    rate_limit: int | None = None,
+    stall_timeout_s: float | None = None,
+) -> int:
     """Sends the `start` message, every chunk, then the closing empty message; returns the
     body bytes sent.
 
+    The limits live here, visible: with `rate_limit` (bytes per second, like nginx's
+    limit_rate) one anyio.sleep after each chunk keeps the average at the limit, with no
+    busy waiting; a send that can't hand its chunk to the server within `stall_timeout_s`
+    (a client that stopped reading: uvicorn has no write timeout) aborts the transfer.
     A client that disconnects ends it early and quietly. TransferAborted propagates so that
     the server aborts the connection. The chunks are closed however it ends."""
     sent = 0
@@ -1099,11 +1175,18 @@ async def send_body(send: Send, receive: Receive, start: Message, chunks: FileCh
         async with anyio.create_task_group() as group:
             group.start_soon(stop_on_disconnect, group.cancel_scope)
             try:
-                await send(start)
+                with anyio.fail_after(stall_timeout_s):
+                    await send(start)
+                began = time.monotonic()
                 async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    with anyio.fail_after(stall_timeout_s):
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     sent += len(chunk)
+                    if rate_limit and (ahead := sent / rate_limit - (time.monotonic() - began)) > 0:
+                        await anyio.sleep(ahead)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except TimeoutError:  # (a subclass of OSError, so first)
+                failure = TransferAborted(f"the client read nothing for {stall_timeout_s} s")
             except OSError:
                 pass  # ASGI 2.4: send raises OSError once the client is gone
             except TransferAborted as exc:
@@ -1163,7 +1246,7 @@ def verify_link(path: str, query: Mapping[str, str], keys: Sequence[str], now: f
     expires, signature = query.get("expires"), query.get("signature")
     if expires is None or signature is None:
         raise HTTPError(403, "This link needs a valid signature")
-    if not expires.isascii() or not expires.isdigit() or len(expires) > 12:
+    if not expires.isascii() or not expires.isdigit() or len(expires) > 12 or expires != str(int(expires)):
         raise HTTPError(403, "Invalid link signature")
     given = signature.encode("ascii", "replace")
     if not any(hmac.compare_digest(given, link_signature(path, int(expires), key).encode("ascii")) for key in keys):
@@ -1365,9 +1448,14 @@ class DownloadResponse(Response):
         headers: Mapping[str, str] | None = None,
         authorize: Callable[[FileInfo], Awaitable[None]] | None = None,
         gate: Gate | None = None,
+        rate_limit: int | None = None,
+        stall_timeout_s: float | None = None,
+        offload_prefix: str | None = None,
     ) -> None:
         if disposition not in ("attachment", "inline"):
             raise ValueError("disposition must be 'attachment' or 'inline'")
+        if offload_prefix is not None and root is None:
+            raise ValueError("offload_prefix needs a root: the front proxy serves paths under it")
         self.path = os.fspath(path)
         self.root = None if root is None else os.fspath(root)
         self.serve_hidden = serve_hidden
@@ -1379,6 +1467,9 @@ class DownloadResponse(Response):
         self.extra_headers = _raw((headers or {}).items())
         self.authorize = authorize
         self.gate = gate
+        self.rate_limit = rate_limit
+        self.stall_timeout_s = stall_timeout_s
+        self.offload_prefix = offload_prefix
         self.background = None
 
     def open(self) -> OpenFile:
@@ -1392,22 +1483,55 @@ class DownloadResponse(Response):
         except HTTPError as exc:
             await error_response(exc)(scope, receive, send)
             return
+        if self.offload_prefix is not None:
+            os.close(opened.fd)  # the front proxy opens the file itself
         try:
             if self.authorize is not None:
                 await self.authorize(opened.info)
+            if self.offload_prefix is not None:
+                await self.offload(scope, receive, send, opened.info)
+                return
             plan = self.plan(scope, opened.info)
             pieces: Sequence[bytes | ByteRange | Gate] = () if scope["method"] == "HEAD" else plan.pieces
             if self.gate is not None and pieces:
                 pieces = hold_last_byte(plan.pieces, opened.info.size, self.gate)
-            chunks = FileChunks(opened.fd, pieces, self.chunk_size)
+            chunks = FileChunks(opened.fd, pieces, paced_chunk_size(self.chunk_size, self.rate_limit))
         except BaseException as exc:
-            os.close(opened.fd)
+            if self.offload_prefix is None:
+                os.close(opened.fd)
             if not isinstance(exc, HTTPError):
                 raise
             await error_response(exc)(scope, receive, send)
             return
         start = {"type": "http.response.start", "status": plan.status, "headers": _raw(plan.headers) + self.extra_headers}
-        await send_body(send, receive, start, chunks)
+        await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
+
+    async def offload(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
+        """Hands the bytes to the front proxy (nginx's X-Accel-Redirect, the X-Sendfile of
+        Django and Flask users): every decision so far (path safety, signature, ID,
+        authorization) was ours, and so are Content-Type, Content-Disposition and
+        Cache-Control; nginx adds the validators, ranges and conditional requests of its
+        static file handler and sends the file with sendfile. A catalog link counts a
+        download when the request reaches the file's last byte, as nginx can't tell us
+        whether the transfer completed."""
+        assert self.root is not None and self.offload_prefix is not None
+        requested = request_headers(scope)
+        if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
+            if not await anyio.to_thread.run_sync(self.gate):
+                raise HTTPError(410, LINK_GONE["used-up"])
+        name = self.filename or info.name
+        relative = os.path.relpath(info.path, os.path.realpath(self.root)).replace(os.sep, "/")
+        headers = [
+            ("X-Accel-Redirect", self.offload_prefix + urllib.parse.quote(relative)),
+            ("Content-Type", self.media_type or media_type_for(name, _MEDIA_TYPES)),
+            ("Content-Disposition", content_disposition(name, self.disposition, utf8_fallback=wants_utf8_filename(requested.get("user-agent", "")))),
+            ("Cache-Control", no_transform(self.cache_control)),
+            ("X-Content-Type-Options", "nosniff"),
+        ]
+        if self.rate_limit:
+            headers.append(("X-Accel-Limit-Rate", str(self.rate_limit)))
+        await send({"type": "http.response.start", "status": 200, "headers": _raw(headers) + self.extra_headers})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def plan(self, scope: Scope, info: FileInfo) -> Plan:
         name = self.filename or info.name
@@ -1442,9 +1566,13 @@ class GeneratedDownload(Response):
         disposition: str = "attachment",
         cache_control: str = "no-store",
         headers: Mapping[str, str] | None = None,
+        rate_limit: int | None = None,
+        stall_timeout_s: float | None = None,
     ) -> None:
         if disposition not in ("attachment", "inline"):
             raise ValueError("disposition must be 'attachment' or 'inline'")
+        self.rate_limit = rate_limit
+        self.stall_timeout_s = stall_timeout_s
         self.content = content
         self.filename = filename
         self.media_type = media_type or media_type_for(filename, _MEDIA_TYPES)
@@ -1472,7 +1600,7 @@ class GeneratedDownload(Response):
         if scope["method"] == "HEAD":
             await chunks.aclose()
             chunks = ByteStream((), 0)
-        await send_body(send, receive, start, chunks)
+        await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
 
 
 def stream_download(
@@ -1544,7 +1672,14 @@ def folder_zip(settings: Settings, folder: str) -> GeneratedDownload:
             compress_type=zipstream.ZIP_STORED if stored else None,
         )
     name = (folder.rsplit("/", 1)[-1] if folder else os.path.basename(settings.root)) or "download"
-    return GeneratedDownload(archive, filename=f"{name}.zip", media_type="application/zip", size=None if compress else len(archive))
+    return GeneratedDownload(
+        archive,
+        filename=f"{name}.zip",
+        media_type="application/zip",
+        size=None if compress else len(archive),
+        rate_limit=settings.rate_limit,
+        stall_timeout_s=settings.stall_timeout,
+    )
 
 
 # =============================================================================
@@ -1670,6 +1805,130 @@ def register_file(catalog: Catalog, settings: Settings, path: str, **options: ob
     return catalog.add(path, **options)  # type: ignore[arg-type]
 
 
+DOWNLOAD_ROUTES = ("/download/", "/files/", "/zip/")
+"""Route prefixes whose requests are downloads: capped, logged and measured."""
+
+
+class Metrics:
+    """Prometheus metrics of downloads through prometheus_client. With several worker
+    processes (PROMETHEUS_MULTIPROC_DIR set, as `python downloader.py --workers N` does)
+    every process writes its own files and a scrape sums them (multiprocess mode)."""
+
+    BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.prom = prom
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("downloader_requests", "Download requests by status", ["status"], registry=self.registry)
+        self.sent = prom.Counter("downloader_sent_bytes", "Body bytes handed to the server", registry=self.registry)
+        self.active = prom.Gauge("downloader_active_downloads", "Downloads in progress", registry=self.registry, multiprocess_mode="livesum")
+        self.duration = prom.Histogram("downloader_download_seconds", "Time from request to last byte", registry=self.registry, buckets=self.BUCKETS_S)
+
+    def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return self.prom.generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = self.prom.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return self.prom.generate_latest(registry)
+
+
+class Operations:
+    """ASGI middleware around the routes, for downloads only: the concurrency cap (503
+    with Retry-After), one JSON access-log line, and the metrics. It counts the body
+    bytes the app hands to the server, so a partial or aborted transfer logs what was
+    really sent."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics | None) -> None:
+        self.app = app
+        self.cap = settings.max_active_downloads
+        self.metrics = metrics
+        self.active = 0
+        self.log = open_access_log(settings.access_log)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")[len(scope.get("root_path", "")) :] if scope["type"] == "http" else ""
+        if not path.startswith(DOWNLOAD_ROUTES):
+            await self.app(scope, receive, send)
+            return
+        if self.cap is not None and self.active >= self.cap:
+            busy = HTTPError(503, "Too many downloads in progress", headers={"Retry-After": str(RETRY_AFTER_S)})
+            await error_response(busy)(scope, receive, send)
+            self.record(scope, 503, 0, 0.0, None)
+            return
+        status, sent, began, aborted = 0, 0, time.monotonic(), None
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            await send(message)
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+
+        self.active += 1
+        if self.metrics:
+            self.metrics.active.inc()
+        try:
+            await self.app(scope, receive, counting_send)
+        except TransferAborted as exc:
+            aborted = str(exc)
+            raise
+        finally:
+            self.active -= 1
+            if self.metrics:
+                self.metrics.active.dec()
+            self.record(scope, status, sent, time.monotonic() - began, aborted)
+
+    def record(self, scope: Scope, status: int, sent: int, duration: float, aborted: str | None) -> None:
+        if self.metrics:
+            self.metrics.requests.labels(str(status)).inc()
+            self.metrics.sent.inc(sent)
+            self.metrics.duration.observe(duration)
+        if self.log is None:
+            return
+        headers = request_headers(scope)
+        client = scope.get("client")
+        line = {
+            "time": rfc3339(time.time()),
+            "method": scope.get("method"),
+            "path": scope.get("root_path", "") + scope.get("path", "")[len(scope.get("root_path", "")) :],
+            "status": status,
+            "bytes": sent,
+            "range": headers.get("range"),
+            "duration_s": round(duration, 6),
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "user_agent": headers.get("user-agent"),
+        }
+        if aborted is not None:
+            line["aborted"] = aborted
+        self.log.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+def open_access_log(target: str) -> TextIO | None:
+    """stdout for "-", nothing for "off", else the file, appended to, a line at a time."""
+    if target == "off":
+        return None
+    if target == "-":
+        return sys.stdout
+    return open(target, "a", buffering=1, encoding="utf-8")
+
+
+def root_health(root: str) -> str | None:
+    """None when the root can be listed and read, else the reason it can't."""
+    try:
+        with os.scandir(root) as it:
+            next(it, None)
+    except OSError:
+        return "the download root is not readable"
+    if not os.access(root, os.R_OK | os.X_OK):
+        return "the download root is not readable"
+    return None
+
+
 def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -> Starlette:
     """The whole service as a Starlette app, mountable under any prefix.
 
@@ -1681,6 +1940,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     config = make_settings(values)
     page = page_html(config.blob_limit)
     catalog = Catalog(config.catalog) if config.catalog else None
+    metrics = Metrics() if config.metrics else None
 
     def file_response(request: Request, path: str, **options: object) -> DownloadResponse:
         return DownloadResponse(
@@ -1690,6 +1950,9 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
             cache_control=config.cache_control,
             chunk_size=config.chunk_size,
             authorize=authorization(config.authorize, request),
+            rate_limit=config.rate_limit,
+            stall_timeout_s=config.stall_timeout,
+            offload_prefix=config.offload_prefix if config.offload else None,
             **options,  # type: ignore[arg-type]
         )
 
@@ -1767,6 +2030,18 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
             raise HTTPError(404, "Unknown download link")
         return Response(status_code=204)
 
+    async def healthz(request: Request) -> Response:
+        problem = await anyio.to_thread.run_sync(root_health, config.root)
+        if problem is not None:
+            return json_response({"status": "unavailable", "detail": problem}, status=503)
+        return json_response({"status": "ok"})
+
+    async def metrics_text(request: Request) -> Response:
+        if metrics is None:
+            raise not_found()
+        body = await anyio.to_thread.run_sync(metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"})
+
     async def index(request: Request) -> Response:
         if not config.listing_on:
             raise not_found()
@@ -1797,9 +2072,12 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
             Route("/api/links/{id}", revoke_link, methods=["DELETE"]),
             Route("/", index, methods=["GET", "HEAD"]),
             Route("/static/{name}", asset, methods=["GET", "HEAD"]),
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_text, methods=["GET"]),
         ],
         exception_handlers={HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error},
     )
+    app.add_middleware(Operations, settings=config, metrics=metrics)
     app.state.settings = config
     app.state.catalog = catalog
     return app
@@ -1834,6 +2112,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--host", help="address to listen on (DOWNLOADER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (DOWNLOADER_PORT; default 8000)")
     parser.add_argument("--workers", type=int, help="worker processes (DOWNLOADER_WORKERS; default 1)")
+    parser.add_argument("--grace", type=int, help=f"seconds in-flight downloads get after SIGTERM (DOWNLOADER_GRACE; default {GRACE_S:g})")
+    parser.add_argument("--proxy-headers", action="store_true", default=None, help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (DOWNLOADER_PROXY_HEADERS)")
+    parser.add_argument("--forwarded-allow-ips", help="addresses of trusted proxies, comma-separated (DOWNLOADER_FORWARDED_ALLOW_IPS; default 127.0.0.1)")
     commands = parser.add_subparsers(dest="command", metavar="{sign,add,revoke,list}")
     sign = commands.add_parser("sign", help="print a signed URL for a file (needs DOWNLOADER_SECRET)")
     sign.add_argument("path", help="the file, relative to the root")
@@ -1854,7 +2135,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve, or run one subcommand; returns the exit status (2: a bad setting)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for flag in ("root", "host", "port", "workers"):
+    for flag in ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips"):
         if getattr(args, flag) is not None:
             os.environ[ENV_PREFIX + flag.upper()] = str(getattr(args, flag))
     try:
@@ -1862,6 +2143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         host = os.environ.get("DOWNLOADER_HOST", "127.0.0.1")
         port = _server_int("PORT", 8000, 0, 65535)
         workers = _server_int("WORKERS", 1, 1, 256)
+        grace = _server_int("GRACE", int(GRACE_S), 0, 86400)
+        try:
+            proxy_headers = _parse_bool(os.environ.get("DOWNLOADER_PROXY_HEADERS", "false"))
+        except ValueError as exc:
+            raise SettingsError(f"DOWNLOADER_PROXY_HEADERS: {exc}") from None
+        forwarded_allow_ips = os.environ.get("DOWNLOADER_FORWARDED_ALLOW_IPS", "127.0.0.1")
         shown = f"[{host}]" if ":" in host else host
         base_url = (getattr(args, "base_url", None) or f"http://{shown}:{port}").rstrip("/")
         if args.command is not None:
@@ -1871,8 +2158,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    metrics_dir = None
+    if workers > 1 and settings.metrics and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # prometheus_client's multiprocess mode: each worker writes its own files, a scrape sums them
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="downloader-metrics-")
     print(f"downloader: serving {settings.root} on http://{shown}:{port}/", flush=True)
-    uvicorn.run("downloader:app", host=host, port=port, workers=workers, app_dir=os.path.dirname(os.path.abspath(__file__)))
+    try:
+        uvicorn.run(
+            "downloader:app",
+            host=host,
+            port=port,
+            workers=workers,
+            app_dir=os.path.dirname(os.path.abspath(__file__)),
+            timeout_graceful_shutdown=grace,
+            proxy_headers=proxy_headers,
+            forwarded_allow_ips=forwarded_allow_ips,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -112,10 +112,12 @@ def start_server(root: Path, log: Path, env: dict[str, str] | None = None, args:
     command = [sys.executable, "-m", "uvicorn", "downloader:app", "--host", "127.0.0.1", "--port", "0", *(args or [])]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=PROJECT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 20
+    workers = int(args[args.index("--workers") + 1]) if args and "--workers" in args else 1
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        match = re.search(r"running on http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-        if match:
+        text = log.read_text(errors="replace")
+        match = re.search(r"running on http://127\.0\.0\.1:(\d+)", text)
+        if match and text.count("Application startup complete.") >= workers:
             port = int(match.group(1))
             return proc, LiveServer(f"http://127.0.0.1:{port}", port, proc.pid, log)
         if proc.poll() is not None:
