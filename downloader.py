@@ -891,14 +891,14 @@ def content_disposition(name: str, disposition: str = "attachment", *, utf8_fall
 
 
 def download_headers(
-    info: FileInfo, *, media_type: str, etag: str, disposition: str, cache_control: str
+    *, media_type: str, etag: str, last_modified: float, disposition: str, cache_control: str
 ) -> list[tuple[str, str]]:
     """The headers every answer about this file carries (not Content-Length, which
     depends on the ranges)."""
     headers = [
         ("Content-Type", media_type),
         ("Accept-Ranges", "bytes"),
-        ("Last-Modified", http_date(info.mtime_ns / 1e9)),
+        ("Last-Modified", http_date(last_modified)),
         ("ETag", etag),
         ("X-Content-Type-Options", "nosniff"),
     ]
@@ -985,16 +985,17 @@ def plan_response(
 ) -> Plan:
     """The whole answer to a GET or HEAD of a file, decided in RFC 9110 order:
 
-    1. validators: a strong ETag and Last-Modified from the one fstat;
+    1. validators: a strong ETag and Last-Modified (never later than now) from the one fstat;
     2. preconditions (§13.2.2): 412 raises, 304 returns with the §15.4.5 headers;
     3. Range (§14.2), for GET and HEAD alike, unless If-Range says the file changed:
        416 raises, None or no Range is the whole file (200);
     4. one range: 206 with Content-Range; several: 206 multipart/byteranges.
     HEAD gets exactly the GET's headers; the caller leaves out the body."""
     etag = make_etag(info.size, info.mtime_ns)
-    mtime = info.mtime_ns / 1e9
+    # RFC 9110 §8.8.2.1: a modification time in the future (by our clock) is replaced by now.
+    mtime = min(info.mtime_ns / 1e9, now)
     headers = download_headers(
-        info, media_type=media_type, etag=etag, disposition=disposition, cache_control=cache_control
+        media_type=media_type, etag=etag, last_modified=mtime, disposition=disposition, cache_control=cache_control
     ) + coding_guard(request_headers.get("accept-encoding"))
 
     status = evaluate_preconditions(method, request_headers, etag, mtime)
