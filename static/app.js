@@ -1,0 +1,741 @@
+// downloader page: lists the files and downloads them with progress, cancel and resume.
+//
+// Sections: 1. Limits  2. Header values (pure)  3. Formatting (pure)  4. Transfer with
+// resume  5. Sinks  6. File rows  7. Listing and start-up. The pure functions are exported
+// so tests/test_page.py can check them in the real browser.
+//
+// How a file is saved (chooseSaveMethod):
+//   "fs"     showSaveFilePicker exists: chunks stream straight into the file the user picks.
+//   "native" larger than the blob limit: a plain <a href download>; the browser's own
+//            downloader writes to disk and shows its own progress.
+//   "blob"   otherwise: fetch + reader, chunks in memory, one Blob, an a[download] click.
+// "fs" and "blob" share transfer(), which continues after a dropped connection with
+// Range: bytes=N- and If-Range (RFC 9110 §14.2, §13.1.5), so the saved file stays exact.
+
+// ===========================================================================
+// 1. Limits
+// ===========================================================================
+
+export const DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024;
+// Waits before retry 1..5 after a network error; after the fifth failure we give up.
+export const RETRY_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
+const LISTING_PAGE_SIZE = 200;
+const LISTING_MAX_PAGES = 10_000; // a server that never ends the cursor chain
+const UI_INTERVAL_MS = 100; // progress text redraws at most this often
+const SPEED_WINDOW_MS = 3000; // speed = bytes over the last few seconds
+const REVOKE_DELAY_MS = 10_000; // keep the blob URL until the browser has taken it
+
+// ===========================================================================
+// 2. Header values (pure): Content-Disposition, Content-Range, If-Range
+// ===========================================================================
+
+/** Parse a Content-Disposition value (RFC 6266 §4.1) into {type, params}.
+ *  Parameter names are lower-cased; the first of a repeated name wins; quoted-string
+ *  values are unescaped (RFC 9110 §5.6.4). Never throws. */
+export function parseContentDisposition(value) {
+  const s = String(value ?? "");
+  const params = new Map();
+  let i = s.indexOf(";");
+  const type = (i < 0 ? s : s.slice(0, i)).trim().toLowerCase();
+  if (i < 0) return { type, params };
+  while (i < s.length) {
+    i++; // past ';'
+    const eq = s.indexOf("=", i);
+    const semi = s.indexOf(";", i);
+    if (eq < 0 || (semi >= 0 && semi < eq)) { // a name without "=": skip it
+      i = semi < 0 ? s.length : semi;
+      continue;
+    }
+    const name = s.slice(i, eq).trim().toLowerCase();
+    i = eq + 1;
+    while (s[i] === " " || s[i] === "\t") i++;
+    let val;
+    if (s[i] === '"') {
+      val = "";
+      for (i++; i < s.length && s[i] !== '"'; i++) {
+        if (s[i] === "\\" && i + 1 < s.length) i++; // quoted-pair
+        val += s[i];
+      }
+      const next = s.indexOf(";", i);
+      i = next < 0 ? s.length : next;
+    } else {
+      const next = s.indexOf(";", i);
+      val = (next < 0 ? s.slice(i) : s.slice(i, next)).trim();
+      i = next < 0 ? s.length : next;
+    }
+    if (name && !params.has(name)) params.set(name, val);
+  }
+  return { type, params };
+}
+
+/** Decode an RFC 8187 ext-value such as UTF-8''r%C3%A9sum%C3%A9.bin; null if invalid
+ *  (bad percent escape, bytes that are not UTF-8, unknown charset). */
+export function decodeExtValue(value) {
+  const m = /^([^']*)'[^']*'(.*)$/s.exec(String(value ?? ""));
+  if (!m) return null;
+  const charset = m[1].trim().toLowerCase();
+  const bytes = [];
+  const enc = new TextEncoder();
+  const text = m[2];
+  for (let i = 0; i < text.length; i++) {
+    if (text[i] === "%") {
+      const hex = text.slice(i + 1, i + 3);
+      if (!/^[0-9a-fA-F]{2}$/.test(hex)) return null;
+      bytes.push(parseInt(hex, 16));
+      i += 2;
+    } else {
+      bytes.push(...enc.encode(text[i])); // lenient: a raw character stands for itself
+    }
+  }
+  const u8 = Uint8Array.from(bytes);
+  if (charset === "utf-8") {
+    try {
+      return new TextDecoder("utf-8", { fatal: true }).decode(u8);
+    } catch {
+      return null;
+    }
+  }
+  if (charset === "iso-8859-1") return String.fromCharCode(...u8);
+  return null;
+}
+
+/** A header read through fetch is a ByteString: a server that put raw UTF-8 into
+ *  filename="..." shows up as Latin-1 mojibake. Decode it back when it is valid UTF-8,
+ *  as browsers do for their own downloads. */
+function undoLatin1Mojibake(s) {
+  if (!/[\x80-\xff]/.test(s) || /[^\x00-\xff]/.test(s)) return s;
+  try {
+    const bytes = Uint8Array.from(s, (c) => c.charCodeAt(0));
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    return s;
+  }
+}
+
+/** Make a name safe to save: no path separators or control characters, not empty,
+ *  not "." or "..". Returns null when nothing usable is left. */
+export function safeFilename(name) {
+  if (typeof name !== "string") return null;
+  const cleaned = name.replace(/[\/\\\x00-\x1f\x7f]/g, "_").trim();
+  return cleaned && cleaned !== "." && cleaned !== ".." ? cleaned : null;
+}
+
+/** The file name a Content-Disposition value asks for: filename* (RFC 8187) first,
+ *  then filename="..." (quoted-string unescaped), else null. */
+export function filenameFromContentDisposition(value) {
+  if (!value) return null;
+  const { params } = parseContentDisposition(value);
+  if (params.has("filename*")) {
+    const decoded = safeFilename(decodeExtValue(params.get("filename*")));
+    if (decoded) return decoded;
+  }
+  if (params.has("filename")) return safeFilename(undoLatin1Mojibake(params.get("filename")));
+  return null;
+}
+
+/** The last path segment of a URL, percent-decoded; null when there is none. */
+export function filenameFromUrl(url) {
+  let segment;
+  try {
+    segment = new URL(url, document.baseURI).pathname.split("/").pop();
+  } catch {
+    return null;
+  }
+  try {
+    return safeFilename(decodeURIComponent(segment));
+  } catch {
+    return safeFilename(segment);
+  }
+}
+
+/** Content-Range "bytes 0-4/10" -> {start: 0, end: 4, size: 10}; size null for "*";
+ *  null when the value is missing or malformed (RFC 9110 §14.4). */
+export function parseContentRange(value) {
+  const m = /^\s*bytes\s+(\d+)-(\d+)\/(\d+|\*)\s*$/i.exec(String(value ?? ""));
+  if (!m) return null;
+  const start = Number(m[1]);
+  const end = Number(m[2]);
+  const size = m[3] === "*" ? null : Number(m[3]);
+  if (end < start || (size !== null && end >= size)) return null;
+  return { start, end, size };
+}
+
+/** The If-Range validator for resuming: a strong ETag, else Last-Modified, else null.
+ *  RFC 9110 §13.1.5: a weak entity-tag must not be used in If-Range. */
+export function ifRangeValidator(etag, lastModified) {
+  if (etag && !etag.startsWith("W/")) return etag;
+  return lastModified || null;
+}
+
+/** Decide how to save: "fs", "native" or "blob" (see the top of this file). */
+export function chooseSaveMethod({ size, blobLimit, hasFilePicker }) {
+  if (hasFilePicker) return "fs";
+  if (typeof size === "number" && size > blobLimit) return "native";
+  return "blob";
+}
+
+/** The blob limit from <meta name="downloader-blob-limit">, or DEFAULT_BLOB_LIMIT. */
+export function readBlobLimit(doc = document) {
+  const raw = doc.querySelector('meta[name="downloader-blob-limit"]')?.content?.trim() ?? "";
+  const n = Number(raw);
+  return /^\d+$/.test(raw) && Number.isSafeInteger(n) ? n : DEFAULT_BLOB_LIMIT;
+}
+
+// ===========================================================================
+// 3. Formatting (pure)
+// ===========================================================================
+
+const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"];
+
+/** 1536 -> "1.5 KiB"; exact bytes below 1 KiB. */
+export function formatBytes(n) {
+  if (!Number.isFinite(n) || n < 0) return "?";
+  let u = 0;
+  while (n >= 1024 && u < UNITS.length - 1) {
+    n /= 1024;
+    u++;
+  }
+  return u === 0 ? `${n} B` : `${n < 10 ? n.toFixed(1) : Math.round(n)} ${UNITS[u]}`;
+}
+
+/** Seconds -> "8 s", "3 min 5 s", "2 h 10 min". */
+export function formatDuration(seconds) {
+  if (!Number.isFinite(seconds) || seconds < 0) return "?";
+  const s = Math.ceil(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function formatDate(iso) {
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return "";
+  return d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+// ===========================================================================
+// 4. Transfer with resume
+// ===========================================================================
+
+export class HttpError extends Error {
+  constructor(status, detail) {
+    super(detail ? `${status}: ${detail}` : `HTTP ${status}`);
+    this.name = "HttpError";
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+/** A failed fetch() or reader.read(): the connection could not be made or dropped. */
+class NetworkError extends Error {
+  constructor(cause) {
+    super(cause?.message || "network error", { cause });
+    this.name = "NetworkError";
+  }
+}
+
+/** The body ended before Content-Length, or a 206 did not start where we asked. Both are
+ *  retried like a dropped connection. */
+class IncompleteError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "IncompleteError";
+  }
+}
+
+/** Await a fetch() or reader.read(). They reject with a TypeError on a network failure,
+ *  which becomes a NetworkError; an AbortError (Cancel) passes through. Wrapping only
+ *  these calls keeps a TypeError from a bug in this file from being retried. */
+async function overNetwork(promise) {
+  try {
+    return await promise;
+  } catch (err) {
+    throw err?.name === "AbortError" ? err : new NetworkError(err);
+  }
+}
+
+/** Network failures and short bodies are retried; Cancel and HTTP errors are not. */
+export function isRetryable(err) {
+  return err instanceof NetworkError || err instanceof IncompleteError;
+}
+
+function abortError() {
+  return new DOMException("The download was cancelled.", "AbortError");
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(abortError());
+    const timer = setTimeout(() => {
+      signal.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    function onAbort() {
+      clearTimeout(timer);
+      reject(abortError());
+    }
+    signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+async function errorDetail(response) {
+  try {
+    const body = await response.json();
+    return typeof body?.detail === "string" ? body.detail : "";
+  } catch {
+    return "";
+  }
+}
+
+function contentLength(response) {
+  // With a Content-Encoding the length counts encoded bytes, but the reader yields
+  // decoded ones, so the total is unknown.
+  const encoding = (response.headers.get("Content-Encoding") || "identity").toLowerCase();
+  const raw = response.headers.get("Content-Length");
+  return encoding === "identity" && raw && /^\d+$/.test(raw) ? Number(raw) : null;
+}
+
+/** A download in progress: what transfer() needs to continue it. */
+export function newJob(url) {
+  return { url, received: 0, total: null, validator: null, filename: null, contentType: "" };
+}
+
+/** One request: from job.received to the end, into sink. Updates job as bytes arrive. */
+async function fetchOnce(job, sink, signal, onProgress) {
+  if (job.received > 0 && !job.validator) {
+    // Nothing to tell whether the file changed: resuming could splice two versions.
+    await sink.reset();
+    job.received = 0;
+  }
+  const resuming = job.received > 0;
+  if (resuming && job.total !== null && job.received >= job.total) return;
+  const headers = new Headers();
+  if (resuming) {
+    headers.set("Range", `bytes=${job.received}-`);
+    headers.set("If-Range", job.validator);
+  }
+  const response = await overNetwork(fetch(job.url, { headers, signal, cache: "no-store" }));
+  if (response.status === 206 && resuming) {
+    const range = parseContentRange(response.headers.get("Content-Range"));
+    const sizeOk = range && (range.size === null || job.total === null || range.size === job.total);
+    if (!range || range.start !== job.received || !sizeOk) {
+      response.body?.cancel();
+      await sink.reset(); // we cannot trust what we have; start over
+      job.received = 0;
+      throw new IncompleteError("The server resumed at the wrong byte.");
+    }
+    if (range.size !== null) job.total = range.size;
+  } else if (response.status === 200) {
+    // A fresh start, or If-Range did not match (the file changed): drop what we have.
+    if (resuming) await sink.reset();
+    job.received = 0;
+    job.total = contentLength(response);
+    job.validator = ifRangeValidator(response.headers.get("ETag"), response.headers.get("Last-Modified"));
+    job.filename =
+      filenameFromContentDisposition(response.headers.get("Content-Disposition")) ??
+      filenameFromUrl(response.url || job.url) ??
+      "download";
+    job.contentType = response.headers.get("Content-Type") || "";
+  } else {
+    throw new HttpError(response.status, await errorDetail(response));
+  }
+  onProgress(job, true);
+  const reader = response.body.getReader();
+  for (;;) {
+    const { done, value } = await overNetwork(reader.read());
+    if (done) break;
+    await sink.write(value);
+    job.received += value.byteLength;
+    onProgress(job, false);
+  }
+  if (job.total !== null && job.received < job.total) {
+    throw new IncompleteError(`The body ended at byte ${job.received} of ${job.total}.`);
+  }
+}
+
+/** Fetch job.url into sink until it holds the whole body, resuming after network errors.
+ *  Up to RETRY_DELAYS_MS.length retries in a row; bytes received since the last failure
+ *  start a new count, since that connection was working. job is updated in place, so a
+ *  later call continues where this one stopped. Rejects with an AbortError when signal
+ *  aborts, an HttpError for an error status, or the last network error. */
+export async function transfer(job, sink, { signal, onProgress = () => {}, onRetry = () => {}, delays = RETRY_DELAYS_MS }) {
+  let failures = 0;
+  for (;;) {
+    const before = job.received;
+    try {
+      await fetchOnce(job, sink, signal, onProgress);
+      return job;
+    } catch (err) {
+      if (signal.aborted) throw abortError();
+      if (!isRetryable(err)) throw err;
+      if (job.received > before) failures = 0;
+      if (failures >= delays.length) throw err;
+      const delayMs = delays[failures++];
+      onRetry({ attempt: failures, of: delays.length, delayMs, error: err });
+      await sleep(delayMs, signal);
+    }
+  }
+}
+
+// ===========================================================================
+// 5. Sinks: where the bytes go (write, reset to empty, finish, abort)
+// ===========================================================================
+
+/** Chunks in memory; finish() saves them through a Blob and an a[download] click. */
+class MemorySink {
+  chunks = [];
+  write(chunk) {
+    this.chunks.push(chunk);
+  }
+  reset() {
+    this.chunks = [];
+  }
+  finish(job) {
+    const blob = new Blob(this.chunks, { type: job.contentType.split(";")[0] || "application/octet-stream" });
+    this.chunks = [];
+    const href = URL.createObjectURL(blob);
+    clickLink(href, job.filename);
+    setTimeout(() => URL.revokeObjectURL(href), REVOKE_DELAY_MS);
+  }
+  abort() {
+    this.chunks = [];
+  }
+}
+
+/** A FileSystemWritableFileStream from showSaveFilePicker: bytes go straight to disk. */
+class FileSink {
+  constructor(writable, name) {
+    this.writable = writable;
+    this.name = name; // what the user chose in the picker
+  }
+  write(chunk) {
+    return this.writable.write(chunk);
+  }
+  async reset() {
+    await this.writable.truncate(0);
+    await this.writable.seek(0);
+  }
+  finish() {
+    return this.writable.close();
+  }
+  abort() {
+    return this.writable.abort().catch(() => {});
+  }
+}
+
+function clickLink(href, filename) {
+  const a = document.createElement("a");
+  a.href = href;
+  a.download = filename ?? "";
+  a.hidden = true;
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+// ===========================================================================
+// 6. File rows
+// ===========================================================================
+
+function el(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("aria-") || k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  node.append(...children);
+  return node;
+}
+
+/** One <li> per file, with its buttons, progress and status, and the download it runs.
+ *  data-state: idle | downloading | retrying | done | error | cancelled. */
+class FileRow {
+  constructor(file, config) {
+    this.file = file;
+    this.config = config;
+    const fallback = `download/${file.path.split("/").map(encodeURIComponent).join("/")}`;
+    this.url = new URL(file.url ?? fallback, document.baseURI).href;
+    this.job = null;
+    this.sink = null;
+    this.controller = null;
+    this.samples = [];
+    this.lastDraw = 0;
+    this.render();
+    this.setState("idle", "");
+  }
+
+  render() {
+    const { name, path, size, modified } = this.file;
+    const folder = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
+    const meta = [formatBytes(size), formatDate(modified), folder && `in ${folder}`].filter(Boolean).join(" · ");
+    this.downloadButton = el("button", { type: "button", class: "download", "aria-label": `Download ${name}`, textContent: "Download" });
+    this.cancelButton = el("button", { type: "button", class: "cancel", "aria-label": `Cancel download of ${name}`, textContent: "Cancel" });
+    this.retryButton = el("button", { type: "button", class: "retry", "aria-label": `Retry download of ${name}`, textContent: "Retry" });
+    this.progress = el("progress", { class: "progress", max: 100, value: 0, "aria-label": `Download progress of ${name}` });
+    this.progressText = el("span", { class: "progress-text" });
+    this.progressBox = el("div", { class: "file-progress" }, [this.progress, this.progressText]);
+    this.status = el("p", { class: "status", role: "status" });
+    this.node = el("li", { class: "file", "data-path": path }, [
+      el("div", { class: "file-info" }, [
+        el("span", { class: "file-name", textContent: name, title: path }),
+        el("span", { class: "file-meta", textContent: meta }),
+      ]),
+      el("div", { class: "file-actions" }, [this.downloadButton, this.cancelButton, this.retryButton]),
+      this.progressBox,
+      this.status,
+    ]);
+    this.downloadButton.addEventListener("click", () => this.start());
+    this.retryButton.addEventListener("click", () => this.start());
+    this.cancelButton.addEventListener("click", () => this.cancel());
+  }
+
+  /** Show a state: which buttons, whether the progress shows, the status message. Keeps
+   *  keyboard focus on a visible button when the focused one disappears. */
+  setState(state, message) {
+    const focused = this.node.contains(document.activeElement) ? document.activeElement : null;
+    this.state = state;
+    this.node.dataset.state = state;
+    const busy = state === "downloading" || state === "retrying";
+    this.downloadButton.hidden = busy || state === "error" || state === "cancelled";
+    this.cancelButton.hidden = !busy;
+    this.retryButton.hidden = !(state === "error" || state === "cancelled");
+    this.progressBox.hidden = state === "idle" || state === "cancelled" || (!this.job && state === "error");
+    this.status.textContent = message;
+    if (focused?.hidden) {
+      [this.cancelButton, this.retryButton, this.downloadButton].find((b) => !b.hidden)?.focus();
+    }
+  }
+
+  /** Download, or Retry: continues a kept job (network failure) or starts a new one.
+   *  A second click while the picker, the HEAD or the transfer is under way does nothing. */
+  async start() {
+    if (this.active) return;
+    this.active = true;
+    try {
+      await this.run();
+    } finally {
+      this.active = false;
+    }
+  }
+
+  async run() {
+    if (!this.job) {
+      const method = chooseSaveMethod({
+        size: this.file.size,
+        blobLimit: this.config.blobLimit,
+        hasFilePicker: typeof window.showSaveFilePicker === "function",
+      });
+      if (method === "native") return await this.handToBrowser();
+      this.sink = method === "fs" ? await this.pickFile() : new MemorySink();
+      if (!this.sink) return;
+      this.job = newJob(this.url);
+      this.drawProgress(true);
+    }
+    this.controller = new AbortController();
+    this.samples = [];
+    const resuming = this.job.received > 0;
+    this.setState("downloading", resuming ? `Resuming from ${formatBytes(this.job.received)}…` : "Downloading…");
+    try {
+      await transfer(this.job, this.sink, {
+        signal: this.controller.signal,
+        onProgress: (job, fresh) => this.onProgress(job, fresh),
+        onRetry: (r) => this.onRetry(r),
+      });
+      await this.sink.finish(this.job);
+      const { filename, received } = this.job;
+      const savedAs = this.sink.name ?? filename;
+      this.forget();
+      this.setState("done", `Downloaded “${savedAs}”.`);
+      this.progress.value = 100;
+      this.progressText.textContent = `100% · ${formatBytes(received)}`;
+    } catch (err) {
+      await this.fail(err);
+    } finally {
+      this.controller = null;
+    }
+  }
+
+  /** showSaveFilePicker needs the click's user activation, so it runs before any fetch.
+   *  Returns a FileSink, or null when the user dismissed the picker. */
+  async pickFile() {
+    try {
+      const handle = await window.showSaveFilePicker({ suggestedName: this.file.name });
+      return new FileSink(await handle.createWritable(), handle.name);
+    } catch (err) {
+      if (err?.name === "AbortError") {
+        this.setState(this.state, "Download not started: no file was chosen.");
+        return null;
+      }
+      // The picker is refused (policy, no activation): fall back to the other methods.
+      if (this.file.size > this.config.blobLimit) {
+        await this.handToBrowser();
+        return null;
+      }
+      return new MemorySink();
+    }
+  }
+
+  /** Above the blob limit: a HEAD first, so a missing file shows our error rather than a
+   *  failed entry in the browser's list, then a plain link the browser downloads itself. */
+  async handToBrowser() {
+    try {
+      const response = await overNetwork(fetch(this.url, { method: "HEAD", cache: "no-store" }));
+      if (!response.ok) throw new HttpError(response.status, "");
+    } catch (err) {
+      return this.fail(err);
+    }
+    clickLink(this.url, ""); // the server's Content-Disposition names the file
+    this.setState("done", "Handed to your browser’s downloader: its download list shows the progress.");
+  }
+
+  cancel() {
+    this.controller?.abort();
+  }
+
+  forget() {
+    this.job = null;
+    this.sink = null;
+  }
+
+  async fail(err) {
+    const keep = isRetryable(err) && this.job; // a network failure: Retry continues
+    if (!keep) {
+      await this.sink?.abort();
+      this.forget();
+    }
+    if (err?.name === "AbortError") {
+      this.setState("cancelled", "Download cancelled.");
+    } else if (err instanceof HttpError) {
+      this.setState("error", httpMessage(err));
+    } else if (keep) {
+      this.setState(
+        "error",
+        `Network error: the download failed after ${RETRY_DELAYS_MS.length} retries. ` +
+          `Retry continues from ${formatBytes(this.job.received)}.`,
+      );
+    } else if (isRetryable(err)) {
+      this.setState("error", "Network error: could not reach the server.");
+    } else {
+      this.setState("error", `Download failed: ${err?.message || err}`);
+    }
+  }
+
+  onRetry({ attempt, of, delayMs }) {
+    this.samples = [];
+    this.setState("retrying", `Connection lost. Retrying in ${formatDuration(delayMs / 1000)} (attempt ${attempt} of ${of})…`);
+    this.drawProgress(true);
+  }
+
+  onProgress(job, fresh) {
+    if (fresh && this.state === "retrying") {
+      this.setState("downloading", job.received > 0 ? `Resumed at ${formatBytes(job.received)}.` : "Downloading…");
+    }
+    const now = performance.now();
+    this.samples.push([now, job.received]);
+    while (this.samples.length > 2 && now - this.samples[0][0] > SPEED_WINDOW_MS) this.samples.shift();
+    this.drawProgress(fresh);
+  }
+
+  /** Percent, bytes done / total, speed and time left; redrawn at most every UI_INTERVAL_MS. */
+  drawProgress(force) {
+    const now = performance.now();
+    if (!force && now - this.lastDraw < UI_INTERVAL_MS) return;
+    this.lastDraw = now;
+    const job = this.job;
+    const received = job?.received ?? 0;
+    const total = job?.total ?? this.file.size ?? null;
+    const parts = [];
+    if (typeof total === "number" && total > 0) {
+      const percent = Math.min(100, (received / total) * 100);
+      this.progress.value = percent;
+      parts.push(`${Math.floor(percent)}%`, `${formatBytes(received)} of ${formatBytes(total)}`);
+    } else if (total === 0) {
+      this.progress.value = job ? 0 : 100;
+    } else {
+      this.progress.removeAttribute("value"); // indeterminate
+      parts.push(formatBytes(received));
+    }
+    if (job && this.state === "downloading" && this.samples.length >= 2) {
+      const [t0, b0] = this.samples[0];
+      const [t1, b1] = this.samples[this.samples.length - 1];
+      const rate = t1 > t0 ? ((b1 - b0) * 1000) / (t1 - t0) : 0;
+      if (rate > 0) {
+        parts.push(`${formatBytes(rate)}/s`);
+        if (typeof total === "number") parts.push(`${formatDuration((total - received) / rate)} left`);
+      }
+    }
+    this.progressText.textContent = parts.join(" · ");
+  }
+}
+
+function httpMessage(err) {
+  switch (err.status) {
+    case 404:
+      return "File not found (404): it may have been moved or deleted.";
+    case 403:
+      return "Not allowed to download this file (403).";
+    case 410:
+      return "This link has expired (410).";
+    case 416:
+      return "The server could not resume this file (416). Retry starts over.";
+    default:
+      return `The server answered ${err.status}${err.detail ? `: ${err.detail}` : ""}.`;
+  }
+}
+
+// ===========================================================================
+// 7. Listing and start-up
+// ===========================================================================
+
+/** Yield every file of GET api/files, following next_cursor until it is null. */
+export async function* listFiles(baseURI = document.baseURI) {
+  const seen = new Set();
+  let cursor = null;
+  for (let page = 0; page < LISTING_MAX_PAGES; page++) {
+    const url = new URL("api/files", baseURI);
+    url.searchParams.set("limit", String(LISTING_PAGE_SIZE));
+    if (cursor !== null) url.searchParams.set("cursor", cursor);
+    const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store" });
+    if (!response.ok) throw new HttpError(response.status, await errorDetail(response));
+    const body = await response.json();
+    yield* body.files ?? [];
+    cursor = body.next_cursor ?? null;
+    if (cursor === null || seen.has(cursor)) return;
+    seen.add(cursor);
+  }
+}
+
+async function loadListing(config) {
+  const list = document.getElementById("files");
+  const summary = document.getElementById("summary");
+  const errorBox = document.getElementById("listing-error");
+  list.replaceChildren();
+  errorBox.hidden = true;
+  summary.textContent = "Loading files…";
+  let count = 0;
+  let bytes = 0;
+  try {
+    for await (const file of listFiles()) {
+      list.append(new FileRow(file, config).node);
+      count++;
+      bytes += file.size ?? 0;
+    }
+    summary.textContent =
+      count === 0 ? "No files to download." : `${count} ${count === 1 ? "file" : "files"}, ${formatBytes(bytes)} in all.`;
+    document.body.dataset.listing = "ready";
+  } catch (err) {
+    summary.textContent = count ? `${count} files loaded before an error.` : "";
+    errorBox.querySelector(".listing-error-text").textContent = `Could not load the file list: ${err.message || err}`;
+    errorBox.hidden = false;
+    document.body.dataset.listing = "error";
+  }
+}
+
+function main() {
+  const config = { blobLimit: readBlobLimit() };
+  document.querySelector(".retry-listing")?.addEventListener("click", () => loadListing(config));
+  loadListing(config);
+}
+
+if (typeof document !== "undefined" && document.getElementById("files")) main();

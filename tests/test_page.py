@@ -1,0 +1,730 @@
+"""The download page (static/index.html, app.js, style.css) in real headless Chromium.
+
+Playwright's Python package drives Debian's /usr/bin/chromium (never `playwright install`)
+against uvicorn serving `downloader:app` on 127.0.0.1, through a small TCP proxy in this
+process. CDP Network.emulateNetworkConditions throttles downloads so progress is observable
+on loopback, and its offline=True makes new requests fail during an outage. It does not break
+a response already under way: Chromium 156 reads the body from the socket ahead of its
+throttle and finishes it even while "offline". So the proxy paces those downloads itself
+and cut() resets the live connection, which the page sees as a TypeError mid-body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[1]
+
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="Playwright is not installed (pip install playwright; the browser is Debian's chromium)",
+)
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+BIG_NAME = "résumé 数据.bin"
+BIG_SIZE = 30 * 1024 * 1024
+# Above BIG_SIZE, so the big file takes the in-page Blob path that fires Playwright's
+# download event; the small-limit server below covers the hand-over to the browser.
+BLOB_LIMIT = 64 * 1024 * 1024
+SMALL_BLOB_LIMIT = 1024 * 1024
+THROUGHPUT_BPS = 20_000_000  # 30 MiB in about 1.6 s: progress is visible, tests stay short
+PROXY_BPS = 10_000_000  # pacing of downloads that get cut: the cut lands mid-body
+SERVER_START_S = 20
+DOWNLOAD_S = 60
+# The File System Access API would open a save dialog that headless Chromium cannot answer;
+# without it the page takes the Blob path. The test of the "fs" path installs a fake.
+NO_FILE_PICKER = "delete window.showSaveFilePicker; delete Window.prototype.showSaveFilePicker;"
+
+
+# ---------------------------------------------------------------------------
+# Server and browser
+# ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"server did not listen on {port} within {SERVER_START_S} s:\n{log.read_text(errors='replace')}")
+
+
+@contextmanager
+def run_server(args: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
+    """uvicorn in a subprocess on a free port, settings only from `env`; yields its base
+    URL, stops it by PID and prints its log (pytest shows it when a test fails)."""
+    port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO,
+            env={**inherited, "PYTHONPATH": str(REPO), **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(port, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        print(f"--- server log ({log}) ---\n{log.read_text(errors='replace')[-4000:]}")
+
+
+class CuttableProxy:
+    """A TCP proxy from a free 127.0.0.1 port to the server. Responses are paced at about
+    `bps` bytes/s (0: not paced); cut() resets every open connection."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.bps = 0.0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.lock = threading.Lock()
+        self.sockets: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                return
+            with self.lock:
+                self.sockets |= {client, upstream}
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, paced: bool) -> None:
+        try:
+            while data := src.recv(16384):
+                dst.sendall(data)
+                if paced and self.bps:  # read each time: the browser reuses connections
+                    time.sleep(len(data) / self.bps)  # pacing, not synchronisation
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        """Reset every open connection (RST), as a dropped network does."""
+        with self.lock:
+            sockets, self.sockets = self.sockets, set()
+        for s in sockets:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked on this socket
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self.listener.close()
+        self.cut()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """What the root holds, path -> content."""
+    return {
+        BIG_NAME: os.urandom(BIG_SIZE),
+        "notes.txt": b"plain notes\n" * 100,
+        "sub/a b.txt": b"0123456789",
+        "changing.bin": os.urandom(8 * 1024 * 1024),
+        "gone.txt": b"soon deleted\n",
+    }
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    for path, content in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(content)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_BLOB_LIMIT": str(BLOB_LIMIT)}
+    with run_server(["downloader:app"], env, log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mounted_server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app mounted under /files/ in a host Starlette app, with a 1 MiB blob limit."""
+    here = tmp_path_factory.mktemp("host")
+    (here / "host_app.py").write_text(
+        "import os\n"
+        "from starlette.applications import Starlette\n"
+        "from starlette.routing import Mount\n"
+        "import downloader\n"
+        f"service = downloader.create_app(os.environ['PAGE_TEST_ROOT'], blob_limit={SMALL_BLOB_LIMIT})\n"
+        "app = Starlette(routes=[Mount('/files', app=service)])\n"
+    )
+    env = {"PAGE_TEST_ROOT": str(root), "PYTHONPATH": f"{here}{os.pathsep}{REPO}"}
+    with run_server(["host_app:app"], env, here / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_page(
+    browser: sync_api.Browser, url: str, init_script: str = NO_FILE_PICKER, **context_args: object
+) -> sync_api.Page:
+    """A new context and page at url, listing loaded; init_script runs before app.js."""
+    context = browser.new_context(accept_downloads=True, **context_args)
+    context.add_init_script(init_script)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("body[data-listing]", timeout=10_000)
+    assert page.get_attribute("body", "data-listing") == "ready", page.inner_text("body")
+    return page
+
+
+@pytest.fixture
+def proxy(server: str) -> Iterator[CuttableProxy]:
+    proxy = CuttableProxy(int(server.rsplit(":", 1)[1]))
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def page(browser: sync_api.Browser, proxy: CuttableProxy) -> Iterator[sync_api.Page]:
+    page = open_page(browser, proxy.url + "/", viewport={"width": 900, "height": 660})
+    yield page
+    page.context.close()
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def row(page: sync_api.Page, path: str) -> sync_api.Locator:
+    return page.locator(f"li.file[data-path={json.dumps(path, ensure_ascii=False)}]")
+
+
+def row_state(page: sync_api.Page, path: str) -> tuple[str, float | None, str]:
+    """(data-state, progress value, status text) of a row, read in one round trip."""
+    return tuple(
+        page.evaluate(
+            """path => {
+                const r = [...document.querySelectorAll("li.file")].find(li => li.dataset.path === path);
+                const p = r.querySelector("progress");
+                return [r.dataset.state, p.hasAttribute("value") ? p.value : null,
+                        r.querySelector(".status").textContent];
+            }""",
+            path,
+        )
+    )
+
+
+def wait_until(what: str, condition: Callable[[], object], timeout_s: float = DOWNLOAD_S) -> object:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.02)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def wait_for_state(page: sync_api.Page, path: str, state: str, timeout_s: float = DOWNLOAD_S) -> str:
+    """Wait until the row reaches `state`; returns its status text."""
+    last: list[tuple[str, float | None, str]] = []
+
+    def reached() -> bool:
+        last[:] = [row_state(page, path)]
+        return last[0][0] == state
+
+    deadline = time.monotonic() + timeout_s
+    while not reached():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path}: wanted data-state={state}, still {last[0]}")
+        time.sleep(0.02)
+    return last[0][2]
+
+
+def network(page: sync_api.Page, *, offline: bool = False, bps: float = -1) -> None:
+    """CDP Network.emulateNetworkConditions on this page: throttle to bps (-1: no limit),
+    or go offline so that new requests fail."""
+    cdp = getattr(page, "_test_cdp", None)
+    if cdp is None:
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Network.enable")
+        page._test_cdp = cdp  # type: ignore[attr-defined]
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {"offline": offline, "latency": 0, "downloadThroughput": bps, "uploadThroughput": -1},
+    )
+
+
+def drop_network(page: sync_api.Page, proxy: CuttableProxy) -> None:
+    """An outage: new requests fail (CDP offline) and the live connection is reset (proxy)."""
+    network(page, offline=True)
+    proxy.cut()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def saved_bytes(download: sync_api.Download, tmp_path: Path) -> bytes:
+    target = tmp_path / "saved" / download.suggested_filename
+    download.save_as(target)
+    return target.read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# Pure functions of app.js, run in the browser
+# ---------------------------------------------------------------------------
+
+DISPOSITION_CASES = [
+    # (header value, file name the page must save as)
+    ("attachment; filename=\"r_sum_ __.bin\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%E6%95%B0%E6%8D%AE.bin", BIG_NAME),
+    ("attachment; filename*=UTF-8''%E2%82%AC%20rates.txt; filename=\"EUR rates.txt\"", "€ rates.txt"),
+    ("attachment; filename*=utf-8'en'a%20b.txt", "a b.txt"),
+    ("attachment; filename*=ISO-8859-1''caf%E9.txt", "café.txt"),
+    # Quoted-pairs unescaped; the backslash then becomes "_" like any path separator.
+    ('attachment; filename="a \\"quoted\\" \\\\ name.txt"', 'a "quoted" _ name.txt'),
+    ('attachment; filename="semi;colon.txt"', "semi;colon.txt"),
+    ("attachment; filename=plain.txt", "plain.txt"),
+    ("ATTACHMENT; FILENAME=\"upper.txt\"", "upper.txt"),
+    # A broken filename* falls back to filename: bad escape, bytes that are not UTF-8.
+    ("attachment; filename=\"fallback.txt\"; filename*=UTF-8''bad%ZZ.txt", "fallback.txt"),
+    ("attachment; filename=\"fallback.txt\"; filename*=UTF-8''%FF%FE.txt", "fallback.txt"),
+    ("attachment; filename=\"fallback.txt\"; filename*=KOI8-R''%C1.txt", "fallback.txt"),
+    # Path separators never reach the saved name.
+    ('attachment; filename="../../etc/passwd"', ".._.._etc_passwd"),
+    ("attachment", None),
+    ("", None),
+]
+
+
+@pytest.fixture(scope="module")
+def module_page(browser: sync_api.Browser, server: str) -> Iterator[sync_api.Page]:
+    page = open_page(browser, server + "/")
+    yield page
+    page.context.close()
+
+
+def call_app(page: sync_api.Page, function: str, *args: object) -> object:
+    return page.evaluate(
+        "async ([f, args]) => (await import(new URL('static/app.js', document.baseURI)))[f](...args)",
+        [function, list(args)],
+    )
+
+
+@pytest.mark.parametrize(("value", "name"), DISPOSITION_CASES, ids=[c[0][:60] or "empty" for c in DISPOSITION_CASES])
+def test_filename_from_content_disposition(module_page: sync_api.Page, value: str, name: str | None) -> None:
+    """RFC 6266 §4.3: filename* (RFC 8187) wins over filename; quoted-pairs are unescaped."""
+    assert call_app(module_page, "filenameFromContentDisposition", value) == name
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("/download/sub/a%20b.txt", "a b.txt"),
+        ("/download/r%C3%A9sum%C3%A9.bin?x=1", "résumé.bin"),
+        ("/download/%E0%A4%A.txt", "%E0%A4%A.txt"),  # not decodable: kept as it is
+    ],
+)
+def test_filename_from_url_is_last_segment_decoded(module_page: sync_api.Page, url: str, name: str) -> None:
+    assert call_app(module_page, "filenameFromUrl", url) == name
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("bytes 0-4/10", {"start": 0, "end": 4, "size": 10}),
+        ("bytes 5-9/*", {"start": 5, "end": 9, "size": None}),
+        ("bytes */10", None),
+        ("bytes 5-4/10", None),
+        ("bytes 5-10/10", None),
+        ("items 0-4/10", None),
+        (None, None),
+    ],
+    ids=str,
+)
+def test_parse_content_range(module_page: sync_api.Page, value: str | None, parsed: dict | None) -> None:
+    assert call_app(module_page, "parseContentRange", value) == parsed
+
+
+@pytest.mark.parametrize(
+    ("etag", "last_modified", "validator"),
+    [
+        ('"abc"', "Wed, 25 Nov 2026 18:00:00 GMT", '"abc"'),
+        ('W/"abc"', "Wed, 25 Nov 2026 18:00:00 GMT", "Wed, 25 Nov 2026 18:00:00 GMT"),
+        (None, None, None),
+    ],
+)
+def test_if_range_validator_is_strong_etag_else_date(
+    module_page: sync_api.Page, etag: str | None, last_modified: str | None, validator: str | None
+) -> None:
+    """RFC 9110 §13.1.5: a client must not send a weak entity-tag in If-Range."""
+    assert call_app(module_page, "ifRangeValidator", etag, last_modified) == validator
+
+
+@pytest.mark.parametrize(
+    ("size", "has_picker", "method"),
+    [
+        (10, True, "fs"),
+        (BLOB_LIMIT + 1, True, "fs"),
+        (BLOB_LIMIT, False, "blob"),
+        (BLOB_LIMIT + 1, False, "native"),
+    ],
+)
+def test_choose_save_method(module_page: sync_api.Page, size: int, has_picker: bool, method: str) -> None:
+    args = {"size": size, "blobLimit": BLOB_LIMIT, "hasFilePicker": has_picker}
+    assert call_app(module_page, "chooseSaveMethod", args) == method
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (BIG_SIZE, "30 MiB"), (5 * 1024**3, "5.0 GiB")],
+)
+def test_format_bytes(module_page: sync_api.Page, n: int, text: str) -> None:
+    assert call_app(module_page, "formatBytes", n) == text
+
+
+# ---------------------------------------------------------------------------
+# Listing, layout, accessibility
+# ---------------------------------------------------------------------------
+
+
+def test_listing_shows_every_file_with_named_controls(page: sync_api.Page, files: dict[str, bytes]) -> None:
+    paths = page.eval_on_selector_all("li.file", "rows => rows.map(r => r.dataset.path)")
+    assert sorted(paths) == sorted(files)
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        assert row(page, path).get_attribute("data-state") == "idle"
+        assert page.get_by_role("button", name=f"Download {name}", exact=True).count() == 1
+        # Hidden until a download starts, so include_hidden to check its name now.
+        label = f"Download progress of {name}"
+        assert page.get_by_role("progressbar", name=label, exact=True, include_hidden=True).count() == 1
+    assert page.locator(".status").count() == len(paths)
+
+
+def test_blob_limit_comes_from_the_meta_tag(module_page: sync_api.Page) -> None:
+    """The server writes DOWNLOADER_BLOB_LIMIT into <meta name="downloader-blob-limit">."""
+    assert call_app(module_page, "readBlobLimit") == BLOB_LIMIT
+
+
+def test_listing_follows_next_cursor(browser: sync_api.Browser, tmp_path: Path) -> None:
+    """450 files at the page's limit=200: three pages, every file once, in server order."""
+    many = tmp_path / "many"
+    many.mkdir()
+    names = [f"file-{i:03}.txt" for i in range(450)]
+    for name in names:
+        (many / name).write_text(name)
+    with run_server(["downloader:app"], {"DOWNLOADER_ROOT": str(many)}, tmp_path / "server.log") as base:
+        page = open_page(browser, base + "/")
+        try:
+            paths = page.eval_on_selector_all("li.file", "rows => rows.map(r => r.dataset.path)")
+            listed = page.evaluate(
+                "performance.getEntriesByType('resource').map(e => e.name).filter(u => u.includes('/api/files'))"
+            )
+        finally:
+            page.context.close()
+    assert paths == names
+    assert len(listed) == 3 and "cursor=" not in listed[0], listed
+    assert all("cursor=" in u for u in listed[1:]), listed
+
+
+def test_layout_fits_phone_width_in_both_color_schemes(browser: sync_api.Browser, server: str) -> None:
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        page = open_page(browser, server + "/", viewport={"width": 360, "height": 740}, color_scheme=scheme)
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{scheme}: page is {overflow}px wider than a phone screen"
+        backgrounds[scheme] = page.evaluate("getComputedStyle(document.body).backgroundColor")
+        page.context.close()
+    assert backgrounds["light"] != backgrounds["dark"]
+
+
+# ---------------------------------------------------------------------------
+# Downloads
+# ---------------------------------------------------------------------------
+
+
+def test_download_shows_progress_and_saves_exact_file_under_server_name(
+    page: sync_api.Page, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    network(page, bps=THROUGHPUT_BPS)
+    values: list[float] = []
+    texts: list[str] = []
+    shot = tmp_path / "mid-download.png"
+    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+
+        def finished() -> bool:
+            state, value, _ = row_state(page, BIG_NAME)
+            if value is not None:
+                values.append(value)
+            if state == "downloading" and value is not None and 30 < value < 70 and not shot.exists():
+                page.screenshot(path=shot)
+            texts.append(row(page, BIG_NAME).locator(".progress-text").inner_text())
+            return state in ("done", "error")
+
+        wait_until("the download to end", finished)
+    assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
+    download = info.value
+    assert download.suggested_filename == BIG_NAME
+    assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
+    assert any(0 < v < 100 for v in values), values
+    assert values[-1] == 100
+    assert values == sorted(values), "progress went backwards without a restart"
+    assert any("MiB of 30 MiB" in t and "/s" in t and "left" in t for t in texts), texts[-5:]
+    assert shot.exists() and shot.stat().st_size < 200_000
+    if os.environ.get("UPDATE_SCREENSHOT"):  # refresh the README's picture
+        shutil.copyfile(shot, REPO / "static" / "screenshot.png")
+
+
+def download_requests(page: sync_api.Page) -> tuple[list[dict[str, str]], list[sync_api.Response]]:
+    """Lists that fill with the headers of each /download/ request and each response."""
+    requests: list[dict[str, str]] = []
+    responses: list[sync_api.Response] = []
+    page.on("request", lambda r: requests.append(r.headers) if "/download/" in r.url else None)
+    page.on("response", lambda r: responses.append(r) if "/download/" in r.url else None)
+    return requests, responses
+
+
+def cut_at(page: sync_api.Page, proxy: CuttableProxy, path: str, percent: float) -> None:
+    """Wait for `percent` progress on `path`, drop the network, wait for the page to retry."""
+    wait_until(f"{percent} % progress", lambda: (row_state(page, path)[1] or 0) >= percent)
+    drop_network(page, proxy)
+    status = wait_for_state(page, path, "retrying", timeout_s=10)
+    assert status.startswith("Connection lost. Retrying in "), status
+
+
+def test_dropped_connection_resumes_with_range_and_if_range(
+    page: sync_api.Page, proxy: CuttableProxy, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """RFC 9110 §14.2, §13.1.5: continue with Range: bytes=N- and the first response's ETag."""
+    requests, responses = download_requests(page)
+    proxy.bps = PROXY_BPS
+    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+        cut_at(page, proxy, BIG_NAME, 20)
+        network(page)
+        wait_for_state(page, BIG_NAME, "done")
+    assert info.value.suggested_filename == BIG_NAME
+    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+    assert "range" not in requests[0]
+    assert responses[0].status == 200
+    resumed = [h for h in requests if "range" in h]
+    assert resumed, requests
+    start = int(resumed[-1]["range"].removeprefix("bytes=").removesuffix("-"))
+    assert resumed[-1]["range"] == f"bytes={start}-" and 0 < start < BIG_SIZE
+    assert resumed[-1]["if-range"] == responses[0].headers["etag"]
+    assert responses[-1].status == 206
+    assert responses[-1].headers["content-range"] == f"bytes {start}-{BIG_SIZE - 1}/{BIG_SIZE}"
+
+
+def test_file_changed_during_outage_restarts_from_zero(
+    page: sync_api.Page, proxy: CuttableProxy, root: Path, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """If-Range with the old ETag gets a 200 for a changed file: the page starts over."""
+    path = "changing.bin"
+    requests, responses = download_requests(page)
+    proxy.bps = PROXY_BPS / 2
+    new_content = os.urandom(len(files[path]) + 1000)
+    try:
+        with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+            page.get_by_role("button", name=f"Download {path}", exact=True).click()
+            cut_at(page, proxy, path, 10)
+            (root / path).write_bytes(new_content)
+            network(page)
+            wait_for_state(page, path, "done")
+        assert sha256(saved_bytes(info.value, tmp_path)) == sha256(new_content)
+    finally:
+        (root / path).write_bytes(files[path])
+    assert [r.status for r in responses if r.status != 200] == []
+    assert "range" in requests[-1] and "if-range" in requests[-1]
+
+
+def test_cancel_then_retry_with_keyboard(page: sync_api.Page, files: dict[str, bytes], tmp_path: Path) -> None:
+    network(page, bps=THROUGHPUT_BPS / 4)
+    page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).focus()
+    page.keyboard.press("Enter")
+    wait_until("some progress", lambda: (row_state(page, BIG_NAME)[1] or 0) > 1)
+    focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
+    assert focused == f"Cancel download of {BIG_NAME}", "focus should move to Cancel"
+    page.keyboard.press("Enter")
+    assert wait_for_state(page, BIG_NAME, "cancelled", timeout_s=5) == "Download cancelled."
+    assert row(page, BIG_NAME).locator(".file-progress").is_hidden()
+    assert page.get_by_role("button", name=f"Retry download of {BIG_NAME}", exact=True).is_visible()
+    focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
+    assert focused == f"Retry download of {BIG_NAME}", "focus should move to Retry"
+    network(page)
+    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+        page.keyboard.press("Enter")
+        wait_for_state(page, BIG_NAME, "done")
+    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+
+
+def test_missing_file_shows_404_then_retry_works(
+    page: sync_api.Page, root: Path, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    path = "gone.txt"
+    (root / path).unlink()
+    try:
+        page.get_by_role("button", name=f"Download {path}", exact=True).click()
+        status = wait_for_state(page, path, "error", timeout_s=10)
+        assert status == "File not found (404): it may have been moved or deleted."
+        (root / path).write_bytes(files[path])
+        with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+            page.get_by_role("button", name=f"Retry download of {path}", exact=True).click()
+            wait_for_state(page, path, "done", timeout_s=10)
+        assert saved_bytes(info.value, tmp_path) == files[path]
+    finally:
+        (root / path).write_bytes(files[path])
+
+
+def test_network_down_past_all_retries_shows_error_then_retry_resumes(
+    page: sync_api.Page, proxy: CuttableProxy, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Five retries (0.5 + 1 + 2 + 4 + 8 s), then an error whose Retry continues."""
+    requests, _ = download_requests(page)
+    proxy.bps = PROXY_BPS
+    page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+    cut_at(page, proxy, BIG_NAME, 10)
+    started = time.monotonic()
+    status = wait_for_state(page, BIG_NAME, "error", timeout_s=30)
+    assert time.monotonic() - started > 14  # 0.5 + 1 + 2 + 4 + 8 s of backoff, less the first
+    prefix = "Network error: the download failed after 5 retries. Retry continues from "
+    assert status.startswith(prefix), status
+    network(page)
+    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+        page.get_by_role("button", name=f"Retry download of {BIG_NAME}", exact=True).click()
+        wait_for_state(page, BIG_NAME, "done")
+    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+    assert requests[-1]["range"].startswith("bytes=") and requests[-1]["range"] != "bytes=0-"
+
+
+FAKE_FILE_PICKER = """
+    // showSaveFilePicker whose writable keeps the bytes and hashes them on close().
+    window.__picked = {name: null, size: 0, closed: false, aborted: false, hash: null};
+    window.showSaveFilePicker = async ({suggestedName}) => {
+        window.__picked.name = suggestedName;
+        let parts = [];
+        return {name: suggestedName, createWritable: async () => ({
+            async write(chunk) { parts.push(chunk); window.__picked.size += chunk.byteLength; },
+            async truncate(n) { parts = []; window.__picked.size = 0; if (n !== 0) throw new Error("truncate " + n); },
+            async seek(n) { if (n !== 0) throw new Error("seek " + n); },
+            async close() {
+                const digest = await crypto.subtle.digest("SHA-256", await new Blob(parts).arrayBuffer());
+                window.__picked.hash = [...new Uint8Array(digest)].map(b => b.toString(16).padStart(2, "0")).join("");
+                window.__picked.closed = true;
+            },
+            async abort() { window.__picked.aborted = true; },
+        })};
+    };
+"""
+
+
+def test_file_picker_path_streams_to_the_chosen_file_and_resumes(
+    browser: sync_api.Browser, proxy: CuttableProxy, files: dict[str, bytes]
+) -> None:
+    """Where showSaveFilePicker exists the bytes go to the picked file, not to a Blob."""
+    page = open_page(browser, proxy.url + "/", init_script=FAKE_FILE_PICKER)
+    downloads: list[sync_api.Download] = []
+    page.on("download", lambda d: downloads.append(d))
+    try:
+        proxy.bps = PROXY_BPS
+        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+        cut_at(page, proxy, BIG_NAME, 20)
+        network(page)
+        assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
+        picked = page.evaluate("window.__picked")
+        assert picked == {
+            "name": BIG_NAME,
+            "size": BIG_SIZE,
+            "closed": True,
+            "aborted": False,
+            "hash": sha256(files[BIG_NAME]),
+        }
+        assert downloads == []
+    finally:
+        page.context.close()
+
+
+def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
+    browser: sync_api.Browser, mounted_server: str, files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Under /files/ every URL the page uses is relative; above the blob limit a plain
+    <a href download> lets the browser stream to disk and name the file itself."""
+    page = open_page(browser, mounted_server + "/files/")
+    try:
+        assert call_app(page, "readBlobLimit") == SMALL_BLOB_LIMIT
+        with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+            page.get_by_role("button", name="Download a b.txt", exact=True).click()
+            wait_for_state(page, "sub/a b.txt", "done", timeout_s=10)
+        assert info.value.url.startswith("blob:")
+        assert info.value.suggested_filename == "a b.txt"
+        assert saved_bytes(info.value, tmp_path) == files["sub/a b.txt"]
+        with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+            page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+        download = info.value
+        assert download.url.startswith(mounted_server + "/files/download/")
+        assert download.suggested_filename == BIG_NAME
+        assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
+        assert row(page, BIG_NAME).get_attribute("data-state") == "done"
+    finally:
+        page.context.close()
