@@ -28,6 +28,7 @@ os.stat_result and the small types defined here, so their tests need no HTTP.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import calendar
 import contextlib
@@ -45,6 +46,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sqlite3
 import stat
 import sys
@@ -58,6 +60,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, TextIO
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -97,10 +100,24 @@ __all__ = [
 # HTTPError is the only exception whose outcome a client sees; section 7 turns it
 # into JSON in one place (error_response).
 
-CHUNK_SIZE = 256 * 1024
-"""Bytes per disk read and per ASGI body message (setting: chunk_size). Starlette uses
-64 KiB, bottle 1 MiB; each connection holds about one chunk under uvicorn's flow control,
-so this is the memory a download costs. The README's benchmark section says why 256 KiB."""
+CHUNK_SIZE = 1024 * 1024
+"""The largest disk read and ASGI body message (setting: chunk_size). Per-chunk costs in
+Python dominate a fast download, so a lone client gets chunks this big (2.7 GB/s on the
+reference machine against 0.8 GB/s with Starlette's 64 KiB); READ_BUDGET shrinks them
+when many downloads run at once (README: Performance)."""
+
+FIRST_CHUNK_SIZE = 64 * 1024
+"""A download's first read; each next one doubles, up to the cap. The first byte leaves
+sooner, and a slow client never gets a big chunk it can't take."""
+
+MIN_CHUNK_SIZE = 16 * 1024
+"""The smallest read, however many downloads run."""
+
+READ_BUDGET = 1024 * 1024
+"""Bytes of chunks all downloads of a process may hold at once: with N downloads running
+each reads at most READ_BUDGET / N (but MIN_CHUNK_SIZE at least). Under uvicorn each
+connection holds about two chunks besides its 64 KiB write buffer, so this keeps a
+hundred slow clients near 10 MiB while one fast client still gets 1 MiB chunks."""
 
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 """The largest chunk_size setting accepted: one read of this size per connection at a time."""
@@ -399,8 +416,10 @@ def is_hidden(segments: Iterable[str]) -> bool:
 
 
 def is_inside(root: str, real: str) -> bool:
-    """Is the resolved path `real` the root or below it? Both must be real paths."""
-    return os.path.commonpath([root, real]) == root
+    """Is the resolved path `real` the root or below it? Both must be real paths (absolute,
+    normalised, no links), so a prefix test on whole components is exact: unlike bottle's
+    startswith on abspath, no link is left to escape through."""
+    return real == root or real.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
 def os_error_to_http(exc: OSError) -> HTTPError:
@@ -412,9 +431,44 @@ def os_error_to_http(exc: OSError) -> HTTPError:
     return not_found()  # ENOENT, ENOTDIR, ELOOP, ENAMETOOLONG, EISDIR...
 
 
+O_PATH = getattr(os, "O_PATH", 0)
+PINNED_OPEN = bool(O_PATH) and os.path.isdir("/proc/self/fd")
+"""Linux: open_pinned checks the very file it then opens; elsewhere open_checked."""
+
+
+def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile:
+    """Opens the regular file `candidate` resolves to, with no window between check and
+    open (Linux). O_PATH resolves the path (links included) to a handle that opens
+    nothing: no device is touched and no FIFO can block. The handle's fstat and its real
+    path from /proc/self/fd are checked (a regular file, inside the root, not hidden
+    there), and then that same inode is opened through the handle."""
+    try:
+        handle = os.open(candidate, O_PATH | os.O_CLOEXEC)
+    except ValueError:
+        raise not_found() from None  # a NUL byte
+    except OSError as exc:
+        raise os_error_to_http(exc) from None
+    try:
+        st = os.fstat(handle)
+        if not stat.S_ISREG(st.st_mode):
+            raise not_found()  # directories, FIFOs, sockets, devices: never opened
+        real = os.readlink(f"/proc/self/fd/{handle}")
+        if root is not None and not is_inside(root, real):
+            raise not_found()
+        if root is not None and not serve_hidden and is_hidden(real[len(root) :].split(os.sep)):
+            raise not_found()  # a link inside the root to a dotfile is still a dotfile
+        fd = os.open(f"/proc/self/fd/{handle}", OPEN_FLAGS & ~getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise os_error_to_http(exc) from None
+    finally:
+        os.close(handle)
+    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real), real))
+
+
 def open_checked(real: str, *, root: str | None) -> OpenFile:
-    """Opens the regular file at the real path `real`; with a root, the opened descriptor
-    must still lie inside it. Raises HTTPError; never leaks the descriptor."""
+    """Without O_PATH: opens the regular file at the real path `real` (resolved and
+    checked by the caller), and checks the opened descriptor is the file that was checked
+    (fstat: same device and inode). Raises HTTPError; never leaks the descriptor."""
     try:
         before = os.stat(real)
         if not stat.S_ISREG(before.st_mode):
@@ -424,15 +478,9 @@ def open_checked(real: str, *, root: str | None) -> OpenFile:
         raise os_error_to_http(exc) from None
     try:
         st = os.fstat(fd)
-        same = (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino)
-        if not stat.S_ISREG(st.st_mode) or not same:
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
             raise not_found()
-        if root is not None and os.path.isdir("/proc/self/fd"):
-            # Linux: what was really opened, whatever happened to the path meanwhile.
-            if not is_inside(root, os.readlink(f"/proc/self/fd/{fd}")):
-                raise not_found()
-        info = FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real), real)
-        return OpenFile(fd, info)
+        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real), real))
     except BaseException:
         os.close(fd)
         raise
@@ -447,19 +495,24 @@ def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> 
     segments = split_url_path(url_path)
     if not serve_hidden and is_hidden(segments):
         raise not_found()
+    candidate = os.path.join(root, *segments)
+    if PINNED_OPEN:
+        return open_pinned(candidate, root=root, serve_hidden=serve_hidden)
     try:
-        real = os.path.realpath(os.path.join(root, *segments), strict=True)
+        real = os.path.realpath(candidate, strict=True)
     except (OSError, ValueError):
         raise not_found() from None
     if not is_inside(root, real):
         raise not_found()
-    if not serve_hidden and is_hidden(os.path.relpath(real, root).split(os.sep)):
+    if not serve_hidden and is_hidden(real[len(root) :].split(os.sep)):
         raise not_found()  # a link inside the root to a dotfile is still a dotfile
     return open_checked(real, root=root)
 
 
 def open_path(path: str | os.PathLike[str]) -> OpenFile:
     """A host app's own file path, opened and checked (a regular file); no root applies."""
+    if PINNED_OPEN:
+        return open_pinned(os.fspath(path), root=None)
     try:
         real = os.path.realpath(os.fspath(path), strict=True)
     except (OSError, ValueError):
@@ -875,6 +928,7 @@ def wants_utf8_filename(user_agent: str) -> bool:
     return user_agent.startswith("curl/")
 
 
+@functools.lru_cache(maxsize=4096)
 def content_disposition(name: str, disposition: str = "attachment", *, utf8_fallback: bool = False) -> str:
     """RFC 6266 Content-Disposition for a file name: a quoted ASCII `filename`, plus an
     RFC 8187 `filename*` with the exact name when the fallback had to change it. No name
@@ -1051,24 +1105,50 @@ def hold_last_byte(pieces: Sequence[bytes | ByteRange], size: int, gate: Gate) -
     return held
 
 
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def read_cached(fd: int, size: int, offset: int) -> bytes | None:
+    """`size` bytes at `offset` if the page cache holds them all, else None. preadv with
+    RWF_NOWAIT (Linux 4.14+) never waits for the disk, so the event loop may call it and
+    skip the worker-thread hop that costs more than the copy itself for a cached file."""
+    buffer = bytearray(size)
+    try:
+        got = os.preadv(fd, [buffer], offset, RWF_NOWAIT)
+    except BlockingIOError:
+        return None  # not (all) in the page cache: read it in a thread
+    return bytes(buffer) if got == size else None  # short: a partial cache hit, or EOF
+
+
 class FileChunks:
     """Async iterator over `pieces` of the open file `fd`: literal bytes are yielded as
-    they are, each ByteRange is read with os.pread in chunks of at most `chunk_size` in a
-    worker thread, and each Gate is called there (False: TransferAborted). It owns `fd`: aclose() closes it, once. A short read means the file
-    shrank, and that or a failed read raises TransferAborted. Bytes appended meanwhile are never read."""
+    they are; each ByteRange is read in chunks of at most `chunk_size`, straight from the
+    page cache when it can be (read_cached), else with os.pread in a worker thread; the
+    reads start at FIRST_CHUNK_SIZE and double up to `chunk_size`, held to this
+    process's share of READ_BUDGET; each
+    Gate is called in a worker thread (False: TransferAborted). It owns `fd`: aclose()
+    closes it, once. A short read means the file shrank: that, or a failed read, raises
+    TransferAborted. Bytes appended meanwhile are never read."""
+
+    running = 0  # FileChunks open in this process: they share READ_BUDGET
 
     def __init__(self, fd: int, pieces: Iterable[bytes | ByteRange | Gate], chunk_size: int = CHUNK_SIZE) -> None:
         self._fd = fd
-        self._pieces = iter(pieces)
+        self._pieces = list(pieces)
+        self.length = sum(p.length if isinstance(p, ByteRange) else len(p) if isinstance(p, bytes) else 0 for p in self._pieces)
+        self._next = iter(self._pieces)
         self._chunk_size = chunk_size
+        self._next_size = min(FIRST_CHUNK_SIZE, chunk_size)
         self._pos = self._stop = 0
+        self._nowait = bool(RWF_NOWAIT)
+        FileChunks.running += 1
 
     def __aiter__(self) -> FileChunks:
         return self
 
     async def __anext__(self) -> bytes:
         while self._pos >= self._stop:
-            piece = next(self._pieces, None)
+            piece = next(self._next, None)
             if piece is None:
                 raise StopAsyncIteration
             if isinstance(piece, bytes):
@@ -1078,9 +1158,15 @@ class FileChunks:
                     raise TransferAborted("the gate refused the rest of the body")
                 continue
             self._pos, self._stop = piece.start, piece.stop
-        wanted = min(self._chunk_size, self._stop - self._pos)
+        share = max(MIN_CHUNK_SIZE, READ_BUDGET // FileChunks.running)
+        wanted = min(self._next_size, share, self._stop - self._pos)
+        self._next_size = min(2 * self._next_size, self._chunk_size)
         try:
-            data = await anyio.to_thread.run_sync(os.pread, self._fd, wanted, self._pos)
+            data = self._read_cached(wanted)
+            if data is None:
+                data = await anyio.to_thread.run_sync(os.pread, self._fd, wanted, self._pos)
+            else:
+                await anyio.lowlevel.checkpoint()  # let other requests run between chunks
         except OSError as exc:
             raise TransferAborted("read failed") from exc
         if len(data) != wanted:
@@ -1088,12 +1174,22 @@ class FileChunks:
         self._pos += wanted
         return data
 
+    def _read_cached(self, wanted: int) -> bytes | None:
+        if not self._nowait:
+            return None
+        try:
+            return read_cached(self._fd, wanted, self._pos)
+        except OSError:  # a file system without RWF_NOWAIT (EOPNOTSUPP): threads from now on
+            self._nowait = False
+            return None
+
     async def aclose(self) -> None:
         self.close()
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
+            FileChunks.running -= 1
             os.close(fd)
 
 
@@ -1140,6 +1236,20 @@ class ByteStream:
             source.close()
 
 
+async def send_small(send: Send, start: Message, chunks: FileChunks) -> int:
+    """A body of one first chunk at most, read whole and sent in one message: no
+    disconnect watcher is worth its task for a body the socket takes at once."""
+    try:
+        body = b"".join([chunk async for chunk in chunks])
+        await send(start)
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    except OSError:
+        return 0  # ASGI 2.4: the client is gone
+    finally:
+        await chunks.aclose()
+    return len(body)
+
+
 def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
     """The read size under a bandwidth limit: at most an eighth of a second's worth, so
     the pacing stays smooth and the average lands within a few percent of the limit."""
@@ -1164,6 +1274,8 @@ async def send_body(
     (a client that stopped reading: uvicorn has no write timeout) aborts the transfer.
     A client that disconnects ends it early and quietly. TransferAborted propagates so that
     the server aborts the connection. The chunks are closed however it ends."""
+    if isinstance(chunks, FileChunks) and chunks.length <= FIRST_CHUNK_SIZE and not rate_limit:
+        return await send_small(send, start, chunks)
     sent = 0
     failure: BaseException | None = None
 
@@ -1452,6 +1564,7 @@ class DownloadResponse(Response):
         rate_limit: int | None = None,
         stall_timeout_s: float | None = None,
         offload_prefix: str | None = None,
+        root_is_real: bool = False,
     ) -> None:
         if disposition not in ("attachment", "inline"):
             raise ValueError("disposition must be 'attachment' or 'inline'")
@@ -1471,12 +1584,14 @@ class DownloadResponse(Response):
         self.rate_limit = rate_limit
         self.stall_timeout_s = stall_timeout_s
         self.offload_prefix = offload_prefix
+        self.root_is_real = root_is_real  # a real path already: skip its realpath per request
         self.background = None
 
     def open(self) -> OpenFile:
         if self.root is None:
             return open_path(self.path)
-        return open_under_root(os.path.realpath(self.root), self.path, serve_hidden=self.serve_hidden)
+        root = self.root if self.root_is_real else os.path.realpath(self.root)
+        return open_under_root(root, self.path, serve_hidden=self.serve_hidden)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -1860,21 +1975,24 @@ class Operations:
             await error_response(busy)(scope, receive, send)
             self.record(scope, 503, 0, 0.0, None)
             return
-        status, sent, began, aborted = 0, 0, time.monotonic(), None
+        status, sent, began, aborted, complete = 0, 0, time.monotonic(), None, False
 
         async def counting_send(message: Message) -> None:
-            nonlocal status, sent
+            nonlocal status, sent, complete
             await send(message)
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
 
         self.active += 1
         if self.metrics:
             self.metrics.active.inc()
         try:
             await self.app(scope, receive, counting_send)
+            if not complete:
+                aborted = "the client disconnected"
         except TransferAborted as exc:
             aborted = str(exc)
             raise
@@ -1954,6 +2072,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
             rate_limit=config.rate_limit,
             stall_timeout_s=config.stall_timeout,
             offload_prefix=config.offload_prefix if config.offload else None,
+            root_is_real=True,  # resolved once by make_settings
             **options,  # type: ignore[arg-type]
         )
 
@@ -2084,10 +2203,40 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     return app
 
 
+def stall_safe_protocol() -> type:
+    """uvicorn's HTTP protocol plus a kernel write timeout for every connection.
+
+    When a client stops reading, send_body gives up after stall_timeout and the app
+    raises; uvicorn then closes the transport, but a close waits for the write buffer to
+    drain, which a client that reads nothing never lets happen: the socket would stay
+    open for as long as the client does. TCP_USER_TIMEOUT (Linux) makes the kernel reset
+    a connection whose data has stayed unacknowledged, or unsent behind a zero window,
+    for that long, and so frees the socket as well. `python downloader.py` uses it;
+    `uvicorn downloader:app --http downloader:HTTPProtocol` does the same."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # no httptools: uvicorn's pure-Python h11 protocol
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    timeout_ms = int(float(os.environ.get(ENV_PREFIX + "STALL_TIMEOUT", STALL_TIMEOUT_S)) * 1000)
+
+    class HTTPProtocol(base):  # type: ignore[valid-type, misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+
+    return HTTPProtocol
+
+
 def __getattr__(name: str) -> object:
     """`downloader.app`, built from DOWNLOADER_* variables the first time it is asked for,
     so importing the module to embed it never reads the environment. A bad setting stops
-    start-up with one line on stderr."""
+    start-up with one line on stderr. `downloader.HTTPProtocol` likewise (stall_safe_protocol)."""
+    if name == "HTTPProtocol":
+        globals()["HTTPProtocol"] = protocol = stall_safe_protocol()
+        return protocol
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
@@ -2172,6 +2321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=workers,
             app_dir=os.path.dirname(os.path.abspath(__file__)),
             timeout_graceful_shutdown=grace,
+            http="downloader:HTTPProtocol",
             proxy_headers=proxy_headers,
             forwarded_allow_ips=forwarded_allow_ips,
         )

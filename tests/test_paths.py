@@ -74,9 +74,18 @@ def check_refused(status: int, headers: dict[str, str], body: bytes, wanted: int
     assert "etag" not in headers and "last-modified" not in headers
 
 
+@pytest.fixture(params=[True, False], ids=["pinned", "checked"])
+def open_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways of opening: O_PATH + /proc (Linux) and realpath + fstat (elsewhere)."""
+    if request.param and not downloader.PINNED_OPEN:
+        pytest.skip("O_PATH and /proc/self/fd are Linux-only")
+    monkeypatch.setattr(downloader, "PINNED_OPEN", request.param)
+    return request.param
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize(("path", "wanted"), HOSTILE, ids=[p[:40] for p, _ in HOSTILE])
-async def test_hostile_path_asgi(root: Path, path: str, wanted: int) -> None:
+async def test_hostile_path_asgi(root: Path, path: str, wanted: int, open_mode: bool) -> None:
     app = downloader.create_app(root)
     status, headers, body = await asgi_request(app, b"/download/" + path.encode())
     check_refused(status, headers, body, wanted)
@@ -95,7 +104,7 @@ def test_hostile_paths_live(live_server) -> None:
     ("path", "body"),
     [("ten.txt", TEN), ("link-in", TEN), ("sub/inner.txt", b"inner"), ("sub%2finner.txt", b"inner"), ("r%C3%A9sum%C3%A9%20%E6%95%B0%E6%8D%AE.txt", "naïve ünïcode\n".encode())],
 )
-async def test_served_inside_root(root: Path, path: str, body: bytes) -> None:
+async def test_served_inside_root(root: Path, path: str, body: bytes, open_mode: bool) -> None:
     status, _, got = await asgi_request(downloader.create_app(root), b"/download/" + path.encode())
     assert (status, got) == (200, body)
 
@@ -152,7 +161,7 @@ def test_open_under_root_checks_the_opened_descriptor(root: Path) -> None:
         os.close(opened.fd)
 
 
-def test_failed_opens_leak_no_descriptor(root: Path) -> None:
+def test_failed_opens_leak_no_descriptor(root: Path, open_mode: bool) -> None:
     before = len(os.listdir("/proc/self/fd"))
     for path, _ in HOSTILE:
         with pytest.raises(downloader.HTTPError):
