@@ -32,6 +32,7 @@ import asyncio
 import base64
 import calendar
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import errno
@@ -435,19 +436,66 @@ O_PATH = getattr(os, "O_PATH", 0)
 PINNED_OPEN = bool(O_PATH) and os.path.isdir("/proc/self/fd")
 """Linux: open_pinned checks the very file it then opens; elsewhere open_checked."""
 
+RESOLVE_CACHED = 0x20  # linux/openat2.h
+SYS_OPENAT2 = 437  # one number on every architecture: openat2 came after the tables were unified
 
-def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile:
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _libc_syscall() -> Callable[..., int] | None:
+    if not PINNED_OPEN:
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+
+
+_syscall = _libc_syscall()
+CACHED_OPEN = _syscall is not None
+"""Can open_handle_cached be tried? Turned off for good at its first ENOSYS (before Linux
+5.12, or a sandbox that forbids openat2)."""
+
+
+def open_handle_cached(path: str) -> int | None:
+    """An O_PATH handle for `path` if every component of it is in the kernel's lookup
+    cache, else None. openat2 with RESOLVE_CACHED (Linux 5.12+) fails with EAGAIN rather
+    than wait for the disk, so the event loop may call it, as read_cached does for data:
+    a request for a cached small file then needs no worker thread at all."""
+    global CACHED_OPEN
+    if not CACHED_OPEN or "\x00" in path:
+        return None
+    how = _OpenHow(O_PATH | os.O_CLOEXEC, 0, RESOLVE_CACHED)
+    assert _syscall is not None
+    fd = _syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(-100), os.fsencode(path), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd >= 0:
+        return fd
+    err = ctypes.get_errno()
+    if err == errno.EAGAIN:
+        return None  # resolving it needs I/O: a worker thread will
+    if err in (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.E2BIG):
+        CACHED_OPEN = False
+        return None
+    raise OSError(err, os.strerror(err))
+
+
+def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False, cached: bool = False) -> OpenFile | None:
     """Opens the regular file `candidate` resolves to, with no window between check and
     open (Linux). O_PATH resolves the path (links included) to a handle that opens
     nothing: no device is touched and no FIFO can block. The handle's fstat and its real
     path from /proc/self/fd are checked (a regular file, inside the root, not hidden
-    there), and then that same inode is opened through the handle."""
+    there), and then that same inode is opened through the handle. With `cached`, only
+    from the kernel's caches (open_handle_cached): None when that would need I/O."""
     try:
-        handle = os.open(candidate, O_PATH | os.O_CLOEXEC)
+        handle = open_handle_cached(candidate) if cached else os.open(candidate, O_PATH | os.O_CLOEXEC)
     except ValueError:
         raise not_found() from None  # a NUL byte
     except OSError as exc:
         raise os_error_to_http(exc) from None
+    if handle is None:
+        return None
     try:
         st = os.fstat(handle)
         if not stat.S_ISREG(st.st_mode):
@@ -497,7 +545,9 @@ def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> 
         raise not_found()
     candidate = os.path.join(root, *segments)
     if PINNED_OPEN:
-        return open_pinned(candidate, root=root, serve_hidden=serve_hidden)
+        opened = open_pinned(candidate, root=root, serve_hidden=serve_hidden)
+        assert opened is not None
+        return opened
     try:
         real = os.path.realpath(candidate, strict=True)
     except (OSError, ValueError):
@@ -509,10 +559,26 @@ def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> 
     return open_checked(real, root=root)
 
 
+def open_cached(path: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile | None:
+    """open_under_root (with a real `root`) or open_path (without), done from the kernel's
+    caches alone, so the event loop may call it; None when that would need I/O (then the
+    caller runs the blocking version in a worker thread)."""
+    if not CACHED_OPEN:
+        return None
+    if root is None:
+        return open_pinned(path, root=None, cached=True)
+    segments = split_url_path(path)
+    if not serve_hidden and is_hidden(segments):
+        raise not_found()
+    return open_pinned(os.path.join(root, *segments), root=root, serve_hidden=serve_hidden, cached=True)
+
+
 def open_path(path: str | os.PathLike[str]) -> OpenFile:
     """A host app's own file path, opened and checked (a regular file); no root applies."""
     if PINNED_OPEN:
-        return open_pinned(os.fspath(path), root=None)
+        opened = open_pinned(os.fspath(path), root=None)
+        assert opened is not None
+        return opened
     try:
         real = os.path.realpath(os.fspath(path), strict=True)
     except (OSError, ValueError):
@@ -1143,6 +1209,10 @@ class FileChunks:
         self._nowait = bool(RWF_NOWAIT)
         FileChunks.running += 1
 
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def __aiter__(self) -> FileChunks:
         return self
 
@@ -1248,6 +1318,39 @@ async def send_small(send: Send, start: Message, chunks: FileChunks) -> int:
     finally:
         await chunks.aclose()
     return len(body)
+
+
+PROC_FD = "/proc/self/fd"
+
+
+def can_pathsend(scope: Scope, plan: Plan, pieces: Sequence[object]) -> bool:
+    """May the server send this body itself? Only a whole file (a 200 whose one piece is
+    the whole ByteRange, no gate), only where the server offers the ASGI pathsend
+    extension, and only where /proc/self/fd can name the already-opened file."""
+    return (
+        "http.response.pathsend" in scope.get("extensions", {})
+        and plan.status == 200
+        and len(pieces) == 1
+        and isinstance(pieces[0], ByteRange)
+        and PINNED_OPEN
+    )
+
+
+async def send_path(send: Send, receive: Receive, start: Message, chunks: FileChunks) -> None:
+    """The ASGI pathsend extension (granian): the server sends the file, with sendfile.
+    The path given is /proc/self/fd/N of the descriptor we opened and checked, never the
+    file's name, which could be swapped for another file since the check. A server opens
+    that path some time after the message; the descriptor stays open until it says the
+    response is over (http.disconnect, ASGI HTTP spec), so N can't name another file."""
+    try:
+        await send(start)
+        await send({"type": "http.response.pathsend", "path": f"{PROC_FD}/{chunks.fd}"})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except OSError:
+        pass  # ASGI 2.4: the client is gone
+    finally:
+        await chunks.aclose()
 
 
 def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
@@ -1587,6 +1690,12 @@ class DownloadResponse(Response):
         self.root_is_real = root_is_real  # a real path already: skip its realpath per request
         self.background = None
 
+    def open_cached(self) -> OpenFile | None:
+        """The file from the kernel's caches, in the event loop; None: use open()."""
+        if self.root is not None and not self.root_is_real:
+            return None  # the root's realpath may need I/O
+        return open_cached(self.path, root=self.root, serve_hidden=self.serve_hidden)
+
     def open(self) -> OpenFile:
         if self.root is None:
             return open_path(self.path)
@@ -1595,7 +1704,7 @@ class DownloadResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            opened = await anyio.to_thread.run_sync(self.open)
+            opened = self.open_cached() or await anyio.to_thread.run_sync(self.open)
         except HTTPError as exc:
             await error_response(exc)(scope, receive, send)
             return
@@ -1620,6 +1729,9 @@ class DownloadResponse(Response):
             await error_response(exc)(scope, receive, send)
             return
         start = {"type": "http.response.start", "status": plan.status, "headers": _raw(plan.headers) + self.extra_headers}
+        if can_pathsend(scope, plan, pieces) and not self.rate_limit:
+            await send_path(send, receive, start, chunks)
+            return
         await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
 
     async def offload(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
@@ -1985,6 +2097,9 @@ class Operations:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
+            elif message["type"] == "http.response.pathsend":  # the server sends the whole file
+                sent += os.fstat(int(message["path"].rsplit("/", 1)[1])).st_size
+                complete = True
 
         self.active += 1
         if self.metrics:

@@ -74,18 +74,22 @@ def check_refused(status: int, headers: dict[str, str], body: bytes, wanted: int
     assert "etag" not in headers and "last-modified" not in headers
 
 
-@pytest.fixture(params=[True, False], ids=["pinned", "checked"])
-def open_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Both ways of opening: O_PATH + /proc (Linux) and realpath + fstat (elsewhere)."""
-    if request.param and not downloader.PINNED_OPEN:
+@pytest.fixture(params=["cached", "pinned", "checked"])
+def open_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every way of opening: from the kernel's caches in the event loop (openat2
+    RESOLVE_CACHED), O_PATH + /proc in a thread (Linux), realpath + fstat (elsewhere)."""
+    if request.param == "cached" and not downloader.CACHED_OPEN:
+        pytest.skip("openat2 with RESOLVE_CACHED needs Linux 5.12+")
+    if request.param == "pinned" and not downloader.PINNED_OPEN:
         pytest.skip("O_PATH and /proc/self/fd are Linux-only")
-    monkeypatch.setattr(downloader, "PINNED_OPEN", request.param)
+    monkeypatch.setattr(downloader, "CACHED_OPEN", request.param == "cached")
+    monkeypatch.setattr(downloader, "PINNED_OPEN", request.param in ("cached", "pinned"))
     return request.param
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("path", "wanted"), HOSTILE, ids=[p[:40] for p, _ in HOSTILE])
-async def test_hostile_path_asgi(root: Path, path: str, wanted: int, open_mode: bool) -> None:
+async def test_hostile_path_asgi(root: Path, path: str, wanted: int, open_mode: str) -> None:
     app = downloader.create_app(root)
     status, headers, body = await asgi_request(app, b"/download/" + path.encode())
     check_refused(status, headers, body, wanted)
@@ -104,7 +108,7 @@ def test_hostile_paths_live(live_server) -> None:
     ("path", "body"),
     [("ten.txt", TEN), ("link-in", TEN), ("sub/inner.txt", b"inner"), ("sub%2finner.txt", b"inner"), ("r%C3%A9sum%C3%A9%20%E6%95%B0%E6%8D%AE.txt", "naïve ünïcode\n".encode())],
 )
-async def test_served_inside_root(root: Path, path: str, body: bytes, open_mode: bool) -> None:
+async def test_served_inside_root(root: Path, path: str, body: bytes, open_mode: str) -> None:
     status, _, got = await asgi_request(downloader.create_app(root), b"/download/" + path.encode())
     assert (status, got) == (200, body)
 
@@ -161,9 +165,26 @@ def test_open_under_root_checks_the_opened_descriptor(root: Path) -> None:
         os.close(opened.fd)
 
 
-def test_failed_opens_leak_no_descriptor(root: Path, open_mode: bool) -> None:
+def test_failed_opens_leak_no_descriptor(root: Path, open_mode: str) -> None:
     before = len(os.listdir("/proc/self/fd"))
     for path, _ in HOSTILE:
         with pytest.raises(downloader.HTTPError):
             downloader.open_under_root(str(root.resolve()), __import__("urllib.parse").parse.unquote(path))
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.skipif(not downloader.CACHED_OPEN, reason="openat2 with RESOLVE_CACHED needs Linux 5.12+")
+def test_open_cached_serves_a_cached_file_and_refuses_what_open_under_root_refuses(root: Path) -> None:
+    real = str(root.resolve())
+    (root / "ten.txt").read_bytes()  # its dentry is in the cache now
+    opened = downloader.open_cached("ten.txt", root=real)
+    assert opened is not None
+    try:
+        assert (opened.info.size, os.pread(opened.fd, 10, 0)) == (10, TEN)
+    finally:
+        os.close(opened.fd)
+    for path in ("link-out", "linkdir-out/secret.txt", "link-hidden", "fifo", "sub"):
+        os.stat(root / path)  # every dentry on the way into the cache, so no EAGAIN
+        with pytest.raises(downloader.HTTPError) as caught:
+            downloader.open_cached(path, root=real)
+        assert caught.value.status == 404

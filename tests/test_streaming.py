@@ -134,3 +134,71 @@ async def test_file_chunks_raises_on_a_short_read(tmp_path: Path) -> None:
     with pytest.raises(downloader.TransferAborted):
         await chunks.__anext__()
     await chunks.aclose()
+
+
+# pathsend under granian: the server sends the already-opened file by /proc/self/fd/N.
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def granian_server(root: Path, tmp_path: Path):
+    """granian (which offers the ASGI pathsend extension) serving downloader:app."""
+    import importlib.util
+    import signal
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("granian") is None:
+        pytest.skip("granian is not installed (tests/requirements.txt installs it)")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
+    env.update(DOWNLOADER_ROOT=str(root), DOWNLOADER_ACCESS_LOG="off")
+    log = tmp_path / "granian.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "downloader:app"],
+            cwd=Path(downloader.__file__).parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def test_pathsend_under_granian_sends_the_opened_files_exactly(granian_server: int, root: Path) -> None:
+    """Many files at once, so descriptor numbers are reused all the time: every body must
+    still be its own file's bytes (a /proc/self/fd/N closed too early would mix them)."""
+    import concurrent.futures
+
+    files = {f"f{i}.bin": os.urandom(random_size) for i, random_size in enumerate([1024, 300_000, 3 * MIB, 5 * MIB + 7])}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+
+    def fetch(name: str) -> tuple[str, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", granian_server, timeout=30)
+        conn.request("GET", f"/download/{name}")
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        assert (response.status, response.getheader("Content-Length")) == (200, str(len(files[name])))
+        return name, body
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(fetch, list(files) * 10))
+    assert all(body == files[name] for name, body in results)
+    conn, response = open_download(granian_server, "f3.bin", {"Range": "bytes=10-19"})
+    assert (response.status, response.read()) == (206, files["f3.bin"][10:20])
+    conn.close()
