@@ -2053,6 +2053,16 @@ class Metrics:
         self.sent = prom.Counter("downloader_sent_bytes", "Body bytes handed to the server", registry=self.registry)
         self.active = prom.Gauge("downloader_active_downloads", "Downloads in progress", registry=self.registry, multiprocess_mode="livesum")
         self.duration = prom.Histogram("downloader_download_seconds", "Time from request to last byte", registry=self.registry, buckets=self.BUCKETS_S)
+        self.by_status: dict[int, object] = {}  # labels() looks the child up anew each time
+
+    def count(self, status: int, sent: int, duration: float) -> None:
+        child = self.by_status.get(status)
+        if child is None:
+            child = self.by_status[status] = self.requests.labels(str(status))
+        child.inc()  # type: ignore[attr-defined]
+        if sent:
+            self.sent.inc(sent)
+        self.duration.observe(duration)
 
     def render(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -2119,9 +2129,7 @@ class Operations:
 
     def record(self, scope: Scope, status: int, sent: int, duration: float, aborted: str | None) -> None:
         if self.metrics:
-            self.metrics.requests.labels(str(status)).inc()
-            self.metrics.sent.inc(sent)
-            self.metrics.duration.observe(duration)
+            self.metrics.count(status, sent, duration)
         if self.log is None:
             return
         headers = request_headers(scope)
