@@ -15,14 +15,15 @@ The module reads top to bottom; a section uses only the sections above it
 | 2 | Settings           | kwargs and DOWNLOADER_* variables -> one frozen Settings       |
 | 3 | Path resolution    | URL path -> an open, checked regular file under the root       |
 | 4 | HTTP semantics     | RFC 9110 ranges, preconditions and header values; pure         |
-| 5 | Streaming          | bytes of an fd onto ASGI `send`, with disconnects              |
-| 7 | Responses          | DownloadResponse and error_response, the ASGI objects          |
-| 8 | App and routes     | create_app, the routes, the lazily built module-level `app`    |
-| 9 | CLI                | argv -> environment -> uvicorn                                 |
+| 5 | Streaming          | bytes of an fd onto ASGI `send`: limits, disconnects, pathsend |
+| 6 | Signed links, IDs  | HMAC links, the SQLite catalog of opaque IDs                   |
+| 7 | Responses          | DownloadResponse, stream_download, /zip, error_response        |
+| 8 | App and routes     | create_app, the ops middleware, the lazily built `app`         |
+| 9 | CLI                | argv -> environment -> uvicorn; sign, add, revoke, list        |
 
-Sections 1-5 know nothing of Starlette: they take and return str, int, bytes,
-os.stat_result and the small types defined here, so their tests need no HTTP.
-(Section 6, signed links and the ID catalog, arrives with its issue.)
+Sections 1-6 know nothing of Starlette's requests, responses or routing: they take and
+return str, int, bytes, os.stat_result and the small types defined here, so their tests
+need no HTTP.
 """
 
 from __future__ import annotations

@@ -175,14 +175,16 @@ def raw_request(port: int, target: bytes, method: bytes = b"GET", headers: bytes
     return status, parsed, body
 
 
-async def asgi_request(app, raw_path: bytes, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """Calls the ASGI app with `raw_path` exactly as given, decoded once as uvicorn does
-    (httpx would normalise `..` away before the app saw it)."""
+async def asgi_request(app, target: bytes, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """Calls the ASGI app with the request target's path exactly as given (percent escapes
+    and `..` included), decoded once as uvicorn does, and its query string; httpx would
+    normalise the path before the app saw it."""
     from urllib.parse import unquote
 
+    raw_path, _, query = target.partition(b"?")
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": method, "scheme": "http", "root_path": "", "query_string": b"",
+        "method": method, "scheme": "http", "root_path": "", "query_string": query,
         "raw_path": raw_path, "path": unquote(raw_path.decode("ascii")),
         "headers": [(b"host", b"testserver"), *(headers or [])],
         "client": ("127.0.0.1", 1234), "server": ("testserver", 80),

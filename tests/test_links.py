@@ -24,7 +24,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 import downloader
-from conftest import PROJECT, TEN, UNICODE_NAME, need, start_server, stop_server
+from conftest import PROJECT, TEN, UNICODE_NAME, asgi_request, need, start_server, stop_server
 from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
 
 KEY = "k-3f9a"
@@ -43,32 +43,8 @@ def asgi_client(app) -> httpx.AsyncClient:
 
 
 async def asgi_get(app, target: str, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """Calls the ASGI app with the target's path exactly as given (percent escapes
-    included), decoded once as uvicorn does; httpx might normalise the escapes away."""
-    raw_path, _, query = target.partition("?")
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-        "method": method, "scheme": "http", "root_path": "", "query_string": query.encode("ascii"),
-        "raw_path": raw_path.encode("ascii"), "path": urllib.parse.unquote(raw_path),
-        "headers": [(b"host", b"testserver"), *(headers or [])],
-        "client": ("127.0.0.1", 1234), "server": ("testserver", 80),
-    }
-    messages: list[dict] = []
-    sent = False
-
-    async def receive() -> dict:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep_forever()
-
-    async def send(message: dict) -> None:
-        messages.append(message)
-
-    await app(scope, receive, send)
-    got = {k.decode("latin-1"): v.decode("latin-1") for k, v in messages[0]["headers"]}
-    return messages[0]["status"], got, b"".join(m.get("body", b"") for m in messages[1:])
+    """conftest.asgi_request for a str target: the path reaches the app exactly as written."""
+    return await asgi_request(app, target.encode("ascii"), method, headers)
 
 
 def query_of(url: str) -> dict[str, str]:
