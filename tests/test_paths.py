@@ -3,6 +3,7 @@ from outside. Every hostile path is sent raw, both to the ASGI app and to a live
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -188,3 +189,19 @@ def test_open_cached_serves_a_cached_file_and_refuses_what_open_under_root_refus
         with pytest.raises(downloader.HTTPError) as caught:
             downloader.open_cached(path, root=real)
         assert caught.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "headers"),
+    [
+        (errno.ENOENT, 404, {}), (errno.ENOTDIR, 404, {}), (errno.ELOOP, 404, {}), (errno.ENAMETOOLONG, 404, {}),
+        (errno.EISDIR, 404, {}), (errno.EACCES, 403, {}), (errno.EPERM, 403, {}),
+        (errno.EMFILE, 503, {"Retry-After": "1"}), (errno.ENFILE, 503, {"Retry-After": "1"}),
+    ],
+    ids=lambda v: errno.errorcode[v] if isinstance(v, int) and v < 100 else None,
+)
+def test_os_error_to_http(code: int, status: int, headers: dict[str, str]) -> None:
+    """The one place OS errors become answers (like Go's toHTTPError): fixed messages only."""
+    error = downloader.os_error_to_http(OSError(code, os.strerror(code), "/secret/path"))
+    assert (error.status, error.headers) == (status, headers)
+    assert "/secret/path" not in error.detail and os.strerror(code) not in error.detail
