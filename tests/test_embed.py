@@ -33,7 +33,6 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_request, need, start_server, stop_server
-import downloader
 from downloader import DownloadResponse, create_app, http_date, make_etag, stream_download
 
 MIB = 1024 * 1024
