@@ -989,6 +989,8 @@ def utf8_filename(name: str) -> str:
     return safe.encode("utf-8", "surrogatepass").decode("latin-1")
 
 
+# Deviation: RFC 6266 Appendix D advises ASCII in filename=; curl -J reads nothing else, so
+# curl gets the UTF-8 name there (README: Limits and deviations).
 def wants_utf8_filename(user_agent: str) -> bool:
     """Does this client read only `filename=` yet expect UTF-8 in it? curl's -J ignores
     `filename*` ("it does not yet support the filename* field", curl/curl#1888)."""
