@@ -254,11 +254,6 @@ def test_make_etag_is_strong_and_changes_with_size_and_mtime() -> None:
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def ten_root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     root.mkdir()

@@ -198,11 +198,6 @@ def test_byte_range_length_and_content_range(byte_range: ByteRange, length: int,
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def ten_root(tmp_path: Path) -> Path:
     root = tmp_path / "root"
     root.mkdir()
