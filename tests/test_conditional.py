@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import downloader
 from downloader import (
     Cond,
     check_if_match,
@@ -534,3 +535,34 @@ async def test_old_validators_fail_after_the_file_changes(
         assert response.content == body
         assert response.headers["etag"] == make_etag(len(body), (MTIME + 10) * 10**9)
         assert response.headers.get("content-range") is None
+
+
+@pytest.mark.parametrize("value", ["Thu, 31 Feb 2020 03:04:05 GMT", "Sun, 30 Feb 2020 03:04:05 GMT", "Fri, 31 Apr 2020 00:00:00 GMT", "Mon, 01 Jan 2020 24:00:00 GMT"])
+def test_impossible_dates_are_not_dates(value: str) -> None:
+    """RFC 9110 §13.1.3: a recipient MUST ignore a value that is not a valid HTTP-date."""
+    assert downloader.parse_http_date(value) is None
+    assert downloader.check_if_modified_since(value, MTIME) is downloader.Cond.NONE
+
+
+def test_leap_second_is_a_date() -> None:
+    assert downloader.parse_http_date("Wed, 31 Dec 2008 23:59:60 GMT") == 1230768000
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({"If-Match": '"x"'}, 412), ({"If-Match": "*"}, 200), ({"If-None-Match": "*"}, 304), ({"If-None-Match": '"x"'}, 200), ({"If-Modified-Since": "Sun, 06 Nov 1994 08:49:37 GMT"}, 200)],
+    ids=["if-match-tag", "if-match-star", "if-none-match-star", "if-none-match-tag", "ims-ignored"],
+)
+async def test_generated_downloads_have_no_validator_to_match(ten_root: Path, headers: dict[str, str], status: int) -> None:
+    """/zip makes its bytes anew: no ETag, so If-Match of a tag fails and If-None-Match: * holds."""
+    import httpx
+
+    app = downloader.create_app(ten_root)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/zip/", headers=headers)
+    assert response.status_code == status
+    if status == 412:
+        assert response.json() == {"detail": "Precondition Failed"}
+    if status == 304:
+        assert (response.content, response.headers.get("content-length")) == (b"", None)

@@ -3,6 +3,7 @@ validators, and every download header through HTTP."""
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from pathlib import Path
 
@@ -183,3 +184,27 @@ async def test_etag_changes_when_the_file_changes(client, root: Path) -> None:
     (root / "ten.txt").write_bytes(b"9876543210")
     second = (await client.get("/download/ten.txt")).headers["etag"]
     assert first != second
+
+
+def test_last_modified_is_never_after_date_even_for_a_future_mtime(live_server, root: Path) -> None:
+    """RFC 9110 §8.8.2.1: never a Last-Modified later than the Date. A file dated in the
+    future is shown as modified now, and uvicorn's Date trails the clock by up to a second,
+    so requests are made for 1.5 s to cross a second boundary before its Date catches up."""
+    import email.utils
+    import http.client
+    import time as clock
+
+    (root / "future.txt").write_bytes(b"from the future")
+    os.utime(root / "future.txt", (4_102_444_800, 4_102_444_800))  # 2100-01-01
+    conn = http.client.HTTPConnection("127.0.0.1", live_server.port, timeout=10)
+    deadline, seen = clock.monotonic() + 1.5, 0
+    while clock.monotonic() < deadline:
+        conn.request("HEAD", "/download/future.txt")
+        response = conn.getresponse()
+        response.read()
+        date = email.utils.parsedate_to_datetime(response.getheader("Date"))
+        modified = email.utils.parsedate_to_datetime(response.getheader("Last-Modified"))
+        assert modified <= date
+        seen += 1
+    conn.close()
+    assert seen > 10
