@@ -15,7 +15,7 @@ The module reads top to bottom; a section uses only the sections above it
 | 2 | Settings           | kwargs and DOWNLOADER_* variables -> one frozen Settings       |
 | 3 | Path resolution    | URL path -> an open, checked regular file under the root       |
 | 4 | HTTP semantics     | RFC 9110 ranges, preconditions and header values; pure         |
-| 5 | Streaming          | bytes of an fd onto ASGI `send`: limits, disconnects, pathsend |
+| 5 | Streaming          | bytes of an fd onto ASGI `send`: limits, disconnects           |
 | 6 | Signed links, IDs  | HMAC links, the SQLite catalog of opaque IDs                   |
 | 7 | Responses          | DownloadResponse, stream_download, /zip, error_response        |
 | 8 | App and routes     | create_app, the ops middleware, the lazily built `app`         |
@@ -1205,10 +1205,6 @@ class FileChunks:
         self._nowait = bool(RWF_NOWAIT)
         FileChunks.running += 1
 
-    @property
-    def fd(self) -> int:
-        return self._fd
-
     def __aiter__(self) -> FileChunks:
         return self
 
@@ -1316,37 +1312,12 @@ async def send_small(send: Send, start: Message, chunks: FileChunks) -> int:
     return len(body)
 
 
-PROC_FD = "/proc/self/fd"
-
-
-def can_pathsend(scope: Scope, plan: Plan, pieces: Sequence[object]) -> bool:
-    """May the server send this body itself? Only a whole file (a 200 whose one piece is
-    the whole ByteRange, no gate), only where the server offers the ASGI pathsend
-    extension, and only where /proc/self/fd can name the already-opened file."""
-    return (
-        "http.response.pathsend" in scope.get("extensions", {})
-        and plan.status == 200
-        and len(pieces) == 1
-        and isinstance(pieces[0], ByteRange)
-        and PINNED_OPEN
-    )
-
-
-async def send_path(send: Send, receive: Receive, start: Message, chunks: FileChunks) -> None:
-    """The ASGI pathsend extension (granian): the server sends the file, with sendfile.
-    The path given is /proc/self/fd/N of the descriptor we opened and checked, never the
-    file's name, which could be swapped for another file since the check. A server opens
-    that path some time after the message; the descriptor stays open until it says the
-    response is over (http.disconnect, ASGI HTTP spec), so N can't name another file."""
-    try:
-        await send(start)
-        await send({"type": "http.response.pathsend", "path": f"{PROC_FD}/{chunks.fd}"})
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except OSError:
-        pass  # ASGI 2.4: the client is gone
-    finally:
-        await chunks.aclose()
+# Deviation from issue #8's plan: no http.response.pathsend. Granian, the server that
+# offers it, opens the path only after it has told the app the response is over
+# (receive() -> http.disconnect), so /proc/self/fd/N of our checked descriptor would be
+# closed, and N perhaps reused by another download, before granian opens it: our test
+# under granian got its 404s (README: Performance). Sending the name instead would let a
+# swapped file through. So under granian too, we stream the checked descriptor ourselves.
 
 
 def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
@@ -1725,9 +1696,6 @@ class DownloadResponse(Response):
             await error_response(exc)(scope, receive, send)
             return
         start = {"type": "http.response.start", "status": plan.status, "headers": _raw(plan.headers) + self.extra_headers}
-        if can_pathsend(scope, plan, pieces) and not self.rate_limit:
-            await send_path(send, receive, start, chunks)
-            return
         await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
 
     async def offload(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
@@ -2114,9 +2082,6 @@ class Operations:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-            elif message["type"] == "http.response.pathsend":  # the server sends the whole file
-                sent += os.fstat(int(message["path"].rsplit("/", 1)[1])).st_size
-                complete = True
 
         self.active += 1
         if self.metrics:
