@@ -166,6 +166,16 @@ class TransferAborted(RuntimeError):
     never a short body that looks complete."""
 
 
+class GateClosed(TransferAborted):
+    """A gate (see hold_last_byte) refused the rest of the body: mid-body, the transfer
+    is aborted like any other."""
+
+
+class TransferRefused(Exception):
+    """A gate refused the body before any byte of it was sent (a body small enough to go
+    out in one message): the response can still answer with an error."""
+
+
 def not_found() -> HTTPError:
     return HTTPError(404, "Not Found")
 
@@ -1185,14 +1195,14 @@ def read_cached(fd: int, size: int, offset: int) -> bytes | None:
 
 
 class FileChunks:
-    """Async iterator over `pieces` of the open file `fd`: literal bytes are yielded as
-    they are; each ByteRange is read in chunks of at most `chunk_size`, straight from the
-    page cache when it can be (read_cached), else with os.pread in a worker thread; the
-    reads start at FIRST_CHUNK_SIZE and double up to `chunk_size`, held to this
-    process's share of READ_BUDGET; each
-    Gate is called in a worker thread (False: TransferAborted). It owns `fd`: aclose()
-    closes it, once. A short read means the file shrank: that, or a failed read, raises
-    TransferAborted. Bytes appended meanwhile are never read."""
+    """Async iterator over `pieces` of the open file `fd`.
+
+    Literal bytes are yielded as they are. Each ByteRange is read straight from the page
+    cache when it can be (read_cached), else with os.pread in a worker thread; reads start
+    at FIRST_CHUNK_SIZE and double up to `chunk_size`, held to this process's share of
+    READ_BUDGET. Each Gate is called in a worker thread (False: GateClosed). It owns `fd`:
+    aclose() closes it, once. A short read means the file shrank: that, or a failed read,
+    raises TransferAborted. Bytes appended meanwhile are never read."""
 
     running = 0  # FileChunks open in this process: they share READ_BUDGET
 
@@ -1219,7 +1229,7 @@ class FileChunks:
                 return piece
             if not isinstance(piece, ByteRange):
                 if not await anyio.to_thread.run_sync(piece):
-                    raise TransferAborted("the gate refused the rest of the body")
+                    raise GateClosed("the gate refused the rest of the body")
                 continue
             self._pos, self._stop = piece.start, piece.stop
         share = max(MIN_CHUNK_SIZE, READ_BUDGET // FileChunks.running)
@@ -1302,9 +1312,14 @@ class ByteStream:
 
 async def send_small(send: Send, start: Message, chunks: FileChunks) -> int:
     """A body of one first chunk at most, read whole and sent in one message: no
-    disconnect watcher is worth its task for a body the socket takes at once."""
+    disconnect watcher is worth its task for a body the socket takes at once. Read
+    before anything is sent, a gate's refusal becomes TransferRefused: the caller can
+    still answer it."""
     try:
-        body = b"".join([chunk async for chunk in chunks])
+        try:
+            body = b"".join([chunk async for chunk in chunks])
+        except GateClosed as exc:
+            raise TransferRefused(str(exc)) from None
         await send(start)
         await send({"type": "http.response.body", "body": body, "more_body": False})
     except OSError:
@@ -1700,7 +1715,10 @@ class DownloadResponse(Response):
             await error_response(exc)(scope, receive, send)
             return
         start = {"type": "http.response.start", "status": plan.status, "headers": _raw(plan.headers) + self.extra_headers}
-        await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
+        try:
+            await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
+        except TransferRefused:  # a catalog link used up by a racing download meanwhile
+            await error_response(HTTPError(410, LINK_GONE["used-up"]))(scope, receive, send)
 
     async def offload(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
         """Hands the bytes to the front proxy (nginx's X-Accel-Redirect, the X-Sendfile of

@@ -897,3 +897,17 @@ def test_authorize_must_be_callable(root: Path) -> None:
     with pytest.raises(downloader.SettingsError) as caught:
         create_app(root, authorize="yes")
     assert str(caught.value) == "authorize: must be a callable"
+
+
+@pytest.mark.anyio
+async def test_small_file_whose_last_download_was_taken_meanwhile_is_410(root: Path, tmp_path: Path) -> None:
+    """A body that goes out in one message is counted before it is sent: if a racing
+    download took the last one between the check and the count, the answer is a clean
+    410, not a 500 (nor the file)."""
+    app = downloader.create_app(root, catalog=str(tmp_path / "race.db"), access_log="off")
+    catalog = app.state.catalog
+    link = catalog.add("ten.txt", max_downloads=1)
+    catalog.claim = lambda link_id: False  # the racing worker won the last download
+    async with asgi_client(app) as c:
+        response = await c.get(f"/files/{link.id}")
+    assert (response.status_code, response.json()) == (410, {"detail": "This download link has been used up"})
