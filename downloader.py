@@ -131,6 +131,10 @@ MAX_RANGES = 100
 """More ranges than this in one Range header and the header is ignored (a 200 with the
 whole file): RFC 9110 §14.2 lets a server ignore a Range that looks like an attack."""
 
+DEFAULT_CACHE_CONTROL = "no-cache"
+"""Caches may keep a download but revalidate it each time, cheaply, by its strong ETag
+(setting: cache_control; no-transform is always added, see no_transform)."""
+
 STALL_TIMEOUT_S = 60.0
 """A download whose next chunk the server can't take for this long is aborted (setting:
 stall_timeout): uvicorn has no write timeout, and a client that stops reading would
@@ -204,7 +208,7 @@ class Settings:
 
     root: str = DEFAULT_ROOT
     chunk_size: int = CHUNK_SIZE
-    cache_control: str = "no-cache"  # DEFAULT_CACHE_CONTROL
+    cache_control: str = DEFAULT_CACHE_CONTROL
     serve_hidden: bool = False
     listing: bool | None = None  # None: on, unless a secret protects /download
     blob_limit: int = 200 * 1024 * 1024
@@ -240,6 +244,13 @@ def _parse_int(text: str) -> int:
         return int(text.strip())
     except ValueError:
         raise ValueError("must be a whole number") from None
+
+
+def _parse_seconds(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
 
 
 def _parse_keys(text: str) -> tuple[str, ...]:
@@ -332,7 +343,7 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "zip_compression": (_parse_bool, _check_bool),
     "max_active_downloads": (_parse_int, _check_int(1, 1_000_000, "downloads")),
     "rate_limit": (_parse_int, _check_int(1024, 2**40, "bytes per second")),
-    "stall_timeout": (float, _check_seconds),
+    "stall_timeout": (_parse_seconds, _check_seconds),
     "access_log": (str, _check_text),
     "metrics": (_parse_bool, _check_bool),
     "offload": (str, _check_offload),
@@ -1616,7 +1627,6 @@ def error_response(exc: HTTPError) -> Response:
 
 
 _MEDIA_TYPES = build_media_types()
-DEFAULT_CACHE_CONTROL = "no-cache"
 
 
 class DownloadResponse(Response):

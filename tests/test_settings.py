@@ -36,6 +36,12 @@ def test_env_values_are_parsed(tmp_path: Path) -> None:
         ({"DOWNLOADER_ROOT": "/no/such/dir"}, "DOWNLOADER_ROOT: '/no/such/dir' is not a directory"),
         ({"DOWNLOADER_CACHE_CONTROL": "a\r\nb"}, "DOWNLOADER_CACHE_CONTROL: must be printable ASCII text"),
         ({"DOWNLOADER_SECRETT": "x"}, "DOWNLOADER_SECRETT: unknown setting"),
+        ({"DOWNLOADER_STALL_TIMEOUT": "soon"}, "DOWNLOADER_STALL_TIMEOUT: must be a number of seconds, got 'soon'"),
+        ({"DOWNLOADER_STALL_TIMEOUT": "0"}, "DOWNLOADER_STALL_TIMEOUT: must be a number of seconds above 0, at most 86400"),
+        ({"DOWNLOADER_RATE_LIMIT": "10"}, "DOWNLOADER_RATE_LIMIT: must be a whole number of bytes per second from 1024 to 1099511627776"),
+        ({"DOWNLOADER_OFFLOAD": "sendfile"}, "DOWNLOADER_OFFLOAD: must be x-accel-redirect"),
+        ({"DOWNLOADER_OFFLOAD_PREFIX": "internal"}, "DOWNLOADER_OFFLOAD_PREFIX: must be a path that starts and ends with /, like /_downloader_files/"),
+        ({"DOWNLOADER_CATALOG": "/no/such/dir/c.db"}, "DOWNLOADER_CATALOG: folder '/no/such/dir' does not exist"),
     ],
 )
 def test_bad_env_value_names_the_variable(environ: dict[str, str], message: str) -> None:
