@@ -1744,7 +1744,8 @@ class DownloadResponse(Response):
             if not await anyio.to_thread.run_sync(self.gate):
                 raise HTTPError(410, LINK_GONE["used-up"])
         name = self.filename or info.name
-        relative = os.path.relpath(info.path, os.path.realpath(self.root)).replace(os.sep, "/")
+        root = self.root if self.root_is_real else await anyio.to_thread.run_sync(os.path.realpath, self.root)
+        relative = os.path.relpath(info.path, root).replace(os.sep, "/")
         headers = [
             ("X-Accel-Redirect", self.offload_prefix + urllib.parse.quote(relative)),
             ("Content-Type", self.media_type or media_type_for(name, _MEDIA_TYPES)),
@@ -1823,18 +1824,17 @@ class GeneratedDownload(Response):
         # If-None-Match: * answers 304 (RFC 9110 §13.1.1, §13.1.2); dates can't apply.
         tags = {k: v for k, v in requested.items() if k in ("if-match", "if-none-match")}
         status = evaluate_preconditions(scope["method"], tags, etag="", mtime=0.0)
-        if status is not None:
-            if hasattr(self.content, "close"):
-                self.content.close()  # type: ignore[union-attr]
-            error = HTTPError(412, "Precondition Failed") if status == 412 else None
-            response = error_response(error) if error else Response(status_code=304, headers={"Cache-Control": no_transform(self.cache_control)})
-            await response(scope, receive, send)
+        chunks = ByteStream(self.content, self.size)
+        if status is not None or scope["method"] == "HEAD":
+            await chunks.aclose()  # never started: its generator's finally has nothing to do
+            chunks = ByteStream((), 0)
+        if status == 412:
+            await error_response(HTTPError(412, "Precondition Failed"))(scope, receive, send)
+            return
+        if status == 304:
+            await Response(status_code=304, headers={"Cache-Control": no_transform(self.cache_control)})(scope, receive, send)
             return
         start = {"type": "http.response.start", "status": 200, "headers": _raw(headers) + self.extra_headers}
-        chunks = ByteStream(self.content, self.size)
-        if scope["method"] == "HEAD":
-            await chunks.aclose()
-            chunks = ByteStream((), 0)
         await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
 
 

@@ -566,3 +566,33 @@ async def test_generated_downloads_have_no_validator_to_match(ten_root: Path, he
         assert response.json() == {"detail": "Precondition Failed"}
     if status == 304:
         assert (response.content, response.headers.get("content-length")) == (b"", None)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("headers", "status"), [({"If-Match": '"x"'}, 412), ({"If-None-Match": "*"}, 304)])
+async def test_generated_content_refused_by_a_precondition_is_never_pulled(headers: dict[str, str], status: int) -> None:
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    pulled: list[int] = []
+    closed: list[bool] = []
+
+    class Rows:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self) -> bytes:
+            pulled.append(1)
+            return b"row\n"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def export(request):
+        return downloader.stream_download(Rows(), "rows.csv")
+
+    app = Starlette(routes=[Route("/rows.csv", export)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/rows.csv", headers=headers)
+    assert (response.status_code, pulled, closed) == (status, [], [True])
