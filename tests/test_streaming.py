@@ -203,3 +203,92 @@ def test_under_granian_many_files_at_once_are_each_exact(granian_server: int, ro
     conn, response = open_download(granian_server, "f3.bin", {"Range": "bytes=10-19"})
     assert (response.status, response.read()) == (206, files["f3.bin"][10:20])
     conn.close()
+
+
+# How FileChunks reads: the chunk schedule, the shared budget, and cache misses.
+
+KIB = 1024
+
+
+async def chunk_sizes(path: Path, chunk_size: int) -> list[int]:
+    fd = os.open(path, os.O_RDONLY)
+    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, path.stat().st_size)], chunk_size=chunk_size)
+    try:
+        return [len(chunk) async for chunk in chunks]
+    finally:
+        await chunks.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_lone_download_reads_chunks_that_double_up_to_chunk_size(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(2 * MIB))
+    monkeypatch.setattr(downloader.FileChunks, "running", 0)
+    sizes = await chunk_sizes(path, 512 * KIB)
+    assert [s // KIB for s in sizes] == [64, 128, 256, 512, 512, 512, 64]
+
+
+@pytest.mark.anyio
+async def test_many_downloads_share_the_read_budget(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(256 * KIB))
+    monkeypatch.setattr(downloader.FileChunks, "running", 31)  # 31 others: each gets 512 KiB / 32
+    sizes = await chunk_sizes(path, 512 * KIB)
+    assert sizes == [downloader.MIN_CHUNK_SIZE] * (256 * KIB // downloader.MIN_CHUNK_SIZE)
+    assert downloader.FileChunks.running == 31  # closed again
+
+
+def counting_threads(monkeypatch) -> list[object]:
+    """Records every function FileChunks sends to a worker thread."""
+    import anyio.to_thread
+
+    calls: list[object] = []
+    real = anyio.to_thread.run_sync
+
+    async def run_sync(func, *args, **kwargs):
+        calls.append(func)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", run_sync)
+    return calls
+
+
+@pytest.mark.anyio
+async def test_cached_data_is_read_without_a_thread_and_a_miss_with_one(tmp_path: Path, monkeypatch) -> None:
+    if not downloader.RWF_NOWAIT:
+        pytest.skip("preadv with RWF_NOWAIT is Linux-only")
+    path = tmp_path / "f"
+    data = os.urandom(1 * MIB)
+    path.write_bytes(data)
+    calls = counting_threads(monkeypatch)
+    fd = os.open(path, os.O_RDONLY)
+    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
+    assert b"".join([c async for c in chunks]) == data
+    assert calls == []  # all from the page cache, in the event loop
+
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # written back, so the pages are clean
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped from the cache
+    assert downloader.read_cached(fd, 64 * KIB, 0) is None
+    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
+    assert b"".join([c async for c in chunks]) == data
+    assert os.pread in calls  # the miss went to a worker thread
+
+
+@pytest.mark.anyio
+async def test_a_file_system_without_rwf_nowait_falls_back_to_threads(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    def unsupported(fd: int, size: int, offset: int) -> bytes:
+        raise OSError(errno.EOPNOTSUPP, "not supported")
+
+    path = tmp_path / "f"
+    data = os.urandom(300 * KIB)
+    path.write_bytes(data)
+    monkeypatch.setattr(downloader, "read_cached", unsupported)
+    calls = counting_threads(monkeypatch)
+    fd = os.open(path, os.O_RDONLY)
+    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
+    assert b"".join([c async for c in chunks]) == data
+    assert calls.count(os.pread) == 3  # 64 + 128 + 108 KiB: every read in a thread
