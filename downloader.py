@@ -2141,7 +2141,7 @@ class Operations:
         line = {
             "time": rfc3339(time.time()),
             "method": scope.get("method"),
-            "path": scope.get("root_path", "") + scope.get("path", "")[len(scope.get("root_path", "")) :],
+            "path": scope.get("path"),  # as requested, any mount prefix included
             "status": status,
             "bytes": sent,
             "range": headers.get("range"),
