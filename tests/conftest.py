@@ -1,24 +1,21 @@
 """Shared fixtures: a root of small known files beside a secret, an httpx client on the
-ASGI app, a live uvicorn server on 127.0.0.1, and `need` for system programs."""
+ASGI app, a live uvicorn server on 127.0.0.1, and `need` for system programs; raw
+requests to a live server or the ASGI app. The plumbing behind them is in helpers.py."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-PROJECT = Path(__file__).resolve().parent.parent
+from helpers import PROJECT, Server, failed, uvicorn_server
+
 sys.path.insert(0, str(PROJECT))
 
 import downloader  # noqa: E402
@@ -85,69 +82,14 @@ def need(program: str) -> str:
     return path
 
 
-@dataclass
-class LiveServer:
-    url: str
-    port: int
-    pid: int
-    log: Path
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def wait_fd_count(self, wanted: int, timeout: float = 10.0) -> int:
-        """Polls the server's open fd count until it is at most `wanted`; returns the last count."""
-        deadline = time.monotonic() + timeout
-        count = self.fd_count()
-        while count > wanted and time.monotonic() < deadline:
-            time.sleep(0.05)
-            count = self.fd_count()
-        return count
-
-
-def start_server(root: Path, log: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> tuple[subprocess.Popen, LiveServer]:
-    """uvicorn serving downloader:app on 127.0.0.1 and a port the kernel picks."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    full_env.update({"DOWNLOADER_ROOT": str(root), "PYTHONUNBUFFERED": "1"}, **(env or {}))
-    command = [sys.executable, "-m", "uvicorn", "downloader:app", "--host", "127.0.0.1", "--port", "0", *(args or [])]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=PROJECT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    workers = int(args[args.index("--workers") + 1]) if args and "--workers" in args else 1
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace")
-        match = re.search(r"running on http://127\.0\.0\.1:(\d+)", text)
-        if match and text.count("Application startup complete.") >= workers:
-            port = int(match.group(1))
-            return proc, LiveServer(f"http://127.0.0.1:{port}", port, proc.pid, log)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop_server(proc)
-    raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 @pytest.fixture
-def live_server(root: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+def live_server(root: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
     """A real uvicorn on the `root` fixture; its log is printed when the test fails."""
-    proc, server = start_server(root, tmp_path / "server.log")
+    server = uvicorn_server(root, tmp_path / "server.log")
     try:
         yield server
     finally:
-        stop_server(proc)
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(f"--- server log ---\n{server.log.read_text(errors='replace')}")
+        server.stop(show_log=failed(request))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -3,60 +3,29 @@
 from __future__ import annotations
 
 import http.client
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from conftest import PROJECT, TEN
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    env.update(extra)
-    return env
+from helpers import Server, clean_env, free_port, run_cli
 
 
 def test_cli_serves_root_and_prints_its_url(root: Path, tmp_path: Path) -> None:
     port = free_port()
-    log = tmp_path / "cli.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "downloader.py", "--root", str(root), "--port", str(port)],
-            cwd=PROJECT, env=clean_env(DOWNLOADER_ROOT="/overridden/by/flag", PYTHONUNBUFFERED="1"),
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 20
-        while "Uvicorn running" not in log.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.05)
-        first_line = log.read_text().splitlines()[0]
+    command = [sys.executable, "downloader.py", "--root", str(root), "--port", str(port)]
+    with Server(command, tmp_path / "cli.log", env={"DOWNLOADER_ROOT": "/overridden/by/flag"}, port=port) as server:
+        first_line = server.log_text().splitlines()[0]
         assert first_line == f"downloader: serving {root.resolve()} on http://127.0.0.1:{port}/"
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/download/ten.txt")
         assert conn.getresponse().read() == TEN
         conn.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
 
 
 def test_bad_setting_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "downloader.py", "--port", str(free_port())],
-        cwd=PROJECT, env=clean_env(DOWNLOADER_CHUNK_SIZE="lots"), capture_output=True, text=True, timeout=30,
-    )
+    result = run_cli("--port", str(free_port()), DOWNLOADER_CHUNK_SIZE="lots")
     assert result.returncode == 2
     assert result.stderr == "downloader: DOWNLOADER_CHUNK_SIZE: must be a whole number, got 'lots'\n"
 
@@ -72,9 +41,7 @@ def test_uvicorn_with_bad_setting_stops_with_one_line(tmp_path: Path) -> None:
 
 
 def test_bad_port_flag_is_refused() -> None:
-    result = subprocess.run(
-        [sys.executable, "downloader.py", "--port", "70000"], cwd=PROJECT, env=clean_env(), capture_output=True, text=True, timeout=30
-    )
+    result = run_cli("--port", "70000")
     assert (result.returncode, result.stderr) == (2, "downloader: DOWNLOADER_PORT: must be a whole number from 0 to 65535, got '70000'\n")
 
 

@@ -7,7 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import UNICODE_NAME, need, start_server, stop_server
+from conftest import UNICODE_NAME, need
+from helpers import uvicorn_server
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -89,14 +90,11 @@ def test_aria2c_splits_over_8_connections(root: Path, tmp_path: Path) -> None:
     first one could finish the file alone."""
     aria2c = need("aria2c")
     wanted = big_file(root, 24)
-    proc, server = start_server(root, tmp_path / "server.log", env={"DOWNLOADER_RATE_LIMIT": str(2 * 1024 * 1024)})
-    try:
+    with uvicorn_server(root, tmp_path / "server.log", env={"DOWNLOADER_RATE_LIMIT": str(2 * 1024 * 1024)}) as server:
         result = run(
             [aria2c, "-q", "-x", "8", "-s", "8", "-k", "1M", "--file-allocation=none", "-d", str(tmp_path), "-o", "got.bin", f"{server.url}/download/big.bin"],
             tmp_path,
         )
-    finally:
-        stop_server(proc)
     assert result.returncode == 0, result.stderr + result.stdout
     assert sha256_of(tmp_path / "got.bin") == wanted
     # aria2c's first connection is a plain GET (200); it then opens seven more with Range.

@@ -32,10 +32,10 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
-from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_request, need, start_server, stop_server
+from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_request, need
 from downloader import DownloadResponse, create_app, http_date, make_etag, stream_download
+from helpers import MIB, Server, failed, parse_byteranges, uvicorn_server, wait_for
 
-MIB = 1024 * 1024
 SAMPLES = PROJECT / "static" / "downloads"
 TOKEN = "t"
 BIG_TEXT = b"".join(b"line %06d of a text file that GZipMiddleware would love to shrink\n" % i for i in range(4000))
@@ -109,23 +109,6 @@ def not_modified_headers(path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def parse_byteranges(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart/byteranges body (RFC 9110 §14.6) as (part headers, bytes)."""
-    media_type, _, parameter = response.headers["content-type"].partition(";")
-    name, _, boundary = parameter.strip().partition("=")
-    assert (media_type, name) == ("multipart/byteranges", "boundary")
-    body = b"\r\n" + response.content
-    chunks = body.split(b"\r\n--" + boundary.encode("ascii"))
-    assert (chunks[0], chunks[-1]) == (b"", b"--\r\n")
-    parts = []
-    for chunk in chunks[1:-1]:
-        head, separator, content = chunk.partition(b"\r\n\r\n")
-        assert (head[:2], separator) == (b"\r\n", b"\r\n\r\n")
-        fields = dict(line.split(": ", 1) for line in head[2:].decode("latin-1").split("\r\n"))
-        parts.append(({k.lower(): v for k, v in fields.items()}, content))
-    return parts
-
-
 def zip_contents(data: bytes) -> dict[str, bytes]:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert archive.testzip() is None
@@ -137,55 +120,23 @@ def zip_compress_types(data: bytes) -> dict[str, int]:
         return {info.filename: info.compress_type for info in archive.infolist()}
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    """Polls `predicate` until it is true or the deadline passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return result
-
-
-def start_module(app_dir: Path, target: str, log: Path, cwd: Path = PROJECT) -> tuple[subprocess.Popen, int]:
-    """`python -m uvicorn target --app-dir app_dir` on 127.0.0.1 and a port the kernel
-    picks, started in `cwd` (as conftest.start_server does); returns the process and port."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    command = [sys.executable, "-m", "uvicorn", target, "--app-dir", str(app_dir), "--host", "127.0.0.1", "--port", "0"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = re.search(r"running on http://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-        if match:
-            return proc, int(match.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop_server(proc)
-    raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')}")
-
-
 @pytest.fixture
 def host_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator:
-    """Starts host app modules under uvicorn (start(source, name) -> port) and stops them;
-    the logs are printed when the test fails."""
-    started: list[tuple[subprocess.Popen, Path]] = []
+    """Starts host app modules under uvicorn on a port it picks (start(source, name) ->
+    (port, log)) and stops them; the logs are printed when the test fails."""
+    started: list[Server] = []
 
     def start(source: str, name: str, cwd: Path = PROJECT) -> tuple[int, Path]:
         app_dir = tmp_path / f"app-{name}"
         app_dir.mkdir()
         (app_dir / f"{name}.py").write_text(source, encoding="utf-8")
-        log = tmp_path / f"{name}.log"
-        proc, port = start_module(app_dir, f"{name}:app", log, cwd=cwd)
-        started.append((proc, log))
-        return port, log
+        command = [sys.executable, "-m", "uvicorn", f"{name}:app", "--app-dir", str(app_dir), "--host", "127.0.0.1", "--port", "0"]
+        started.append(Server(command, tmp_path / f"{name}.log", cwd=cwd, timeout=20))
+        return started[-1].port, started[-1].log
 
     yield start
-    for proc, log in started:
-        stop_server(proc)
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(f"--- {log.name} ---\n{log.read_text(errors='replace')}")
+    for server in started:
+        server.stop(show_log=failed(request))
 
 
 # =============================================================================
@@ -915,7 +866,7 @@ def test_stream_download_size_mismatch_aborts_the_transfer(host_server, kind: st
     conn.close()
     assert failure.value.partial == b"x" * received
     assert failure.value.expected == declared - received
-    assert wait_for(lambda: f"TransferAborted: generated content was {word} than its size" in log.read_text())
+    wait_for(lambda: f"TransferAborted: generated content was {word} than its size" in log.read_text(), 10, "the abort in the log")
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
@@ -1104,8 +1055,7 @@ def test_zip_of_300_mib_streams_in_flat_memory(tmp_path: Path) -> None:
                 out.write(block)
                 digest.update(block)
         digests[f"part{i}.bin"] = digest.hexdigest()
-    proc, server = start_server(base, tmp_path / "server.log")
-    try:
+    with uvicorn_server(base, tmp_path / "server.log") as server:
         for target in ("/zip/small", "/download/small/a.txt"):  # imports and first-use allocations
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
             conn.request("GET", target)
@@ -1137,8 +1087,6 @@ def test_zip_of_300_mib_streams_in_flat_memory(tmp_path: Path) -> None:
         finally:
             done.set()
             sampler.join()
-    finally:
-        stop_server(proc)
     growth = peak - baseline
     print(f"\n/zip of 300 MiB: server VmRSS baseline {baseline / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB, growth {growth / MIB:.1f} MiB")
     assert response.status == 200

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -24,8 +23,9 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 import downloader
-from conftest import PROJECT, TEN, UNICODE_NAME, asgi_request, need, start_server, stop_server
+from conftest import TEN, UNICODE_NAME, asgi_request, need
 from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
+from helpers import run_cli, uvicorn_server
 
 KEY = "k-3f9a"
 TOKEN = "admin-7c1e"
@@ -56,25 +56,6 @@ def with_query(url: str, **changes: str | None) -> str:
     path, _, _ = url.partition("?")
     fields = {**query_of(url), **changes}
     return path + "?" + urllib.parse.urlencode({k: v for k, v in fields.items() if v is not None})
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "downloader.py", *args], cwd=PROJECT, env=clean_env(**env), capture_output=True, text=True, timeout=30
-    )
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def sha256(data: bytes) -> str:
@@ -313,10 +294,9 @@ async def test_listing_switched_on_with_secret_hands_out_links_signed_by_first_k
 
 def test_cli_sign_prints_a_url_curl_downloads(root: Path, tmp_path: Path) -> None:
     curl = need("curl")
-    proc, server = start_server(root, tmp_path / "server.log", env={"DOWNLOADER_SECRET": KEY})
-    try:
+    with uvicorn_server(root, tmp_path / "server.log", env={"DOWNLOADER_SECRET": KEY}) as server:
         before = int(time.time())
-        result = cli("sign", "ten.txt", "--ttl", "1h", "--base-url", server.url, DOWNLOADER_SECRET=KEY, DOWNLOADER_ROOT=str(root))
+        result = run_cli("sign", "ten.txt", "--ttl", "1h", "--base-url", server.url, DOWNLOADER_SECRET=KEY, DOWNLOADER_ROOT=str(root))
         after = int(time.time()) + 1
         assert (result.returncode, result.stderr) == (0, "")
         match = re.fullmatch(rf"{re.escape(server.url)}/download/ten\.txt\?expires=(\d+)&signature={SIG_RE}\n", result.stdout)
@@ -329,12 +309,10 @@ def test_cli_sign_prints_a_url_curl_downloads(root: Path, tmp_path: Path) -> Non
         assert refused.stdout == b'{"detail": "This link needs a valid signature"}\n403'
         tampered = subprocess.run([curl, "-sS", "-w", "\n%{http_code}", url.replace("ten.txt", "data.bin")], capture_output=True, timeout=30)
         assert tampered.stdout == b'{"detail": "Invalid link signature"}\n403'
-    finally:
-        stop_server(proc)
 
 
 def test_cli_sign_without_secret_is_refused(root: Path) -> None:
-    result = cli("sign", "ten.txt", DOWNLOADER_ROOT=str(root))
+    result = run_cli("sign", "ten.txt", DOWNLOADER_ROOT=str(root))
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "downloader: DOWNLOADER_SECRET: not set; sign needs the key the server verifies with\n"
 
@@ -490,10 +468,9 @@ def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(ro
     (root / "big.bin").write_bytes(data)
     link = Catalog(db).add("big.bin", max_downloads=1)
     log = tmp_path / "server.log"
-    proc, server = start_server(root, log, env={"DOWNLOADER_CATALOG": str(db)}, args=["--workers", "2"])
-    try:
-        # With --workers, uvicorn logs its address before the workers accept connections.
-        wait_for(lambda: log.read_text().count("Application startup complete.") == 2, what="both workers")
+    # With --workers, uvicorn logs its address before the workers accept connections:
+    # uvicorn_server waits for both workers' "Application startup complete." too.
+    with uvicorn_server(root, log, env={"DOWNLOADER_CATALOG": str(db)}, args=["--workers", "2"]) as server:
         clients = 20
         barrier = threading.Barrier(clients)
         outcomes: list[str] = [""] * clients
@@ -531,11 +508,6 @@ def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(ro
         response = conn.getresponse()
         assert (response.status, json.loads(response.read())) == (410, GONE)
         conn.close()
-    except BaseException:
-        print(f"--- server log ---\n{log.read_text(errors='replace')}")
-        raise
-    finally:
-        stop_server(proc)
 
 
 # =============================================================================
@@ -545,7 +517,7 @@ def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(ro
 
 def test_cli_add_download_list_revoke(root: Path, db: Path) -> None:
     env = {"DOWNLOADER_CATALOG": str(db), "DOWNLOADER_ROOT": str(root)}
-    added = cli("add", "ten.txt", "--max-downloads", "2", "--name", "report.txt", "--ttl", "1h", "--base-url", "https://dl.example/p/", **env)
+    added = run_cli("add", "ten.txt", "--max-downloads", "2", "--name", "report.txt", "--ttl", "1h", "--base-url", "https://dl.example/p/", **env)
     assert (added.returncode, added.stderr) == (0, "")
     match = re.fullmatch(r"(\S+) https://dl\.example/p/files/(\S+)\n", added.stdout)
     assert match and match.group(1) == match.group(2), added.stdout
@@ -562,16 +534,16 @@ def test_cli_add_download_list_revoke(root: Path, db: Path) -> None:
     assert (first.status_code, first.content) == (200, TEN)
     assert first.headers["content-disposition"] == 'attachment; filename="report.txt"'
 
-    listed = cli("list", **env)
+    listed = run_cli("list", **env)
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(link.expires_at))
     assert (listed.returncode, listed.stderr) == (0, "")
     assert listed.stdout == f"id\tpath\tdownloads\tmax_downloads\texpires\tstate\n{link_id}\tten.txt\t1\t2\t{expires}\tactive\n"
 
-    revoked = cli("revoke", link_id, **env)
+    revoked = run_cli("revoke", link_id, **env)
     assert (revoked.returncode, revoked.stdout, revoked.stderr) == (0, f"revoked {link_id}\n", "")
     after = anyio.run(download)
     assert (after.status_code, after.json()) == (410, REVOKED)
-    assert cli("list", **env).stdout.splitlines()[1] == f"{link_id}\tten.txt\t1\t2\t{expires}\trevoked"
+    assert run_cli("list", **env).stdout.splitlines()[1] == f"{link_id}\tten.txt\t1\t2\t{expires}\trevoked"
 
 
 def test_cli_list_shows_states(root: Path, db: Path) -> None:
@@ -579,7 +551,7 @@ def test_cli_list_shows_states(root: Path, db: Path) -> None:
     used = catalog.add("ten.txt", max_downloads=1)
     catalog.claim(used.id)
     old = catalog.add("data.bin", expires_at=1_000_000_000)
-    result = cli("list", DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
+    result = run_cli("list", DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
     assert result.stdout.splitlines() == [
         "id\tpath\tdownloads\tmax_downloads\texpires\tstate",
         f"{used.id}\tten.txt\t1\t1\t-\tused-up",
@@ -599,13 +571,13 @@ CLI_ERRORS = [
 
 @pytest.mark.parametrize(("args", "status", "stderr"), [c[1:] for c in CLI_ERRORS], ids=[c[0] for c in CLI_ERRORS])
 def test_cli_catalog_errors(root: Path, db: Path, args: list[str], status: int, stderr: str) -> None:
-    result = cli(*args, DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
+    result = run_cli(*args, DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
     assert (result.returncode, result.stdout, result.stderr) == (status, "", stderr)
     assert Catalog(db).list() == []
 
 
 def test_cli_catalog_commands_need_the_catalog(root: Path) -> None:
-    result = cli("list", DOWNLOADER_ROOT=str(root))
+    result = run_cli("list", DOWNLOADER_ROOT=str(root))
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "downloader: DOWNLOADER_CATALOG: not set; list needs the catalog file\n"
 

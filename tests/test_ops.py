@@ -13,8 +13,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,33 +23,15 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 import downloader
-from conftest import PROJECT, TEN, UNICODE_NAME, LiveServer, need, start_server, stop_server
+from conftest import PROJECT, TEN, UNICODE_NAME, need
+from helpers import MIB, Server, cli_server, failed, free_port, uvicorn_server, wait_for, write_file
 
-MIB = 1024 * 1024
 SECRET = "ops-test-signing-key"
 USER_AGENT = "ops-test/1.0"
 LOG_KEYS = {"time", "method", "path", "status", "bytes", "range", "duration_s", "client", "user_agent"}
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_file(path: Path, size: int) -> str:
-    """`size` bytes of numbered random blocks (no two MiB alike); returns their sha256."""
-    digest = hashlib.sha256()
-    seed = os.urandom(MIB)
-    with open(path, "wb") as out:
-        for i in range(0, size, MIB):
-            block = (i.to_bytes(8, "big") + seed[8:])[: size - i]
-            out.write(block)
-            digest.update(block)
-    return digest.hexdigest()
-
 
 @dataclasses.dataclass
 class Fetched:
@@ -85,13 +65,6 @@ def read_log(path: Path, count: int, timeout: float = 15.0) -> list[dict]:
         time.sleep(0.05)
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def log_time(value: str) -> float:
     return calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ"))
 
@@ -105,84 +78,38 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    env.update({"PYTHONUNBUFFERED": "1"}, **extra)
-    return env
-
-
 class Processes:
     """Servers a test starts (uvicorn, `python downloader.py`, nginx), each in its own
-    process group and log file, stopped by PID when the test ends."""
+    process group and log file, stopped when the test ends."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
+        self.servers: list[Server] = []
 
-    def app(self, root: Path, args: list[str] | None = None, **env: str) -> LiveServer:
-        log = self.tmp_path / f"app{len(self.logs)}.log"
-        self.logs.append(log)
-        proc, server = start_server(root, log, env=env, args=args)
-        self.procs.append(proc)
-        return server
+    def app(self, root: Path, args: list[str] | None = None, **env: str) -> Server:
+        self.servers.append(uvicorn_server(root, self.tmp_path / f"app{len(self.servers)}.log", env=env, args=args))
+        return self.servers[-1]
 
-    def cli(self, root: Path, *args: str, workers: int = 1, **env: str) -> tuple[subprocess.Popen, int, Path]:
+    def cli(self, root: Path, *args: str, workers: int = 1, **env: str) -> Server:
         """`python downloader.py --port P ARGS`, once every worker has started."""
-        port = free_port()
-        log = self.tmp_path / f"cli{len(self.logs)}.log"
-        self.logs.append(log)
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "downloader.py", "--port", str(port), *args],
-                cwd=PROJECT, env=clean_env(DOWNLOADER_ROOT=str(root), **env),
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self.procs.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
-            text = log.read_text(errors="replace")
-            if "Uvicorn running on" in text and text.count("Application startup complete.") >= workers:
-                return proc, port, log
-            assert proc.poll() is None and time.monotonic() < deadline, f"server did not start:\n{text}"
-            time.sleep(0.05)
+        self.servers.append(cli_server(root, self.tmp_path / f"cli{len(self.servers)}.log", *args, workers=workers, **env))
+        return self.servers[-1]
 
-    def nginx(self, config: str) -> int:
-        """nginx in the foreground on `config` (whose listen port it returns, once it accepts)."""
+    def nginx(self, config: str) -> Server:
+        """nginx in the foreground on `config`, once its listen port accepts."""
         program = need("nginx")
         base = self.tmp_path / "nginx"
         base.mkdir(exist_ok=True)
         conf = base / "nginx.conf"
         conf.write_text(config)
         port = int(re.search(r"listen 127\.0\.0\.1:(\d+);", config).group(1))
-        log = base / "error.log"
-        self.logs.append(log)
-        proc = subprocess.Popen(
-            [program, "-p", str(base), "-e", str(log), "-c", str(conf)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.procs.append(proc)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return port
-            except OSError:
-                text = log.read_text(errors="replace") if log.exists() else ""
-                assert proc.poll() is None and time.monotonic() < deadline, f"nginx did not start:\n{text}"
-                time.sleep(0.05)
+        command = [program, "-p", str(base), "-e", str(base / "error.log"), "-c", str(conf)]
+        self.servers.append(Server(command, base / "error.log", port=port, health=None, timeout=15))
+        return self.servers[-1]
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-            else:
-                stop_server(proc)  # its workers, if the parent died first
+    def stop(self, show_logs: bool) -> None:
+        for server in reversed(self.servers):
+            server.stop(show_log=show_logs)
 
 
 @pytest.fixture
@@ -191,12 +118,7 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]
     try:
         yield started
     finally:
-        started.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            for log in started.logs:
-                if log.exists():
-                    print(f"--- {log.name} ---\n{log.read_text(errors='replace')}")
+        started.stop(show_logs=failed(request))
 
 
 # -- /healthz ------------------------------------------------------------------------------
@@ -277,9 +199,9 @@ def test_access_log_line_for_a_download_the_client_abandons(procs: Processes, ro
 
 def test_proxy_headers_put_the_forwarded_client_in_the_access_log(procs: Processes, root: Path, tmp_path: Path) -> None:
     trusting, ignoring = tmp_path / "trusting.log", tmp_path / "ignoring.log"
-    _, port, _ = procs.cli(root, "--proxy-headers", DOWNLOADER_ACCESS_LOG=str(trusting))
+    port = procs.cli(root, "--proxy-headers", DOWNLOADER_ACCESS_LOG=str(trusting)).port
     forwarded = fetch(port, "/download/ten.txt", {"X-Forwarded-For": "203.0.113.7"})
-    _, port, _ = procs.cli(root, DOWNLOADER_ACCESS_LOG=str(ignoring))
+    port = procs.cli(root, DOWNLOADER_ACCESS_LOG=str(ignoring)).port
     direct = fetch(port, "/download/ten.txt", {"X-Forwarded-For": "203.0.113.7"})
     assert (forwarded.body, direct.body) == (TEN, TEN)
     assert read_log(trusting, 1)[0]["client"] == "203.0.113.7:0"
@@ -333,28 +255,28 @@ def test_metrics_sum_both_workers_and_the_multiproc_dir_is_removed(procs: Proces
     write_file(root / "f.bin", size)
     temp = tmp_path / "tmp"
     temp.mkdir()
-    proc, port, log = procs.cli(root, "--workers", "2", workers=2, TMPDIR=str(temp), DOWNLOADER_ACCESS_LOG="off")
+    server = procs.cli(root, "--workers", "2", workers=2, TMPDIR=str(temp), DOWNLOADER_ACCESS_LOG="off")
     [metrics_dir] = temp.iterdir()
     assert metrics_dir.name.startswith("downloader-metrics-")
-    pids = [int(p) for p in re.findall(r"Started server process \[(\d+)\]", log.read_text())]
+    pids = [int(p) for p in re.findall(r"Started server process \[(\d+)\]", server.log_text())]
     assert len(pids) == 2
     downloads = 0
     deadline = time.monotonic() + 20
     while downloads < 4 or not all(worker_requests(metrics_dir, pid) > 0 for pid in pids):
         assert time.monotonic() < deadline, "the downloads never reached both workers"
-        got = fetch(port, "/download/f.bin")
+        got = fetch(server.port, "/download/f.bin")
         assert (got.status, len(got.body)) == (200, size)
         downloads += 1
     for _ in range(3):  # every scrape sums both workers, whichever answers it
-        got = fetch(port, "/metrics")
+        got = fetch(server.port, "/metrics")
         assert got.status == 200
         values = samples(got.body.decode())
         assert values[("downloader_requests_total", (("status", "200"),))] == downloads
         assert values[("downloader_sent_bytes_total", ())] == downloads * size
         assert values[("downloader_download_seconds_count", ())] == downloads
         assert values[("downloader_active_downloads", ())] == 0
-    os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(15) == 0
+    os.kill(server.pid, signal.SIGTERM)
+    assert server.proc.wait(15) == 0
     assert not metrics_dir.exists()
 
 
@@ -439,39 +361,39 @@ def open_files(pid: int) -> list[str]:
 
 def test_sigterm_lets_a_running_download_finish_within_grace(procs: Processes, root: Path) -> None:
     wanted = write_file(root / "paced.bin", 2 * MIB)
-    proc, port, log = procs.cli(root, "--grace", "10", DOWNLOADER_RATE_LIMIT=str(MIB))
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    server = procs.cli(root, "--grace", "10", DOWNLOADER_RATE_LIMIT=str(MIB))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("GET", "/download/paced.bin")
     response = conn.getresponse()
     assert response.status == 200
     first = response.read(64 * 1024)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(server.pid, signal.SIGTERM)
     signalled = time.monotonic()
-    wait_for(lambda: "Shutting down" in log.read_text(), 5, "uvicorn to start shutting down")
+    wait_for(lambda: "Shutting down" in server.log_text(), 5, "uvicorn to start shutting down")
     with pytest.raises(ConnectionRefusedError):  # it no longer accepts
-        socket.create_connection(("127.0.0.1", port), timeout=5)
+        socket.create_connection(("127.0.0.1", server.port), timeout=5)
     rest = response.read()
     conn.close()
     assert hashlib.sha256(first + rest).hexdigest() == wanted
     assert time.monotonic() - signalled < 10
-    assert proc.wait(10) == -signal.SIGTERM  # uvicorn re-raises the signal it handled (since 0.29)
+    assert server.proc.wait(10) == -signal.SIGTERM  # uvicorn re-raises the signal it handled (since 0.29)
 
 
 def test_sigterm_closes_downloads_still_running_when_grace_ends(procs: Processes, root: Path) -> None:
     size = 20 * MIB
     write_file(root / "paced.bin", size)
-    proc, port, _ = procs.cli(root, "--grace", "1", DOWNLOADER_RATE_LIMIT=str(MIB))
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    server = procs.cli(root, "--grace", "1", DOWNLOADER_RATE_LIMIT=str(MIB))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("GET", "/download/paced.bin")
     response = conn.getresponse()
     received = len(response.read(64 * 1024))
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(server.pid, signal.SIGTERM)
     signalled = time.monotonic()
     while chunk := response.read(64 * 1024):  # b"" once the server closes the connection
         received += len(chunk)
     conn.close()
     assert 0 < received < size
-    assert proc.wait(10) == -signal.SIGTERM
+    assert server.proc.wait(10) == -signal.SIGTERM
     assert time.monotonic() - signalled < 6
 
 
@@ -498,10 +420,10 @@ def nginx_config(tmp_path: Path, app_port: int, root: Path) -> str:
     )
 
 
-def through_nginx(procs: Processes, root: Path, tmp_path: Path, **env: str) -> tuple[LiveServer, int]:
+def through_nginx(procs: Processes, root: Path, tmp_path: Path, **env: str) -> tuple[Server, int]:
     need("nginx")
     server = procs.app(root, DOWNLOADER_OFFLOAD="x-accel-redirect", DOWNLOADER_SECRET=SECRET, **env)
-    return server, procs.nginx(nginx_config(tmp_path, server.port, root))
+    return server, procs.nginx(nginx_config(tmp_path, server.port, root)).port
 
 
 def signed(path: str) -> str:

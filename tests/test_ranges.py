@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from downloader import MAX_RANGES, ByteRange, HTTPError, create_app, parse_range
+from helpers import parse_byteranges
 
 R = ByteRange
 DATA = b"0123456789"
@@ -212,33 +213,6 @@ async def ten_client(ten_root: Path, anyio_backend: str):
     transport = httpx.ASGITransport(app=create_app(str(ten_root)))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
-
-
-def parse_byteranges(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
-    """The parts of a multipart/byteranges body (RFC 9110 §14.6, RFC 2046 §5.1.1) as
-    (lower-cased part headers, part bytes), in order. Fails on any framing error."""
-    media_type, _, parameter = response.headers["content-type"].partition(";")
-    name, _, boundary = parameter.strip().partition("=")
-    assert (media_type, name) == ("multipart/byteranges", "boundary")
-    delimiter = b"\r\n--" + boundary.strip('"').encode("ascii")
-    body = response.content
-    if body.startswith(delimiter[2:]):  # the first delimiter's CRLF is optional
-        body = b"\r\n" + body
-    chunks = body.split(delimiter)
-    assert chunks[0] == b""  # no preamble
-    assert chunks[-1] in (b"--", b"--\r\n")  # close-delimiter, optional CRLF epilogue
-    parts = []
-    for chunk in chunks[1:-1]:
-        assert chunk[:2] == b"\r\n"
-        head, separator, content = chunk[2:].partition(b"\r\n\r\n")
-        assert separator == b"\r\n\r\n"
-        headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
-            field, colon, value = line.partition(":")
-            assert colon == ":"
-            headers[field.strip().lower()] = value.strip()
-        parts.append((headers, content))
-    return parts
 
 
 def assert_ranges_served(response: httpx.Response, spans: list[tuple[int, int]], data: bytes, media_type: str) -> None:

@@ -13,21 +13,7 @@ from pathlib import Path
 import pytest
 
 import downloader
-
-MIB = 1024 * 1024
-
-
-def write_big_file(path: Path, mib: int) -> str:
-    """A file of `mib` MiB of distinct blocks (random, numbered); returns its sha256."""
-    digest = hashlib.sha256()
-    seed = os.urandom(MIB)
-    with open(path, "wb") as out:
-        for i in range(mib):
-            block = i.to_bytes(8, "big") + seed[8:]
-            out.write(block)
-            digest.update(block)
-    return digest.hexdigest()
-
+from helpers import MIB, Server, failed, free_port, write_file
 
 def open_download(port: int, name: str, headers: dict[str, str] | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -36,7 +22,7 @@ def open_download(port: int, name: str, headers: dict[str, str] | None = None) -
 
 
 def test_big_file_is_byte_exact(live_server, root: Path) -> None:
-    wanted = write_big_file(root / "big.bin", 300)
+    wanted = write_file(root / "big.bin", 300 * MIB)
     conn, response = open_download(live_server.port, "big.bin")
     digest = hashlib.sha256()
     while chunk := response.read(MIB):
@@ -48,7 +34,7 @@ def test_big_file_is_byte_exact(live_server, root: Path) -> None:
 
 
 def test_disconnect_mid_body_leaks_no_fd(live_server, root: Path) -> None:
-    write_big_file(root / "big.bin", 64)
+    write_file(root / "big.bin", 64 * MIB)
     http.client.HTTPConnection("127.0.0.1", live_server.port).request("GET", "/download/ten.txt")
     baseline = live_server.wait_fd_count(0, timeout=0.5)
     for _ in range(5):
@@ -64,7 +50,7 @@ def test_disconnect_mid_body_leaks_no_fd(live_server, root: Path) -> None:
 
 def test_truncated_file_fails_the_transfer(live_server, root: Path) -> None:
     path = root / "big.bin"
-    write_big_file(path, 200)
+    write_file(path, 200 * MIB)
     conn, response = open_download(live_server.port, "big.bin")
     assert response.status == 200
     received = len(response.read(MIB))
@@ -79,7 +65,7 @@ def test_truncated_file_fails_the_transfer(live_server, root: Path) -> None:
 
 def test_bytes_appended_while_sending_are_not_sent(live_server, root: Path) -> None:
     path = root / "big.bin"
-    wanted = write_big_file(path, 64)
+    wanted = write_file(path, 64 * MIB)
     conn, response = open_download(live_server.port, "big.bin")
     first = response.read(MIB)
     with open(path, "ab") as out:
@@ -138,44 +124,22 @@ async def test_file_chunks_raises_on_a_short_read(tmp_path: Path) -> None:
 
 # Under granian, a second ASGI server (no pathsend: see downloader.py, section 5).
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-def granian_server(root: Path, tmp_path: Path):
+def granian_server(root: Path, tmp_path: Path, request: pytest.FixtureRequest):
     """granian serving downloader:app."""
     import importlib.util
-    import signal
-    import subprocess
     import sys
 
     if importlib.util.find_spec("granian") is None:
         pytest.skip("granian is not installed (tests/requirements.txt installs it)")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    env.update(DOWNLOADER_ROOT=str(root), DOWNLOADER_ACCESS_LOG="off")
-    log = tmp_path / "granian.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "downloader:app"],
-            cwd=Path(downloader.__file__).parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    command = [sys.executable, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "downloader:app"]
+    env = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off"}
+    server = Server(command, tmp_path / "granian.log", env=env, cwd=Path(downloader.__file__).parent, port=port, timeout=20)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
         yield port
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        server.stop(show_log=failed(request))
 
 
 def test_under_granian_many_files_at_once_are_each_exact(granian_server: int, root: Path) -> None:

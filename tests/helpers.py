@@ -1,0 +1,227 @@
+"""Test plumbing shared by the test modules: free ports, waiting with a deadline, server
+processes (uvicorn, `python downloader.py`, granian, nginx), the environment they get,
+big files of known content, and the multipart/byteranges parser."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+
+PROJECT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+UVICORN_URL_RE = re.compile(r"running on http://127\.0\.0\.1:(\d+)")
+UVICORN_STARTED = "Application startup complete."
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Polls `predicate` until it returns something truthy, and returns that; fails the test
+    naming `what` once `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any DOWNLOADER_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python downloader.py ARGS` to completion, settings only from `env`; text output."""
+    return subprocess.run(
+        [sys.executable, "downloader.py", *args], cwd=PROJECT, env=clean_env(**env), capture_output=True, text=True, timeout=30
+    )
+
+
+def write_file(path: Path, size: int) -> str:
+    """`size` bytes of numbered random blocks (no two MiB alike); returns their sha256."""
+    digest = hashlib.sha256()
+    seed = os.urandom(MIB)
+    with open(path, "wb") as out:
+        for i in range(0, size, MIB):
+            block = (i.to_bytes(8, "big") + seed[8:])[: size - i]
+            out.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Server:
+    """A server process in its own process group on 127.0.0.1, its output in `log`.
+
+    Ready when `port` is given: once GET `health` answers (any status), or once the port
+    accepts a connection if `health` is None. Without `port`: once the log shows uvicorn's
+    "running on http://127.0.0.1:PORT" line (for `--port 0`). With `workers`, also once
+    the log has that many of uvicorn's "Application startup complete." lines. A server that
+    exits or is not ready within `timeout` fails the test with its log.
+
+    As a context manager it stops on exit and prints its log if the block raised; fixtures
+    call `stop(show_log=...)` themselves."""
+
+    def __init__(
+        self,
+        command: list[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = PROJECT,
+        port: int | None = None,
+        health: str | None = "/healthz",
+        workers: int = 0,
+        timeout: float = 30.0,
+    ) -> None:
+        self.name = " ".join([Path(command[0]).name, *command[1:4]])
+        self.log = log
+        with open(log, "ab") as out:  # appending: a server may write its own log there too (nginx)
+            self.proc = subprocess.Popen(
+                command, cwd=cwd, env=clean_env(PYTHONUNBUFFERED="1", **(env or {})),
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.pid = self.proc.pid
+        try:
+            self.port = wait_for(lambda: self._ready(port, health, workers), timeout, f"{self.name} to be ready (its log is printed)")
+        except BaseException:
+            self.stop(show_log=True)
+            raise
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _ready(self, port: int | None, health: str | None, workers: int) -> int | None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"{self.name} exited with {self.proc.returncode} before it was ready (its log is printed)")
+        text = self.log_text()
+        if text.count(UVICORN_STARTED) < workers:
+            return None
+        if port is None:
+            match = UVICORN_URL_RE.search(text)
+            return int(match.group(1)) if match else None
+        try:
+            if health is None:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            else:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                try:
+                    conn.request("GET", health)
+                    conn.getresponse().read()
+                finally:
+                    conn.close()
+        except (OSError, http.client.HTTPException):
+            return None
+        return port
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def __str__(self) -> str:
+        return f"--- {self.log.name} ---\n{self.log_text()}"
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def wait_fd_count(self, wanted: int, timeout: float = 10.0) -> int:
+        """Polls the server's open fd count until it is at most `wanted`; returns the last count."""
+        deadline = time.monotonic() + timeout
+        count = self.fd_count()
+        while count > wanted and time.monotonic() < deadline:
+            time.sleep(0.05)
+            count = self.fd_count()
+        return count
+
+    def stop(self, show_log: bool = False) -> None:
+        """SIGTERM to the process group (SIGKILL after 10 s); a group whose leader already
+        exited (workers left behind) is killed. Prints the log when `show_log`."""
+        try:
+            if self.proc.poll() is None:
+                os.killpg(self.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.pid, signal.SIGKILL)
+                    self.proc.wait(10)
+            else:
+                os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the whole group is gone
+        if show_log:
+            print(self)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, traceback: object) -> None:
+        self.stop(show_log=kind is not None)
+
+
+def uvicorn_server(root: Path, log: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> Server:
+    """`uvicorn downloader:app` on `root`, 127.0.0.1 and a port the kernel picks, once every
+    worker (`--workers N` in `args`) has started."""
+    args = args or []
+    workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
+    command = [sys.executable, "-m", "uvicorn", "downloader:app", "--host", "127.0.0.1", "--port", "0", *args]
+    return Server(command, log, env={"DOWNLOADER_ROOT": str(root), **(env or {})}, workers=workers)
+
+
+def cli_server(root: Path, log: Path, *args: str, workers: int = 1, **env: str) -> Server:
+    """`python downloader.py --port P ARGS` on `root`, once /healthz answers and every
+    worker has started."""
+    port = free_port()
+    command = [sys.executable, "downloader.py", "--port", str(port), *args]
+    return Server(command, log, env={"DOWNLOADER_ROOT": str(root), **env}, port=port, workers=workers)
+
+
+def failed(request: pytest.FixtureRequest) -> bool:
+    """Whether the test using this fixture failed (conftest records each phase's report)."""
+    report = getattr(request.node, "rep_call", None)
+    return report is not None and report.failed
+
+
+def parse_byteranges(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of a multipart/byteranges body (RFC 9110 §14.6, RFC 2046 §5.1.1) as
+    (lower-cased part headers, part bytes), in order. Fails on any framing error."""
+    media_type, _, parameter = response.headers["content-type"].partition(";")
+    name, _, boundary = parameter.strip().partition("=")
+    assert (media_type, name) == ("multipart/byteranges", "boundary")
+    delimiter = b"\r\n--" + boundary.strip('"').encode("ascii")
+    body = response.content
+    if body.startswith(delimiter[2:]):  # the first delimiter's CRLF is optional
+        body = b"\r\n" + body
+    chunks = body.split(delimiter)
+    assert chunks[0] == b""  # no preamble
+    assert chunks[-1] in (b"--", b"--\r\n")  # close-delimiter, optional CRLF epilogue
+    parts = []
+    for chunk in chunks[1:-1]:
+        assert chunk[:2] == b"\r\n"
+        head, separator, content = chunk[2:].partition(b"\r\n\r\n")
+        assert separator == b"\r\n\r\n"
+        headers = {}
+        for line in head.decode("latin-1").split("\r\n"):
+            field, colon, value = line.partition(":")
+            assert colon == ":"
+            headers[field.strip().lower()] = value.strip()
+        parts.append((headers, content))
+    return parts
