@@ -44,11 +44,13 @@ import hmac
 import inspect
 import itertools
 import json
+import logging
 import mimetypes
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import stat
@@ -58,7 +60,7 @@ import time
 import unicodedata
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TextIO
 
@@ -66,9 +68,11 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -105,9 +109,8 @@ __all__ = [
 
 CHUNK_SIZE = 512 * 1024
 """The largest disk read and ASGI body message (setting: chunk_size). Per-chunk costs in
-Python dominate a fast download, so a lone client gets chunks this big (about 3 GB/s on
-the reference machine against 0.8 GB/s for Starlette's 64 KiB); READ_BUDGET shrinks them
-when many downloads run at once (README: Performance)."""
+Python dominate a fast download, so a lone client gets chunks this big; READ_BUDGET
+shrinks them when many downloads run at once (README: Performance)."""
 
 FIRST_CHUNK_SIZE = 64 * 1024
 """A download's first read; each next one doubles, up to the cap. The first byte leaves
@@ -118,11 +121,8 @@ MIN_CHUNK_SIZE = 16 * 1024
 
 READ_BUDGET = 512 * 1024
 """Bytes of chunks all downloads of a process may hold at once: with N downloads running
-each reads at most READ_BUDGET / N (but MIN_CHUNK_SIZE at least). Under uvicorn each
-connection holds about two chunks besides its 64 KiB write buffer, so this keeps a
-hundred slow clients near 10 MiB. It also keeps the event loop's turns short: with 8
-downloads at 64 KiB a small request waits about 3x its idle time, with 1 MiB (128 KiB
-each) about 6x, for 25% more aggregate throughput (README: Performance)."""
+each reads at most READ_BUDGET / N (but MIN_CHUNK_SIZE at least). It bounds the memory of
+many slow clients and keeps the event loop's turns short (README: Performance)."""
 
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 """The largest chunk_size setting accepted: one read of this size per connection at a time."""
@@ -144,12 +144,36 @@ GRACE_S = 30.0
 """After SIGTERM, `python downloader.py` stops accepting and gives in-flight downloads this
 long to finish (DOWNLOADER_GRACE, --grace); then it closes them."""
 
+DRAIN_S = 5.0
+"""At shutdown, past the grace period, the server cancels the requests still running; the
+app then waits up to this long for them to end and log how they ended."""
+
 RETRY_AFTER_S = 5
 """The Retry-After of a 503 when max_active_downloads are already running."""
 
 MIN_STRONG_AGE_S = 1.0
 """RFC 9110 §8.8.2.2: a Last-Modified date is a strong validator only if the file was last
 modified at least one second before the response's Date; until then If-Range by date fails."""
+
+DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024
+"""The page keeps files up to this size in memory (setting: blob_limit); larger ones go to
+the browser's file picker or its own downloader."""
+
+MAX_ZIP_FILES = 100_000
+"""More files than this in one folder and /zip answers 413."""
+
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+"""Files per /api/files page: the default, and the most a `limit` may ask for."""
+
+LISTING_LINK_TTL_S = 3600
+"""With a secret and the listing switched on, the listing's links are signed for an hour."""
+
+CATALOG_BUSY_TIMEOUT_S = 10.0
+"""How long a catalog call waits for another writer's lock on the SQLite file."""
+
+DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+"""The buckets of the downloader_download_seconds histogram (/metrics)."""
 
 
 class HTTPError(Exception):
@@ -199,7 +223,13 @@ SERVER_VARIABLES = ("HOST", "PORT", "WORKERS", "GRACE", "PROXY_HEADERS", "FORWAR
 
 
 class SettingsError(ValueError):
-    """A setting with a bad value; str() is the one line to print."""
+    """A setting with a bad value: `name` (the keyword, variable or flag as the user
+    wrote it) and the problem; str() is the one line to print."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +241,7 @@ class Settings:
     cache_control: str = DEFAULT_CACHE_CONTROL
     serve_hidden: bool = False
     listing: bool | None = None  # None: on, unless a secret protects /download
-    blob_limit: int = 200 * 1024 * 1024
+    blob_limit: int = DEFAULT_BLOB_LIMIT
     secret: tuple[str, ...] = ()  # link-signing keys: the first signs, all verify
     catalog: str | None = None  # SQLite file of the ID catalog
     admin_token: str | None = None  # bearer token of /api/links; None: the admin API is off
@@ -258,8 +288,8 @@ def _parse_keys(text: str) -> tuple[str, ...]:
 
 
 def _check_root(value: object) -> str:
-    if not isinstance(value, (str, os.PathLike)):
-        raise ValueError("must be a directory path")
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
+        raise ValueError("must be a directory path")  # "" would mean the current directory
     real = os.path.realpath(os.fspath(value))
     if not os.path.isdir(real):
         raise ValueError(f"{os.fspath(value)!r} is not a directory")
@@ -294,13 +324,39 @@ def _check_keys(value: object) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _check_catalog(value: object) -> str:
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+def _check_file_path(value: object) -> str:
+    """An absolute file path whose folder exists and which is not a directory."""
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
         raise ValueError("must be a file path")
-    folder = os.path.dirname(os.path.abspath(os.fspath(value)))
-    if not os.path.isdir(folder):
-        raise ValueError(f"folder {folder!r} does not exist")
-    return os.path.abspath(os.fspath(value))
+    path = os.path.abspath(os.fspath(value))
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a file")
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ValueError(f"folder {os.path.dirname(path)!r} does not exist")
+    return path
+
+
+def _check_catalog(value: object) -> str:
+    """A SQLite file that opens (it is created when missing)."""
+    path = _check_file_path(value)
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=CATALOG_BUSY_TIMEOUT_S)) as db:
+            db.execute("PRAGMA schema_version")
+    except sqlite3.Error as exc:
+        raise ValueError(f"{path!r} can't be opened as a SQLite catalog ({exc})") from None
+    return path
+
+
+def _check_access_log(value: object) -> str:
+    """"-" (stdout), "off", or a file that can be opened for appending."""
+    if value in ("-", "off"):
+        return str(value)
+    path = _check_file_path(value)
+    try:
+        open(path, "a", encoding="utf-8").close()
+    except OSError as exc:
+        raise ValueError(f"{path!r} can't be opened for appending ({exc.strerror})") from None
+    return path
 
 
 def _check_callable(value: object) -> Callable[..., object]:
@@ -344,7 +400,7 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "max_active_downloads": (_parse_int, _check_int(1, 1_000_000, "downloads")),
     "rate_limit": (_parse_int, _check_int(1024, 2**40, "bytes per second")),
     "stall_timeout": (_parse_seconds, _check_seconds),
-    "access_log": (str, _check_text),
+    "access_log": (str, _check_access_log),
     "metrics": (_parse_bool, _check_bool),
     "offload": (str, _check_offload),
     "offload_prefix": (str, _check_offload_prefix),
@@ -357,13 +413,13 @@ def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] =
     checked: dict[str, object] = {}
     for name, value in values.items():
         if name not in SETTING_RULES:
-            raise SettingsError(f"{label(name)}: unknown setting")
+            raise SettingsError(label(name), "unknown setting")
         if value is None:
             continue
         try:
             checked[name] = SETTING_RULES[name][1](value)
         except ValueError as exc:
-            raise SettingsError(f"{label(name)}: {exc}") from None
+            raise SettingsError(label(name), str(exc)) from None
     if "root" not in checked:
         checked["root"] = _check_root(DEFAULT_ROOT)
     return Settings(**checked)  # type: ignore[arg-type]
@@ -379,11 +435,11 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
         name = key[len(ENV_PREFIX):].lower()
         from_text = SETTING_RULES.get(name, (None, None))[0]
         if from_text is None:
-            raise SettingsError(f"{key}: unknown setting")
+            raise SettingsError(key, "unknown setting")
         try:
             values[name] = from_text(text)
         except ValueError as exc:
-            raise SettingsError(f"{key}: {exc}, got {text!r}") from None
+            raise SettingsError(key, f"{exc}, got {text!r}") from None
     return make_settings(values, label=lambda name: ENV_PREFIX + name.upper())
 
 
@@ -413,7 +469,7 @@ class FileInfo:
     mtime_ns: int
     ino: int
     dev: int
-    name: str
+    name: str  # the last segment of the path asked for: a link's own name, not its target's
     path: str  # the real path opened
 
 
@@ -425,10 +481,11 @@ class OpenFile(NamedTuple):
 def split_url_path(path: str) -> list[str]:
     """The segments of a decoded URL path relative to the route, or HTTPError.
 
-    400 for a NUL byte or a backslash (no file name we serve holds one, and a backslash
-    is a separator to some clients); 404 for an empty path, empty segments (absolute paths,
-    `a//b`) and `.` or `..` segments: a URL that names a file has one spelling."""
-    if "\x00" in path or "\\" in path:
+    400 for a NUL byte (no file name holds one); 404 for an empty path, empty segments
+    (absolute paths, `a//b`) and `.` or `..` segments: a URL that names a file has one
+    spelling. Every other character, a backslash, `%` or a line feed included, is part of
+    a POSIX file name (where the OS separator is `\\`, a backslash is 400 too)."""
+    if "\x00" in path or (os.sep != "/" and os.sep in path):
         raise HTTPError(400, "Malformed path")
     segments = path.split("/")
     if any(segment in ("", ".", "..") for segment in segments):
@@ -441,11 +498,22 @@ def is_hidden(segments: Iterable[str]) -> bool:
     return any(segment.startswith(".") for segment in segments)
 
 
-def is_inside(root: str, real: str) -> bool:
-    """Is the resolved path `real` the root or below it? Both must be real paths (absolute,
-    normalised, no links), so a prefix test on whole components is exact: unlike bottle's
-    startswith on abspath, no link is left to escape through."""
-    return real == root or real.startswith(root if root.endswith(os.sep) else root + os.sep)
+def relative_under_root(root: str, real: str, *, serve_hidden: bool) -> str:
+    """The "/"-separated path of the real path `real` below the real directory `root`
+    ("" for the root itself): the one containment-and-hidden check that every file and
+    folder we serve or list passes. 404 when `real` lies outside the root or, unless
+    `serve_hidden`, is hidden there (a link to a dotfile is a dotfile). Both are real
+    paths (absolute, normalised, no links), so a prefix test on whole components is
+    exact: unlike bottle's startswith on abspath, no link is left to escape through."""
+    if real == root:
+        return ""
+    prefix = root if root.endswith(os.sep) else root + os.sep
+    if not real.startswith(prefix):
+        raise not_found()
+    parts = real[len(prefix) :].split(os.sep)
+    if not serve_hidden and is_hidden(parts):
+        raise not_found()
+    return "/".join(parts)
 
 
 def os_error_to_http(exc: OSError) -> HTTPError:
@@ -510,9 +578,10 @@ def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False,
     """Opens the regular file `candidate` resolves to, with no window between check and
     open (Linux). O_PATH resolves the path (links included) to a handle that opens
     nothing: no device is touched and no FIFO can block. The handle's fstat and its real
-    path from /proc/self/fd are checked (a regular file, inside the root, not hidden
-    there), and then that same inode is opened through the handle. With `cached`, only
-    from the kernel's caches (open_handle_cached): None when that would need I/O."""
+    path from /proc/self/fd are checked (a regular file; under a `root`, the check of
+    relative_under_root), and then that same inode is opened through the handle. With
+    `cached`, only from the kernel's caches (open_handle_cached): None when that would
+    need I/O."""
     try:
         handle = open_handle_cached(candidate) if cached else os.open(candidate, O_PATH | os.O_CLOEXEC)
     except ValueError:
@@ -526,22 +595,26 @@ def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False,
         if not stat.S_ISREG(st.st_mode):
             raise not_found()  # directories, FIFOs, sockets, devices: never opened
         real = os.readlink(f"/proc/self/fd/{handle}")
-        if root is not None and not is_inside(root, real):
-            raise not_found()
-        if root is not None and not serve_hidden and is_hidden(real[len(root) :].split(os.sep)):
-            raise not_found()  # a link inside the root to a dotfile is still a dotfile
+        if root is not None:
+            relative_under_root(root, real, serve_hidden=serve_hidden)
         fd = os.open(f"/proc/self/fd/{handle}", OPEN_FLAGS & ~getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
         raise os_error_to_http(exc) from None
     finally:
         os.close(handle)
-    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real), real))
+    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(candidate), real))
 
 
-def open_checked(real: str, *, root: str | None) -> OpenFile:
-    """Without O_PATH: opens the regular file at the real path `real` (resolved and
-    checked by the caller), and checks the opened descriptor is the file that was checked
-    (fstat: same device and inode). Raises HTTPError; never leaks the descriptor."""
+def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile:
+    """Without O_PATH: resolves `candidate` (realpath), checks it like open_pinned, opens
+    it, and checks that the opened descriptor is the file that was checked (fstat: same
+    device and inode). Raises HTTPError; never leaks the descriptor."""
+    try:
+        real = os.path.realpath(candidate, strict=True)
+    except (OSError, ValueError):
+        raise not_found() from None
+    if root is not None:
+        relative_under_root(root, real, serve_hidden=serve_hidden)
     try:
         before = os.stat(real)
         if not stat.S_ISREG(before.st_mode):
@@ -553,10 +626,19 @@ def open_checked(real: str, *, root: str | None) -> OpenFile:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
             raise not_found()
-        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(real), real))
+        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(candidate), real))
     except BaseException:
         os.close(fd)
         raise
+
+
+def candidate_path(root: str, url_path: str, *, serve_hidden: bool) -> str:
+    """The path under the root that `url_path` names, before anything is resolved:
+    split_url_path's checks, and 404 for a hidden segment unless `serve_hidden`."""
+    segments = split_url_path(url_path)
+    if not serve_hidden and is_hidden(segments):
+        raise not_found()
+    return os.path.join(root, *segments)
 
 
 def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> OpenFile:
@@ -564,24 +646,13 @@ def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> 
 
     404 when it is missing, not a regular file, hidden (unless serve_hidden), or resolves
     outside the root through `..` or a symlink; symlinks that stay inside are followed.
-    Blocking: call it in a worker thread."""
-    segments = split_url_path(url_path)
-    if not serve_hidden and is_hidden(segments):
-        raise not_found()
-    candidate = os.path.join(root, *segments)
-    if PINNED_OPEN:
-        opened = open_pinned(candidate, root=root, serve_hidden=serve_hidden)
-        assert opened is not None
-        return opened
-    try:
-        real = os.path.realpath(candidate, strict=True)
-    except (OSError, ValueError):
-        raise not_found() from None
-    if not is_inside(root, real):
-        raise not_found()
-    if not serve_hidden and is_hidden(real[len(root) :].split(os.sep)):
-        raise not_found()  # a link inside the root to a dotfile is still a dotfile
-    return open_checked(real, root=root)
+    The file keeps the name the URL gives it. Blocking: call it in a worker thread."""
+    candidate = candidate_path(root, url_path, serve_hidden=serve_hidden)
+    if not PINNED_OPEN:
+        return open_checked(candidate, root=root, serve_hidden=serve_hidden)
+    opened = open_pinned(candidate, root=root, serve_hidden=serve_hidden)
+    assert opened is not None
+    return opened
 
 
 def open_cached(path: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile | None:
@@ -590,25 +661,18 @@ def open_cached(path: str, *, root: str | None, serve_hidden: bool = False) -> O
     caller runs the blocking version in a worker thread)."""
     if not CACHED_OPEN:
         return None
-    if root is None:
-        return open_pinned(path, root=None, cached=True)
-    segments = split_url_path(path)
-    if not serve_hidden and is_hidden(segments):
-        raise not_found()
-    return open_pinned(os.path.join(root, *segments), root=root, serve_hidden=serve_hidden, cached=True)
+    if root is not None:
+        path = candidate_path(root, path, serve_hidden=serve_hidden)
+    return open_pinned(path, root=root, serve_hidden=serve_hidden, cached=True)
 
 
 def open_path(path: str | os.PathLike[str]) -> OpenFile:
     """A host app's own file path, opened and checked (a regular file); no root applies."""
-    if PINNED_OPEN:
-        opened = open_pinned(os.fspath(path), root=None)
-        assert opened is not None
-        return opened
-    try:
-        real = os.path.realpath(os.fspath(path), strict=True)
-    except (OSError, ValueError):
-        raise not_found() from None
-    return open_checked(real, root=None)
+    if not PINNED_OPEN:
+        return open_checked(os.fspath(path), root=None)
+    opened = open_pinned(os.fspath(path), root=None)
+    assert opened is not None
+    return opened
 
 
 class ListedFile(NamedTuple):
@@ -617,31 +681,51 @@ class ListedFile(NamedTuple):
     mtime: float
 
 
-def _listed(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.stat_result | None:
-    """The stat of a directory entry worth listing: a regular file, or a symlink to one
-    that stays inside the root (and is not a hidden file there)."""
+def _listed_dir(entry: os.DirEntry[str], root: str, serve_hidden: bool, ancestors: frozenset[str]) -> str | None:
+    """The real path of a directory entry worth walking into: a folder, or a link to one
+    that stays inside the root (not hidden there) and is not one of its own ancestors."""
+    try:
+        if not entry.is_dir():
+            return None
+        real = entry.path  # the walk visits real directories, so a plain folder's path is real
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path, strict=True)
+            relative_under_root(root, real, serve_hidden=serve_hidden)
+    except (OSError, ValueError, HTTPError):
+        return None
+    return None if real in ancestors else real
+
+
+def _listed_file(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.stat_result | None:
+    """The stat of a directory entry worth listing: a regular file, or a link to one that
+    stays inside the root (not hidden there): exactly what open_under_root serves."""
     try:
         if not entry.is_symlink():
             st = entry.stat(follow_symlinks=False)
             return st if stat.S_ISREG(st.st_mode) else None
         real = os.path.realpath(entry.path, strict=True)
-        if not is_inside(root, real) or (not serve_hidden and is_hidden(os.path.relpath(real, root).split(os.sep))):
-            return None
+        relative_under_root(root, real, serve_hidden=serve_hidden)
         st = os.stat(real)
         return st if stat.S_ISREG(st.st_mode) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, HTTPError):
         return None
 
 
 def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
-    """Every file /download would serve under the real directory `root` (or its subfolder
-    `folder`, a checked relative path), in the order of their paths relative to the root,
-    starting after the path `after`. Symlinked directories are not
-    followed (no loops); names that are not UTF-8 are left out (no URL can name them
-    faithfully). Subtrees wholly before `after` are skipped unread, so paging through a
-    big tree costs about one page of work per page. Blocking: run it in a thread."""
+    """Every file /download serves under the real directory `root` (or its subfolder
+    `folder`, a path from resolve_folder), each under the path /download knows it by, in
+    the order of those paths, starting after the path `after`.
 
-    def visit(directory: str, prefix: str) -> Iterator[ListedFile]:
+    A file is listed if and only if it is served, with two exceptions: names that are
+    not UTF-8 (no URL names them: /download can't serve them either, so they are left
+    out), and links to one of their own ancestor folders, which /download follows but a
+    walk can't (the tree would be endless): such a link is not walked into. Links to
+    files and folders elsewhere inside the root are listed under the link's path.
+    Subtrees wholly before `after` are skipped unread, so paging through a big tree
+    costs about one page of work per page. Blocking: run it in a thread."""
+
+    def visit(directory: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
+        # `directory` is a real path; `ancestors`, the real paths of the folders above it.
         try:
             with os.scandir(directory) as it:
                 entries = list(it)
@@ -651,38 +735,39 @@ def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bo
         for entry in entries:
             if (not serve_hidden and entry.name.startswith(".")) or not _is_utf8(entry.name):
                 continue
-            is_dir = entry.is_dir(follow_symlinks=False)
+            real_dir = _listed_dir(entry, root, serve_hidden, ancestors)
             # A folder sorts as "name/" so that this walk yields paths in string order.
-            keyed.append((prefix + entry.name + ("/" if is_dir else ""), is_dir, entry))
+            keyed.append((prefix + entry.name + ("/" if real_dir else ""), real_dir, entry))
         keyed.sort(key=lambda k: k[0])
-        for key, is_dir, entry in keyed:
-            if is_dir:
+        for key, real_dir, entry in keyed:
+            if real_dir:
                 if key > after or after.startswith(key):
-                    yield from visit(entry.path, key)
-            elif key > after and (st := _listed(entry, root, serve_hidden)) is not None:
+                    yield from visit(real_dir, key, ancestors | {real_dir})
+            elif key > after and (st := _listed_file(entry, root, serve_hidden)) is not None:
                 yield ListedFile(key, st.st_size, st.st_mtime)
 
-    return visit(os.path.join(root, folder), folder + "/") if folder else visit(root, "")
+    if not folder:
+        return visit(root, "", frozenset({root}))
+    segments = folder.split("/")
+    ancestors = [os.path.realpath(os.path.join(root, *segments[:depth])) for depth in range(len(segments) + 1)]
+    return visit(ancestors[-1], folder + "/", frozenset(ancestors))
 
 
 def resolve_folder(root: str, url_path: str, *, serve_hidden: bool = False) -> str:
-    """The folder `url_path` names under the root, as a checked relative path ("" for the
-    root itself), by the rules of open_under_root; 404 when it is not a folder there."""
+    """The folder `url_path` names under the root, by the rules of open_under_root, as the
+    "/"-separated path the URL gives it ("" for the root itself); 404 when it is not a
+    folder there."""
     if url_path == "":
         return ""
     segments = split_url_path(url_path.rstrip("/"))
-    if not serve_hidden and is_hidden(segments):
-        raise not_found()
+    candidate = candidate_path(root, "/".join(segments), serve_hidden=serve_hidden)
     try:
-        real = os.path.realpath(os.path.join(root, *segments), strict=True)
+        real = os.path.realpath(candidate, strict=True)
     except (OSError, ValueError):
         raise not_found() from None
-    relative = os.path.relpath(real, root)
-    if not is_inside(root, real) or not os.path.isdir(real) or relative == ".":
+    if relative_under_root(root, real, serve_hidden=serve_hidden) == "" or not os.path.isdir(real):
         raise not_found()
-    if not serve_hidden and is_hidden(relative.split(os.sep)):
-        raise not_found()
-    return relative.replace(os.sep, "/")
+    return "/".join(segments)
 
 
 def _is_utf8(name: str) -> bool:
@@ -1027,21 +1112,26 @@ def content_disposition(name: str, disposition: str = "attachment", *, utf8_fall
     return value
 
 
+class Validators(NamedTuple):
+    etag: str
+    last_modified: float  # POSIX seconds
+
+
 def download_headers(
-    *, media_type: str, etag: str, last_modified: float, disposition: str, cache_control: str
+    *, media_type: str, disposition: str, cache_control: str, validators: Validators | None = None, accept_ranges: str | None = None
 ) -> list[tuple[str, str]]:
-    """The headers every answer about this file carries (not Content-Length, which
-    depends on the ranges)."""
-    headers = [
-        ("Content-Type", media_type),
-        ("Accept-Ranges", "bytes"),
-        ("Last-Modified", http_date(last_modified)),
-        ("ETag", etag),
-        ("X-Content-Type-Options", "nosniff"),
-    ]
+    """The headers every download carries, a file's, an offloaded file's or generated
+    content's: its type, its name, nosniff and Cache-Control with no-transform; then
+    Accept-Ranges and the validators where the caller has them. Not Content-Length,
+    which depends on the ranges."""
+    headers = [("Content-Type", media_type), ("X-Content-Type-Options", "nosniff")]
     if disposition:
         headers.append(("Content-Disposition", disposition))
     headers.append(("Cache-Control", no_transform(cache_control)))
+    if accept_ranges is not None:
+        headers.append(("Accept-Ranges", accept_ranges))
+    if validators is not None:
+        headers += [("Last-Modified", http_date(validators.last_modified)), ("ETag", validators.etag)]
     return headers
 
 
@@ -1134,7 +1224,11 @@ def plan_response(
     # refreshes its Date once a second, so the Date may trail our clock by up to a second.
     mtime = min(modified, now - 1)
     headers = download_headers(
-        media_type=media_type, etag=etag, last_modified=mtime, disposition=disposition, cache_control=cache_control
+        media_type=media_type,
+        disposition=disposition,
+        cache_control=cache_control,
+        validators=Validators(etag, mtime),
+        accept_ranges="bytes",
     ) + coding_guard(request_headers.get("accept-encoding"))
 
     status = evaluate_preconditions(method, request_headers, etag, mtime)
@@ -1496,7 +1590,7 @@ class Link:
 class Catalog:
     """Opaque download IDs in SQLite: `add` a file, `get`, `revoke`, `list`, and `claim`
     one completed download. Every call opens its own connection, so threads and worker
-    processes share the file safely (WAL mode; writers wait up to 10 s)."""
+    processes share the file safely (WAL mode; writers wait up to CATALOG_BUSY_TIMEOUT_S)."""
 
     SCHEMA = """CREATE TABLE IF NOT EXISTS links (
         id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created REAL NOT NULL,
@@ -1510,7 +1604,7 @@ class Catalog:
             db.execute(self.SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=CATALOG_BUSY_TIMEOUT_S, isolation_level=None)
         db.row_factory = sqlite3.Row
         return db
 
@@ -1602,6 +1696,17 @@ def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
+def with_extra(headers: Iterable[tuple[str, str]], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Our headers as ASGI pairs, each replaced by the host's `extra` headers of the same name."""
+    replaced = {name for name, _ in extra}
+    return [pair for pair in _raw(headers) if pair[0] not in replaced] + extra
+
+
+def disposition_for(name: str, disposition: str, requested: Mapping[str, str]) -> str:
+    """The Content-Disposition of `name` for this client (see wants_utf8_filename)."""
+    return content_disposition(name, disposition, utf8_fallback=wants_utf8_filename(requested.get("user-agent", "")))
+
+
 VALIDATOR_HEADERS = ("etag", "last-modified")
 
 
@@ -1629,22 +1734,56 @@ def error_response(exc: HTTPError) -> Response:
 _MEDIA_TYPES = build_media_types()
 
 
-class DownloadResponse(Response):
+class Download(Response):
+    """What DownloadResponse and GeneratedDownload share: Starlette's Response contract.
+    `headers` (and later changes to `.headers`) go out with the answer, replacing ours of
+    the same name; `status_code` holds the status sent; `background` runs after the
+    response, however it ended (a client that left included)."""
+
+    def __init__(self, disposition: str, headers: Mapping[str, str] | None, background: BackgroundTask | None) -> None:
+        if disposition not in ("attachment", "inline"):
+            raise ValueError("disposition must be 'attachment' or 'inline'")
+        self.disposition = disposition
+        self.status_code = 200  # until the request (and the file) decide
+        self.raw_headers = _raw((headers or {}).items())
+        self.background = background
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.respond(scope, receive, send)
+        finally:
+            if self.background is not None:
+                with anyio.CancelScope(shield=True):  # a cleanup runs even when the client left
+                    await self.background()
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+    def start(self, status: int, headers: Iterable[tuple[str, str]]) -> Message:
+        self.status_code = status
+        return {"type": "http.response.start", "status": status, "headers": with_extra(headers, self.raw_headers)}
+
+    async def send_error(self, exc: HTTPError, scope: Scope, receive: Receive, send: Send) -> None:
+        self.status_code = exc.status
+        await error_response(exc)(scope, receive, send)
+
+
+class DownloadResponse(Download):
     """A file download that any Starlette/FastAPI endpoint can return.
 
     Without `root`, `path` is a file path of the host app's; it must name a regular file.
     With `root`, `path` is a URL path under that directory, checked exactly as the
     /download route checks it (no `..`, no hidden files unless `serve_hidden`, nothing
     that resolves outside the root). Either way the file is opened when the response is
-    sent, in a worker thread, and 404 (JSON) answers anything else.
+    sent, and 404 (JSON) answers anything else.
 
     The answer is the /download route's: 200, 206 (one range, or multipart/byteranges),
     304, 412 or 416 per RFC 9110; HEAD gets the same headers and no body. `filename`
-    (default: the file's own name) goes into Content-Disposition with `disposition`
-    ("attachment" or "inline"); `media_type` defaults to one guessed from that name;
-    `headers` are added as they are. `authorize`, given the opened file's FileInfo, may
-    raise HTTPError to refuse it; `gate` is called just before the file's last byte is
-    sent, and False aborts the transfer (hold_last_byte)."""
+    (default: the last segment of `path`) goes into Content-Disposition with
+    `disposition` ("attachment" or "inline"); `media_type` defaults to one guessed from
+    that name; `headers`, `background` and `status_code` as in Download. `authorize`, given the opened file's FileInfo, may raise HTTPError to
+    refuse it; `gate` is called just before the file's last byte is sent, and False
+    aborts the transfer (hold_last_byte)."""
 
     def __init__(
         self,
@@ -1658,6 +1797,7 @@ class DownloadResponse(Response):
         cache_control: str = DEFAULT_CACHE_CONTROL,
         chunk_size: int = CHUNK_SIZE,
         headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None,
         authorize: Callable[[FileInfo], Awaitable[None]] | None = None,
         gate: Gate | None = None,
         rate_limit: int | None = None,
@@ -1665,8 +1805,7 @@ class DownloadResponse(Response):
         offload_prefix: str | None = None,
         root_is_real: bool = False,
     ) -> None:
-        if disposition not in ("attachment", "inline"):
-            raise ValueError("disposition must be 'attachment' or 'inline'")
+        super().__init__(disposition, headers, background)
         if offload_prefix is not None and root is None:
             raise ValueError("offload_prefix needs a root: the front proxy serves paths under it")
         self.path = os.fspath(path)
@@ -1674,63 +1813,65 @@ class DownloadResponse(Response):
         self.serve_hidden = serve_hidden
         self.filename = filename
         self.media_type = media_type
-        self.disposition = disposition
         self.cache_control = cache_control
         self.chunk_size = chunk_size
-        self.extra_headers = _raw((headers or {}).items())
         self.authorize = authorize
         self.gate = gate
         self.rate_limit = rate_limit
         self.stall_timeout_s = stall_timeout_s
         self.offload_prefix = offload_prefix
         self.root_is_real = root_is_real  # a real path already: skip its realpath per request
-        self.background = None
 
-    def open_cached(self) -> OpenFile | None:
-        """The file from the kernel's caches, in the event loop; None: use open()."""
-        if self.root is not None and not self.root_is_real:
-            return None  # the root's realpath may need I/O
-        return open_cached(self.path, root=self.root, serve_hidden=self.serve_hidden)
-
-    def open(self) -> OpenFile:
-        if self.root is None:
-            return open_path(self.path)
-        root = self.root if self.root_is_real else os.path.realpath(self.root)
-        return open_under_root(root, self.path, serve_hidden=self.serve_hidden)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            opened = self.open_cached() or await anyio.to_thread.run_sync(self.open)
+            opened = await self.open()
         except HTTPError as exc:
-            await error_response(exc)(scope, receive, send)
+            await self.send_error(exc, scope, receive, send)
             return
         if self.offload_prefix is not None:
             os.close(opened.fd)  # the front proxy opens the file itself
+            await self.send_offloaded(scope, receive, send, opened.info)
+        else:
+            await self.send_file(scope, receive, send, opened)
+
+    async def open(self) -> OpenFile:
+        """The file, checked and opened: from the kernel's caches in the event loop when
+        it can (open_cached), else in a worker thread."""
+        if self.root is None:
+            return open_cached(self.path, root=None) or await anyio.to_thread.run_sync(open_path, self.path)
+        if self.root_is_real:
+            opened = open_cached(self.path, root=self.root, serve_hidden=self.serve_hidden)
+            if opened is not None:
+                return opened
+        return await anyio.to_thread.run_sync(self.open_under_root)
+
+    def open_under_root(self) -> OpenFile:
+        assert self.root is not None
+        root = self.root if self.root_is_real else os.path.realpath(self.root)
+        return open_under_root(root, self.path, serve_hidden=self.serve_hidden)
+
+    async def send_file(self, scope: Scope, receive: Receive, send: Send, opened: OpenFile) -> None:
+        """Plans the answer (section 4) and streams it (section 5); owns `opened.fd`."""
         try:
             if self.authorize is not None:
                 await self.authorize(opened.info)
-            if self.offload_prefix is not None:
-                await self.offload(scope, receive, send, opened.info)
-                return
             plan = self.plan(scope, opened.info)
             pieces: Sequence[bytes | ByteRange | Gate] = () if scope["method"] == "HEAD" else plan.pieces
             if self.gate is not None and pieces:
                 pieces = hold_last_byte(plan.pieces, opened.info.size, self.gate)
             chunks = FileChunks(opened.fd, pieces, paced_chunk_size(self.chunk_size, self.rate_limit))
         except BaseException as exc:
-            if self.offload_prefix is None:
-                os.close(opened.fd)
+            os.close(opened.fd)
             if not isinstance(exc, HTTPError):
                 raise
-            await error_response(exc)(scope, receive, send)
+            await self.send_error(exc, scope, receive, send)
             return
-        start = {"type": "http.response.start", "status": plan.status, "headers": _raw(plan.headers) + self.extra_headers}
         try:
-            await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
+            await send_body(send, receive, self.start(plan.status, plan.headers), chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
         except TransferRefused:  # a catalog link used up by a racing download meanwhile
-            await error_response(HTTPError(410, LINK_GONE["used-up"]))(scope, receive, send)
+            await self.send_error(HTTPError(410, LINK_GONE["used-up"]), scope, receive, send)
 
-    async def offload(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
+    async def send_offloaded(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
         """Hands the bytes to the front proxy (nginx's X-Accel-Redirect, the X-Sendfile of
         Django and Flask users): every decision so far (path safety, signature, ID,
         authorization) was ours, and so are Content-Type, Content-Disposition and
@@ -1740,46 +1881,50 @@ class DownloadResponse(Response):
         whether the transfer completed."""
         assert self.root is not None and self.offload_prefix is not None
         requested = request_headers(scope)
-        if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
-            if not await anyio.to_thread.run_sync(self.gate):
-                raise HTTPError(410, LINK_GONE["used-up"])
-        name = self.filename or info.name
+        try:
+            if self.authorize is not None:
+                await self.authorize(info)
+            if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
+                if not await anyio.to_thread.run_sync(self.gate):
+                    raise HTTPError(410, LINK_GONE["used-up"])
+        except HTTPError as exc:
+            await self.send_error(exc, scope, receive, send)
+            return
         root = self.root if self.root_is_real else await anyio.to_thread.run_sync(os.path.realpath, self.root)
         relative = os.path.relpath(info.path, root).replace(os.sep, "/")
-        headers = [
-            ("X-Accel-Redirect", self.offload_prefix + urllib.parse.quote(relative)),
-            ("Content-Type", self.media_type or media_type_for(name, _MEDIA_TYPES)),
-            ("Content-Disposition", content_disposition(name, self.disposition, utf8_fallback=wants_utf8_filename(requested.get("user-agent", "")))),
-            ("Cache-Control", no_transform(self.cache_control)),
-            ("X-Content-Type-Options", "nosniff"),
-        ]
+        name = self.filename or info.name
+        headers = [("X-Accel-Redirect", self.offload_prefix + urllib.parse.quote(relative))] + download_headers(
+            media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
+            disposition=disposition_for(name, self.disposition, requested),
+            cache_control=self.cache_control,
+        )
         if self.rate_limit:
             headers.append(("X-Accel-Limit-Rate", str(self.rate_limit)))
-        await send({"type": "http.response.start", "status": 200, "headers": _raw(headers) + self.extra_headers})
+        await send(self.start(200, headers))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def plan(self, scope: Scope, info: FileInfo) -> Plan:
         name = self.filename or info.name
-        headers = request_headers(scope)
-        utf8_fallback = wants_utf8_filename(headers.get("user-agent", ""))
+        requested = request_headers(scope)
         return plan_response(
             scope["method"],
-            headers,
+            requested,
             info,
             media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
-            disposition=content_disposition(name, self.disposition, utf8_fallback=utf8_fallback),
+            disposition=disposition_for(name, self.disposition, requested),
             cache_control=self.cache_control,
             now=time.time(),
             boundary=secrets.token_hex(16),
         )
 
 
-class GeneratedDownload(Response):
+class GeneratedDownload(Download):
     """Generated content (an async or sync iterable of bytes) as a download: the
     Content-Disposition, Content-Type, nosniff and Cache-Control of a file download;
     Content-Length when `size` is known (then exactly `size` bytes are sent, or the
     transfer is aborted), chunked when it is not. No validators and no ranges
-    (Accept-Ranges: none): the bytes are made anew for every request."""
+    (Accept-Ranges: none): the bytes are made anew for every request. `headers`,
+    `background` and `status_code` as in Download."""
 
     def __init__(
         self,
@@ -1791,51 +1936,45 @@ class GeneratedDownload(Response):
         disposition: str = "attachment",
         cache_control: str = "no-store",
         headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None,
         rate_limit: int | None = None,
         stall_timeout_s: float | None = None,
     ) -> None:
-        if disposition not in ("attachment", "inline"):
-            raise ValueError("disposition must be 'attachment' or 'inline'")
-        self.rate_limit = rate_limit
-        self.stall_timeout_s = stall_timeout_s
+        super().__init__(disposition, headers, background)
         self.content = content
         self.filename = filename
         self.media_type = media_type or media_type_for(filename, _MEDIA_TYPES)
         self.size = size
-        self.disposition = disposition
         self.cache_control = cache_control
-        self.extra_headers = _raw((headers or {}).items())
-        self.background = None
+        self.rate_limit = rate_limit
+        self.stall_timeout_s = stall_timeout_s
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         requested = request_headers(scope)
-        utf8_fallback = wants_utf8_filename(requested.get("user-agent", ""))
-        headers = [
-            ("Content-Type", self.media_type),
-            ("Content-Disposition", content_disposition(self.filename, self.disposition, utf8_fallback=utf8_fallback)),
-            ("X-Content-Type-Options", "nosniff"),
-            ("Cache-Control", no_transform(self.cache_control)),
-            ("Accept-Ranges", "none"),
-        ]
+        headers = download_headers(
+            media_type=self.media_type,
+            disposition=disposition_for(self.filename, self.disposition, requested),
+            cache_control=self.cache_control,
+            accept_ranges="none",
+        )
         if self.size is not None:
             headers.append(("Content-Length", str(self.size)))
         headers += coding_guard(requested.get("accept-encoding"))
         # Generated content has no validator: If-Match fails unless it is "*", and
         # If-None-Match: * answers 304 (RFC 9110 §13.1.1, §13.1.2); dates can't apply.
         tags = {k: v for k, v in requested.items() if k in ("if-match", "if-none-match")}
-        status = evaluate_preconditions(scope["method"], tags, etag="", mtime=0.0)
+        self.status_code = evaluate_preconditions(scope["method"], tags, etag="", mtime=0.0) or 200
         chunks = ByteStream(self.content, self.size)
-        if status is not None or scope["method"] == "HEAD":
+        if self.status_code != 200 or scope["method"] == "HEAD":
             await chunks.aclose()  # never started: its generator's finally has nothing to do
             chunks = ByteStream((), 0)
-        if status == 412:
-            await error_response(HTTPError(412, "Precondition Failed"))(scope, receive, send)
+        if self.status_code == 412:
+            await self.send_error(HTTPError(412, "Precondition Failed"), scope, receive, send)
             return
-        if status == 304:
+        if self.status_code == 304:
             await Response(status_code=304, headers={"Cache-Control": no_transform(self.cache_control)})(scope, receive, send)
             return
-        start = {"type": "http.response.start", "status": 200, "headers": _raw(headers) + self.extra_headers}
-        await send_body(send, receive, start, chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
+        await send_body(send, receive, self.start(200, headers), chunks, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
 
 
 def stream_download(
@@ -1846,11 +1985,15 @@ def stream_download(
     size: int | None = None,
     disposition: str = "attachment",
     headers: Mapping[str, str] | None = None,
+    background: BackgroundTask | None = None,
 ) -> GeneratedDownload:
     """Generated content as a download: an async or sync iterator of bytes (a sync one
     is read in a worker thread), a file name, and the media type (default: guessed from
-    the name). With `size`, the response carries Content-Length."""
-    return GeneratedDownload(content, filename=filename, media_type=media_type, size=size, disposition=disposition, headers=headers)
+    the name). With `size`, the response carries Content-Length. `background` runs after
+    the response, as with any Starlette Response."""
+    return GeneratedDownload(
+        content, filename=filename, media_type=media_type, size=size, disposition=disposition, headers=headers, background=background
+    )
 
 
 COMPRESSED_SUFFIXES = frozenset(
@@ -1860,10 +2003,6 @@ COMPRESSED_SUFFIXES = frozenset(
 )
 """Suffixes of files stored as they are even when ZIP compression is on: compressing them
 again costs CPU and saves nothing."""
-
-MAX_ZIP_FILES = 100_000
-"""More files than this in one folder and /zip answers 413."""
-
 
 def _entry_bytes(root: str, path: str, size: int, serve_hidden: bool, chunk_size: int) -> Iterator[bytes]:
     """The bytes of one ZIP entry, opened (and checked) only when the stream reaches it;
@@ -1920,20 +2059,37 @@ def folder_zip(settings: Settings, folder: str) -> GeneratedDownload:
 # =============================================================================
 # 8. App and routes
 # =============================================================================
-# create_app builds the Starlette app from Settings; every error a client can cause,
-# ours or Starlette's (404 no route, 405 with Allow), leaves as JSON through error_response.
-# The module-level `app` is built from the environment on first use, not at import.
-
+# The endpoints are plain functions of a Request; what an app serves and how lives in
+# one Service, found through request.app (Starlette sets it to the innermost app, so
+# this holds when mounted too). create_app only assembles: settings, Service, routes,
+# the ops middleware. Every error a client can cause, ours or Starlette's (404 no
+# route, 405 with Allow), leaves as JSON through error_response.
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PAGE_ASSETS = ("app.js", "style.css", "screenshot.png")
 """The files of static/ that GET /static/{name} serves; nothing else there is reachable."""
 
-LISTING_LINK_TTL_S = 3600
-"""With a secret and the listing switched on, the listing's links are signed for an hour."""
 
-DEFAULT_LIST_LIMIT = 100
-MAX_LIST_LIMIT = 1000
+class AnyPath(Convertor):  # type: ignore[type-arg]
+    """A route parameter that takes the rest of the path, line feeds included. Starlette's
+    `path` is `.*`, which stops at a line feed, and its `$` then matches before a
+    trailing one: `/download/a.txt%0A` would serve `a.txt`. Here a name holding a line
+    feed is served by that name, and `a.txt%0A` is no alias of `a.txt`."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", AnyPath())
+
+
+def rfc3339(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def encode_cursor(path: str) -> str:
@@ -1963,40 +2119,101 @@ def list_page(root: str, *, after: str, limit: int, serve_hidden: bool) -> tuple
     return files, None
 
 
-def rfc3339(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def page_html(blob_limit: int) -> bytes:
-    """static/index.html with the configured blob limit written into its meta tag."""
-    with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as f:
-        html = f.read()
-    html = re.sub(r'(<meta name="downloader-blob-limit" content=")\d*(")', rf"\g<1>{blob_limit}\g<2>", html)
+def page_html(blob_limit: int, zip_on: bool) -> bytes | None:
+    """static/index.html with the blob limit and the /zip switch written into its meta
+    tags; None when static/ is missing (downloader.py copied alone)."""
+    try:
+        with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as f:
+            html = f.read()
+    except FileNotFoundError:
+        return None
+    for name, value in (("downloader-blob-limit", str(blob_limit)), ("downloader-zip", "on" if zip_on else "off")):
+        html = re.sub(rf'(<meta name="{name}" content=")[^"]*(")', rf"\g<1>{value}\g<2>", html)
     return html.encode("utf-8")
 
 
-def json_response(content: object, status: int = 200) -> Response:
+def json_response(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     body = json.dumps(content, ensure_ascii=False).encode("utf-8")
-    return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
+    return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store", **(headers or {})})
 
 
-def authorization(authorize: Callable[..., object] | None, request: Request) -> Callable[[FileInfo], Awaitable[None]] | None:
-    """The per-request check that calls the host's `authorize(request, file)` hook: an
-    async one is awaited, a sync one runs in a worker thread (it may block on a database).
-    Only True allows; anything else denies with 403, failing closed. To answer 401, the
-    hook raises HTTPError(401, ..., headers={"WWW-Authenticate": ...})."""
+class Service:
+    """What one app serves and how: the settings and what is built from them once."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.catalog = Catalog(settings.catalog) if settings.catalog else None
+        self.metrics = Metrics() if settings.metrics else None
+        self.log = open_access_log(settings.access_log)
+        # /zip has no signature or per-file hook check: it exists only where anyone may list.
+        self.zip_on = settings.listing_on and not settings.secret and settings.authorize is None
+        self.page = page_html(settings.blob_limit, self.zip_on)
+        self.in_flight = 0  # requests inside Operations
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """At shutdown, lets the requests the server cancelled end (and log) first."""
+        yield
+        with anyio.move_on_after(DRAIN_S):
+            while self.in_flight:
+                await anyio.sleep(0.01)
+
+    def file_response(self, request: Request, path: str, **options: object) -> DownloadResponse:
+        config = self.settings
+        return DownloadResponse(
+            path,
+            root=config.root,
+            serve_hidden=config.serve_hidden,
+            cache_control=config.cache_control,
+            chunk_size=config.chunk_size,
+            authorize=file_check(config.authorize, request),
+            rate_limit=config.rate_limit,
+            stall_timeout_s=config.stall_timeout,
+            offload_prefix=config.offload_prefix if config.offload else None,
+            root_is_real=True,  # resolved once by make_settings
+            **options,  # type: ignore[arg-type]
+        )
+
+    async def check_listing(self, request: Request) -> None:
+        """404 with the reason where listing is off; the authorize hook, when set, decides
+        too (called with file=None)."""
+        if not self.settings.listing_on:
+            if self.settings.secret:
+                raise HTTPError(404, "The listing is off: downloads need signed links (DOWNLOADER_SECRET). DOWNLOADER_LISTING=true lists files with signed links")
+            raise HTTPError(404, "The listing is switched off (DOWNLOADER_LISTING=false)")
+        if self.settings.authorize is not None:
+            await call_authorize(self.settings.authorize, request, None)
+
+    def check_admin(self, request: Request) -> Catalog:
+        """The catalog, once the bearer token checks out; 404 where there is no admin API."""
+        if self.catalog is None or self.settings.admin_token is None:
+            raise not_found()
+        check_bearer(request, self.settings.admin_token)
+        return self.catalog
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+async def call_authorize(authorize: Callable[..., object], request: Request, info: FileInfo | None) -> None:
+    """Calls the host's `authorize(request, file)` hook: an async one is awaited, a sync
+    one runs in a worker thread (it may block on a database). Only True allows; anything
+    else denies with 403, failing closed. To answer 401, the hook raises
+    HTTPError(401, ..., headers={"WWW-Authenticate": ...})."""
+    if inspect.iscoroutinefunction(authorize) or inspect.iscoroutinefunction(getattr(authorize, "__call__", None)):
+        allowed = await authorize(request, info)  # type: ignore[misc]
+    else:
+        allowed = await anyio.to_thread.run_sync(authorize, request, info)
+    if allowed is not True:
+        raise HTTPError(403, "Forbidden")
+
+
+def file_check(authorize: Callable[..., object] | None, request: Request) -> Callable[[FileInfo], Awaitable[None]] | None:
+    """DownloadResponse's per-file check: the hook, for this request."""
     if authorize is None:
         return None
-
-    async def check(info: FileInfo) -> None:
-        if inspect.iscoroutinefunction(authorize) or inspect.iscoroutinefunction(getattr(authorize, "__call__", None)):
-            allowed = await authorize(request, info)  # type: ignore[misc]
-        else:
-            allowed = await anyio.to_thread.run_sync(authorize, request, info)
-        if allowed is not True:
-            raise HTTPError(403, "Forbidden")
-
-    return check
+    return functools.partial(call_authorize, authorize, request)
 
 
 def check_bearer(request: Request, token: str) -> None:
@@ -2004,6 +2221,29 @@ def check_bearer(request: Request, token: str) -> None:
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise HTTPError(401, "A valid bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="downloader"'})
+
+
+def parse_expiry(ttl: object, expires_at: object, now: float) -> float | None:
+    """The expiry of a new link from `ttl` (seconds, or a duration such as "1h", as the
+    CLI takes) or `expires_at` (RFC 3339 with a zone, or POSIX seconds); None: never."""
+    if ttl is not None and expires_at is not None:
+        raise HTTPError(400, "give ttl or expires_at, not both")
+    try:
+        if isinstance(ttl, str):
+            return now + parse_ttl(ttl)
+        if isinstance(expires_at, str):
+            when = datetime.datetime.fromisoformat(expires_at)
+            if when.tzinfo is None:
+                raise ValueError(expires_at)
+            return when.timestamp()
+    except ValueError:
+        if ttl is not None:
+            raise HTTPError(400, "ttl must be seconds or a duration such as 45s, 30m, 1h or 7d") from None
+        raise HTTPError(400, "expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z") from None
+    for field, value, low in (("ttl", ttl, 1), ("expires_at", expires_at, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low):
+            raise HTTPError(400, f"{field} must be a number of at least {low}")
+    return now + ttl if isinstance(ttl, (int, float)) else expires_at  # type: ignore[return-value]
 
 
 async def read_link_request(request: Request) -> dict[str, object]:
@@ -2018,38 +2258,181 @@ async def read_link_request(request: Request) -> dict[str, object]:
     unknown = set(body) - {"path", "ttl", "expires_at", "max_downloads", "name"}
     if unknown:
         raise HTTPError(400, f"unknown fields: {', '.join(sorted(unknown))}")
-    for field, low in (("ttl", 1), ("expires_at", 0), ("max_downloads", 1)):
-        value = body.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low):
-            raise HTTPError(400, f"{field} must be a number of at least {low}")
-    if body.get("ttl") is not None and body.get("expires_at") is not None:
-        raise HTTPError(400, "give ttl or expires_at, not both")
+    limit = body.get("max_downloads")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 1):
+        raise HTTPError(400, "max_downloads must be a number of at least 1")
     if body.get("name") is not None and (not isinstance(body["name"], str) or not body["name"] or "/" in body["name"]):
         raise HTTPError(400, "name must be a file name")
     return body
 
 
 def link_json(link: Link, prefix: str) -> dict[str, object]:
-    return {**link.as_json(), "url": f"{prefix}/files/{link.id}"}
+    """A catalog entry as the admin API shows it: times in RFC 3339, as /api/files."""
+    shown = link.as_json()
+    shown["created"] = rfc3339(link.created)
+    shown["expires_at"] = None if link.expires_at is None else rfc3339(link.expires_at)
+    return {**shown, "url": f"{prefix}/files/{link.id}"}
 
 
-def register_file(catalog: Catalog, settings: Settings, path: str, **options: object) -> Link:
-    """Adds a catalog ID for `path` after checking that /download would serve it."""
-    opened = open_under_root(settings.root, path, serve_hidden=settings.serve_hidden)
-    os.close(opened.fd)
-    return catalog.add(path, **options)  # type: ignore[arg-type]
+def check_servable(settings: Settings, path: str) -> None:
+    """HTTPError unless /download would serve `path` (the CLI's sign and add, the admin API)."""
+    os.close(open_under_root(settings.root, path, serve_hidden=settings.serve_hidden).fd)
 
+
+async def download(request: Request) -> Response:
+    service = service_of(request)
+    path = request.path_params["path"]
+    if service.settings.secret:
+        verify_link(path, request.query_params, service.settings.secret, time.time())
+    return service.file_response(request, path)
+
+
+async def file_by_id(request: Request) -> Response:
+    service = service_of(request)
+    if service.catalog is None:
+        raise not_found()
+    link = check_link(await anyio.to_thread.run_sync(service.catalog.get, request.path_params["id"]), time.time())
+    return service.file_response(request, link.path, filename=link.name, gate=functools.partial(service.catalog.claim, link.id))
+
+
+async def zip_folder(request: Request) -> Response:
+    service = service_of(request)
+    if not service.zip_on:
+        raise not_found()
+    config = service.settings
+    folder = request.path_params["folder"]
+    return await anyio.to_thread.run_sync(lambda: folder_zip(config, resolve_folder(config.root, folder, serve_hidden=config.serve_hidden)))
+
+
+async def list_files(request: Request) -> Response:
+    service = service_of(request)
+    await service.check_listing(request)
+    config = service.settings
+    limit = list_limit(request.query_params.get("limit"))
+    after = decode_cursor(request.query_params.get("cursor", ""))
+    files, next_cursor = await anyio.to_thread.run_sync(
+        lambda: list_page(config.root, after=after, limit=limit, serve_hidden=config.serve_hidden)
+    )
+    prefix = request.scope.get("root_path", "")
+    now = time.time()
+
+    def url(path: str) -> str:
+        if config.secret:  # the listing was switched on explicitly: hand out signed links
+            return sign_url(path, secret=config.secret, expires_in=LISTING_LINK_TTL_S, prefix=prefix, now=now)
+        return f"{prefix}/download/{urllib.parse.quote(path)}"
+
+    items = [
+        {
+            "name": f.path.rsplit("/", 1)[-1],
+            "path": f.path,
+            "size": f.size,
+            "modified": rfc3339(f.mtime),
+            "content_type": media_type_for(f.path, _MEDIA_TYPES),
+            "url": url(f.path),
+        }
+        for f in files
+    ]
+    return json_response({"files": items, "next_cursor": next_cursor})
+
+
+async def list_links(request: Request) -> Response:
+    catalog = service_of(request).check_admin(request)
+    prefix = request.scope.get("root_path", "")
+    return json_response({"links": [link_json(link, prefix) for link in await anyio.to_thread.run_sync(catalog.list)]})
+
+
+async def create_link(request: Request) -> Response:
+    service = service_of(request)
+    catalog = service.check_admin(request)
+    body = await read_link_request(request)
+    path = str(body["path"])
+    options = {
+        "expires_at": parse_expiry(body.get("ttl"), body.get("expires_at"), time.time()),
+        "max_downloads": None if body.get("max_downloads") is None else int(body["max_downloads"]),  # type: ignore[call-overload]
+        "name": body.get("name"),
+    }
+
+    def add() -> Link:
+        check_servable(service.settings, path)
+        return catalog.add(path, **options)  # type: ignore[arg-type]
+
+    link = await anyio.to_thread.run_sync(add)
+    return json_response(link_json(link, request.scope.get("root_path", "")), status=201)
+
+
+async def revoke_link(request: Request) -> Response:
+    catalog = service_of(request).check_admin(request)
+    if not await anyio.to_thread.run_sync(catalog.revoke, request.path_params["id"]):
+        raise HTTPError(404, "Unknown download link")
+    return Response(status_code=204)
+
+
+async def healthz(request: Request) -> Response:
+    problem = await anyio.to_thread.run_sync(root_health, service_of(request).settings.root)
+    if problem is not None:
+        return json_response({"status": "unavailable", "detail": problem}, status=503)
+    return json_response({"status": "ok"})
+
+
+async def metrics_text(request: Request) -> Response:
+    metrics = service_of(request).metrics
+    if metrics is None:
+        raise not_found()
+    body = await anyio.to_thread.run_sync(metrics.render)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"})
+
+
+async def index(request: Request) -> Response:
+    service = service_of(request)
+    await service.check_listing(request)
+    if service.page is None:
+        raise HTTPError(404, "The download page is not installed: static/ is missing beside downloader.py")
+    return Response(service.page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+
+async def asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in PAGE_ASSETS:
+        raise not_found()
+    return DownloadResponse(os.path.join(STATIC_DIR, name), disposition="inline")
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPError):
+        return error_response(exc)
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(HTTPError(exc.status_code, exc.detail, exc.headers))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(HTTPError(500, "Internal Server Error"))
+
+
+ROUTES = [
+    Route("/download/{path:anypath}", download, methods=["GET", "HEAD"]),
+    Route("/files/{id}", file_by_id, methods=["GET", "HEAD"]),
+    Route("/zip/{folder:anypath}", zip_folder, methods=["GET", "HEAD"]),
+    Route("/api/files", list_files, methods=["GET", "HEAD"]),
+    Route("/api/links", list_links, methods=["GET"]),
+    Route("/api/links", create_link, methods=["POST"]),
+    Route("/api/links/{id}", revoke_link, methods=["DELETE"]),
+    Route("/", index, methods=["GET", "HEAD"]),
+    Route("/static/{name}", asset, methods=["GET", "HEAD"]),
+    Route("/healthz", healthz, methods=["GET", "HEAD"]),
+    Route("/metrics", metrics_text, methods=["GET"]),
+]
 
 DOWNLOAD_ROUTES = ("/download/", "/files/", "/zip/")
-"""Route prefixes whose requests are downloads: capped, logged and measured."""
+"""Route prefixes whose requests are downloads: capped and measured."""
+
+UNLOGGED_ROUTES = ("/healthz", "/metrics")
+"""Probes and scrapes, every few seconds: left out of the access log."""
 
 
 class Metrics:
     """Prometheus metrics of downloads through prometheus_client. With several worker
     processes (PROMETHEUS_MULTIPROC_DIR set, as `python downloader.py --workers N` does)
     every process writes its own files and a scrape sums them (multiprocess mode)."""
-
-    BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 
     def __init__(self) -> None:
         import prometheus_client as prom
@@ -2059,7 +2442,7 @@ class Metrics:
         self.requests = prom.Counter("downloader_requests", "Download requests by status", ["status"], registry=self.registry)
         self.sent = prom.Counter("downloader_sent_bytes", "Body bytes handed to the server", registry=self.registry)
         self.active = prom.Gauge("downloader_active_downloads", "Downloads in progress", registry=self.registry, multiprocess_mode="livesum")
-        self.duration = prom.Histogram("downloader_download_seconds", "Time from request to last byte", registry=self.registry, buckets=self.BUCKETS_S)
+        self.duration = prom.Histogram("downloader_download_seconds", "Time from request to last byte", registry=self.registry, buckets=DURATION_BUCKETS_S)
         self.by_status: dict[int, object] = {}  # labels() looks the child up anew each time
 
     def count(self, status: int, sent: int, duration: float) -> None:
@@ -2082,27 +2465,29 @@ class Metrics:
 
 
 class Operations:
-    """ASGI middleware around the routes, for downloads only: the concurrency cap (503
-    with Retry-After), one JSON access-log line, and the metrics. It counts the body
-    bytes the app hands to the server, so a partial or aborted transfer logs what was
-    really sent."""
+    """ASGI middleware around the routes: one JSON access-log line for every request but
+    probes (UNLOGGED_ROUTES), saying how it ended; for downloads also the concurrency cap (503 with Retry-After)
+    and the metrics. It counts the body bytes the app hands to the server, so a partial
+    or aborted transfer logs what was really sent."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics | None) -> None:
+    def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
-        self.cap = settings.max_active_downloads
-        self.metrics = metrics
-        self.active = 0
-        self.log = open_access_log(settings.access_log)
+        self.service = service
+        self.cap = service.settings.max_active_downloads
+        self.metrics = service.metrics
+        self.log = service.log
+        self.active = 0  # downloads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")[len(scope.get("root_path", "")) :] if scope["type"] == "http" else ""
-        if not path.startswith(DOWNLOAD_ROUTES):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.cap is not None and self.active >= self.cap:
+        route = scope.get("path", "")[len(scope.get("root_path", "")) :]
+        is_download = route.startswith(DOWNLOAD_ROUTES)
+        if is_download and self.cap is not None and self.active >= self.cap:
             busy = HTTPError(503, "Too many downloads in progress", headers={"Retry-After": str(RETRY_AFTER_S)})
             await error_response(busy)(scope, receive, send)
-            self.record(scope, 503, 0, 0.0, None)
+            self.record(scope, route, 503, 0, 0.0, None)
             return
         status, sent, began, aborted, complete = 0, 0, time.monotonic(), None, False
 
@@ -2115,8 +2500,9 @@ class Operations:
                 sent += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
 
-        self.active += 1
-        if self.metrics:
+        self.active += is_download
+        self.service.in_flight += 1
+        if is_download and self.metrics:
             self.metrics.active.inc()
         try:
             await self.app(scope, receive, counting_send)
@@ -2125,16 +2511,21 @@ class Operations:
         except TransferAborted as exc:
             aborted = str(exc)
             raise
+        except BaseException as exc:
+            # the server cancelled it (shutdown past the grace period), or a bug
+            aborted = "the server shut down" if isinstance(exc, asyncio.CancelledError) else f"server error: {type(exc).__name__}"
+            raise
         finally:
-            self.active -= 1
-            if self.metrics:
+            self.active -= is_download
+            self.service.in_flight -= 1
+            if is_download and self.metrics:
                 self.metrics.active.dec()
-            self.record(scope, status, sent, time.monotonic() - began, aborted)
+            self.record(scope, route, status, sent, time.monotonic() - began, aborted)
 
-    def record(self, scope: Scope, status: int, sent: int, duration: float, aborted: str | None) -> None:
-        if self.metrics:
+    def record(self, scope: Scope, route: str, status: int, sent: int, duration: float, aborted: str | None) -> None:
+        if self.metrics and route.startswith(DOWNLOAD_ROUTES):
             self.metrics.count(status, sent, duration)
-        if self.log is None:
+        if self.log is None or route in UNLOGGED_ROUTES:
             return
         headers = request_headers(scope)
         client = scope.get("client")
@@ -2152,6 +2543,7 @@ class Operations:
         if aborted is not None:
             line["aborted"] = aborted
         self.log.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.log.flush()
 
 
 def open_access_log(target: str) -> TextIO | None:
@@ -2183,214 +2575,42 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     values = dict(settings)
     if root is not None:
         values["root"] = root
-    config = make_settings(values)
-    page = page_html(config.blob_limit)
-    catalog = Catalog(config.catalog) if config.catalog else None
-    metrics = Metrics() if config.metrics else None
-
-    def file_response(request: Request, path: str, **options: object) -> DownloadResponse:
-        return DownloadResponse(
-            path,
-            root=config.root,
-            serve_hidden=config.serve_hidden,
-            cache_control=config.cache_control,
-            chunk_size=config.chunk_size,
-            authorize=authorization(config.authorize, request),
-            rate_limit=config.rate_limit,
-            stall_timeout_s=config.stall_timeout,
-            offload_prefix=config.offload_prefix if config.offload else None,
-            root_is_real=True,  # resolved once by make_settings
-            **options,  # type: ignore[arg-type]
-        )
-
-    async def download(request: Request) -> Response:
-        path = request.path_params["path"]
-        if config.secret:
-            verify_link(path, request.query_params, config.secret, time.time())
-        return file_response(request, path)
-
-    async def file_by_id(request: Request) -> Response:
-        if catalog is None:
-            raise not_found()
-        link = check_link(await anyio.to_thread.run_sync(catalog.get, request.path_params["id"]), time.time())
-        return file_response(request, link.path, filename=link.name, gate=functools.partial(catalog.claim, link.id))
-
-    async def zip_folder(request: Request) -> Response:
-        if config.secret or config.authorize is not None:
-            raise not_found()  # protected deployments: /zip has no signature or hook check
-        folder = request.path_params["folder"]
-        return await anyio.to_thread.run_sync(
-            lambda: folder_zip(config, resolve_folder(config.root, folder, serve_hidden=config.serve_hidden))
-        )
-
-    async def list_files(request: Request) -> Response:
-        if not config.listing_on:
-            raise not_found()
-        limit = list_limit(request.query_params.get("limit"))
-        after = decode_cursor(request.query_params.get("cursor", ""))
-        files, next_cursor = await anyio.to_thread.run_sync(
-            lambda: list_page(config.root, after=after, limit=limit, serve_hidden=config.serve_hidden)
-        )
-        prefix = request.scope.get("root_path", "")
-        now = time.time()
-
-        def url(path: str) -> str:
-            if config.secret:  # the listing was switched on explicitly: hand out signed links
-                return sign_url(path, secret=config.secret, expires_in=LISTING_LINK_TTL_S, prefix=prefix, now=now)
-            return f"{prefix}/download/{urllib.parse.quote(path)}"
-
-        items = [
-            {
-                "name": f.path.rsplit("/", 1)[-1],
-                "path": f.path,
-                "size": f.size,
-                "modified": rfc3339(f.mtime),
-                "content_type": media_type_for(f.path, _MEDIA_TYPES),
-                "url": url(f.path),
-            }
-            for f in files
-        ]
-        return json_response({"files": items, "next_cursor": next_cursor})
-
-    async def links(request: Request) -> Response:
-        if catalog is None or config.admin_token is None:
-            raise not_found()
-        check_bearer(request, config.admin_token)
-        prefix = request.scope.get("root_path", "")
-        if request.method == "GET":
-            return json_response({"links": [link_json(link, prefix) for link in await anyio.to_thread.run_sync(catalog.list)]})
-        body = await read_link_request(request)
-        ttl, expires_at = body.get("ttl"), body.get("expires_at")
-        options = {
-            "expires_at": time.time() + ttl if ttl is not None else expires_at,  # type: ignore[operator]
-            "max_downloads": None if body.get("max_downloads") is None else int(body["max_downloads"]),  # type: ignore[call-overload]
-            "name": body.get("name"),
-        }
-        link = await anyio.to_thread.run_sync(lambda: register_file(catalog, config, str(body["path"]), **options))
-        return json_response(link_json(link, prefix), status=201)
-
-    async def revoke_link(request: Request) -> Response:
-        if catalog is None or config.admin_token is None:
-            raise not_found()
-        check_bearer(request, config.admin_token)
-        if not await anyio.to_thread.run_sync(catalog.revoke, request.path_params["id"]):
-            raise HTTPError(404, "Unknown download link")
-        return Response(status_code=204)
-
-    async def healthz(request: Request) -> Response:
-        problem = await anyio.to_thread.run_sync(root_health, config.root)
-        if problem is not None:
-            return json_response({"status": "unavailable", "detail": problem}, status=503)
-        return json_response({"status": "ok"})
-
-    async def metrics_text(request: Request) -> Response:
-        if metrics is None:
-            raise not_found()
-        body = await anyio.to_thread.run_sync(metrics.render)
-        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8", headers={"Cache-Control": "no-store"})
-
-    async def index(request: Request) -> Response:
-        if not config.listing_on:
-            raise not_found()
-        return Response(page, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
-
-    async def asset(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in PAGE_ASSETS:
-            raise not_found()
-        return DownloadResponse(os.path.join(STATIC_DIR, name), disposition="inline")
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, HTTPError):
-            return error_response(exc)
-        assert isinstance(exc, StarletteHTTPException)
-        return error_response(HTTPError(exc.status_code, exc.detail, exc.headers))
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        return error_response(HTTPError(500, "Internal Server Error"))
-
+    service = Service(make_settings(values))
     app = Starlette(
-        routes=[
-            Route("/download/{path:path}", download, methods=["GET", "HEAD"]),
-            Route("/files/{id}", file_by_id, methods=["GET", "HEAD"]),
-            Route("/zip/{folder:path}", zip_folder, methods=["GET", "HEAD"]),
-            Route("/api/files", list_files, methods=["GET", "HEAD"]),
-            Route("/api/links", links, methods=["GET", "POST"]),
-            Route("/api/links/{id}", revoke_link, methods=["DELETE"]),
-            Route("/", index, methods=["GET", "HEAD"]),
-            Route("/static/{name}", asset, methods=["GET", "HEAD"]),
-            Route("/healthz", healthz, methods=["GET", "HEAD"]),
-            Route("/metrics", metrics_text, methods=["GET"]),
-        ],
+        routes=ROUTES,
+        lifespan=service.lifespan,
         exception_handlers={HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error},
     )
-    app.add_middleware(Operations, settings=config, metrics=metrics)
-    app.state.settings = config
-    app.state.catalog = catalog
+    app.add_middleware(Operations, service=service)
+    app.state.service = service
+    app.state.settings = service.settings
+    app.state.catalog = service.catalog
     return app
-
-
-def stall_safe_protocol() -> type:
-    """uvicorn's HTTP protocol plus a kernel write timeout for every connection.
-
-    When a client stops reading, send_body gives up after stall_timeout and the app
-    raises; uvicorn then closes the transport, but a close waits for the write buffer to
-    drain, which a client that reads nothing never lets happen: the socket would stay
-    open for as long as the client does. TCP_USER_TIMEOUT (Linux) makes the kernel reset
-    a connection whose data has stayed unacknowledged, or unsent behind a zero window,
-    for that long, and so frees the socket as well. `python downloader.py` uses it;
-    `uvicorn downloader:app --http downloader:HTTPProtocol` does the same."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
-    except ImportError:  # no httptools: uvicorn's pure-Python h11 protocol
-        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
-    timeout_ms = int(float(os.environ.get(ENV_PREFIX + "STALL_TIMEOUT", STALL_TIMEOUT_S)) * 1000)
-
-    class HTTPProtocol(base):  # type: ignore[valid-type, misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            sock = transport.get_extra_info("socket")
-            if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
-
-    return HTTPProtocol
-
-
-def __getattr__(name: str) -> object:
-    """`downloader.app`, built from DOWNLOADER_* variables the first time it is asked for,
-    so importing the module to embed it never reads the environment. A bad setting stops
-    start-up with one line on stderr. `downloader.HTTPProtocol` likewise (stall_safe_protocol)."""
-    if name == "HTTPProtocol":
-        globals()["HTTPProtocol"] = protocol = stall_safe_protocol()
-        return protocol
-    if name != "app":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    try:
-        built = create_app(**dataclasses.asdict(settings_from_env(os.environ)))
-    except SettingsError as exc:
-        print(f"downloader: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    globals()["app"] = built
-    return built
 
 
 # =============================================================================
 # 9. CLI
 # =============================================================================
-# `python downloader.py [--root DIR] [--host H] [--port P] [--workers N]`: flags become
+# `python downloader.py [--root DIR] [--host H] [--port P] [--workers N] ...`: flags become
 # DOWNLOADER_* variables (so they override the environment and reach every worker
-# process), the settings are checked once, and uvicorn serves `downloader:app`.
+# process); everything that can be checked (settings, catalog, access log, the address)
+# is checked before the URL is announced, and a problem is one line naming the flag or
+# variable, exit status 2. Then uvicorn serves `downloader:app` on the bound socket with
+# HTTPProtocol. Also here: the `app` and `HTTPProtocol` that `uvicorn downloader:app
+# --http downloader:HTTPProtocol` imports, built from the environment on first use.
+
+SERVER_FLAGS = ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips")
+"""Flags that stand for DOWNLOADER_* variables."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="downloader.py", description="Serve the files under a directory as downloads.")
     parser.add_argument("--root", help="directory to serve (DOWNLOADER_ROOT; default: the sample files)")
     parser.add_argument("--host", help="address to listen on (DOWNLOADER_HOST; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (DOWNLOADER_PORT; default 8000)")
-    parser.add_argument("--workers", type=int, help="worker processes (DOWNLOADER_WORKERS; default 1)")
-    parser.add_argument("--grace", type=int, help=f"seconds in-flight downloads get after SIGTERM (DOWNLOADER_GRACE; default {GRACE_S:g})")
-    parser.add_argument("--proxy-headers", action="store_true", default=None, help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (DOWNLOADER_PROXY_HEADERS)")
+    parser.add_argument("--port", help="port to listen on, 0 for any free one (DOWNLOADER_PORT; default 8000)")
+    parser.add_argument("--workers", help="worker processes (DOWNLOADER_WORKERS; default 1)")
+    parser.add_argument("--grace", help=f"seconds in-flight downloads get after SIGTERM (DOWNLOADER_GRACE; default {GRACE_S:g})")
+    parser.add_argument("--proxy-headers", action="store_const", const="true", help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (DOWNLOADER_PROXY_HEADERS)")
     parser.add_argument("--forwarded-allow-ips", help="addresses of trusted proxies, comma-separated (DOWNLOADER_FORWARDED_ALLOW_IPS; default 127.0.0.1)")
     commands = parser.add_subparsers(dest="command", metavar="{sign,add,revoke,list}")
     sign = commands.add_parser("sign", help="print a signed URL for a file (needs DOWNLOADER_SECRET)")
@@ -2399,7 +2619,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     sign.add_argument("--base-url", help="scheme://host:port[/prefix] of the server (default: from --host and --port)")
     add = commands.add_parser("add", help="register a file under a new ID (needs DOWNLOADER_CATALOG)")
     add.add_argument("path", help="the file, relative to the root")
-    add.add_argument("--ttl", help="how long the ID works (default: no expiry)")
+    add.add_argument("--ttl", help="how long the ID works: 90, 45s, 30m, 1h, 7d (default: no expiry)")
     add.add_argument("--max-downloads", type=int, help="completed downloads allowed (default: no limit)")
     add.add_argument("--name", help="the name the file downloads under (default: its own)")
     add.add_argument("--base-url", help="scheme://host:port[/prefix] of the server")
@@ -2409,50 +2629,122 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class ServerOptions(NamedTuple):
+    host: str
+    port: int
+    workers: int
+    grace: int
+    proxy_headers: bool
+    forwarded_allow_ips: str
+
+
+def server_options(environ: Mapping[str, str]) -> ServerOptions:
+    """The DOWNLOADER_* variables of the command line (SERVER_VARIABLES), checked."""
+
+    def number(name: str, default: int, low: int, high: int) -> int:
+        text = environ.get(ENV_PREFIX + name)
+        if text is None:
+            return default
+        if not text.strip().isdigit() or not low <= int(text) <= high:
+            raise SettingsError(ENV_PREFIX + name, f"must be a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    try:
+        proxy_headers = _parse_bool(environ.get(ENV_PREFIX + "PROXY_HEADERS", "false"))
+    except ValueError as exc:
+        raise SettingsError(ENV_PREFIX + "PROXY_HEADERS", str(exc)) from None
+    return ServerOptions(
+        host=environ.get(ENV_PREFIX + "HOST", "127.0.0.1").strip() or "127.0.0.1",
+        port=number("PORT", 8000, 0, 65535),
+        workers=number("WORKERS", 1, 1, 256),
+        grace=number("GRACE", int(GRACE_S), 0, 86400),
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=environ.get(ENV_PREFIX + "FORWARDED_ALLOW_IPS", "127.0.0.1"),
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port, bound before anything is announced (OSError
+    when the address is taken, not ours, or no address at all)."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve, or run one subcommand; returns the exit status (2: a bad setting)."""
+    """Serve, or run one subcommand; returns the exit status: 0, 1 (a subcommand failed),
+    2 (a bad setting, or the address can't be had). After SIGTERM or Ctrl-C the server
+    stops (README: Run it as a sidecar)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for flag in ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips"):
-        if getattr(args, flag) is not None:
-            os.environ[ENV_PREFIX + flag.upper()] = str(getattr(args, flag))
+    flags = {}  # DOWNLOADER_* variable -> the flag that set it, to name in errors
+    for name in SERVER_FLAGS:
+        if getattr(args, name) is not None:
+            os.environ[ENV_PREFIX + name.upper()] = str(getattr(args, name))
+            flags[ENV_PREFIX + name.upper()] = "--" + name.replace("_", "-")
     try:
         settings = settings_from_env(os.environ)
-        host = os.environ.get("DOWNLOADER_HOST", "127.0.0.1")
-        port = _server_int("PORT", 8000, 0, 65535)
-        workers = _server_int("WORKERS", 1, 1, 256)
-        grace = _server_int("GRACE", int(GRACE_S), 0, 86400)
-        try:
-            proxy_headers = _parse_bool(os.environ.get("DOWNLOADER_PROXY_HEADERS", "false"))
-        except ValueError as exc:
-            raise SettingsError(f"DOWNLOADER_PROXY_HEADERS: {exc}") from None
-        forwarded_allow_ips = os.environ.get("DOWNLOADER_FORWARDED_ALLOW_IPS", "127.0.0.1")
-        shown = f"[{host}]" if ":" in host else host
-        base_url = (getattr(args, "base_url", None) or f"http://{shown}:{port}").rstrip("/")
+        options = server_options(os.environ)
+        shown = f"[{options.host}]" if ":" in options.host else options.host
         if args.command is not None:
-            return run_command(args, settings, base_url)
+            return run_command(args, settings, (args.base_url or f"http://{shown}:{options.port}").rstrip("/") if hasattr(args, "base_url") else "")
+        create_app(**dataclasses.asdict(settings))  # builds everything once: catalog, log, page
+        try:
+            sock = bind_socket(options.host, options.port)
+        except OSError as exc:  # (socket.gaierror is one)
+            variable = ENV_PREFIX + ("HOST" if isinstance(exc, socket.gaierror) else "PORT")
+            label = flags.get(variable, variable)
+            raise SettingsError(label, f"can't listen on {shown}:{options.port}: {exc.strerror or exc}") from None
     except SettingsError as exc:
-        print(f"downloader: {exc}", file=sys.stderr)
+        print(f"downloader: {flags.get(exc.name, exc.name)}: {exc.problem}", file=sys.stderr)
         return 2
+    port = sock.getsockname()[1]
+    where = f"http://{shown}:{port}/" if settings.listing_on else f"http://{shown}:{port}/download/PATH"
+    print(f"downloader: serving {settings.root} on {where} (Ctrl-C stops)", flush=True)
+    return serve(sock, options, settings)
+
+
+def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> int:
+    """uvicorn on the bound socket: one process, or a supervisor of `workers`."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     metrics_dir = None
-    if workers > 1 and settings.metrics and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    if options.workers > 1 and settings.metrics and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # prometheus_client's multiprocess mode: each worker writes its own files, a scrape sums them
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="downloader-metrics-")
-    print(f"downloader: serving {settings.root} on http://{shown}:{port}/", flush=True)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # where "downloader:app" is found
+    config = uvicorn.Config(
+        "downloader:app",
+        host=options.host,
+        port=sock.getsockname()[1],
+        workers=options.workers,
+        timeout_graceful_shutdown=options.grace,
+        http="downloader:HTTPProtocol",
+        proxy_headers=options.proxy_headers,
+        forwarded_allow_ips=options.forwarded_allow_ips,
+        access_log=False,  # ours is the access log (JSON, one line per request)
+    )
+    server = uvicorn.Server(config)
+    # uvicorn ends by re-raising the signal that stopped it: a SIGTERM would then kill the
+    # process (status 143). Exit 0 instead, as for Ctrl-C: the stop was asked for.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        uvicorn.run(
-            "downloader:app",
-            host=host,
-            port=port,
-            workers=workers,
-            app_dir=os.path.dirname(os.path.abspath(__file__)),
-            timeout_graceful_shutdown=grace,
-            http="downloader:HTTPProtocol",
-            proxy_headers=proxy_headers,
-            forwarded_allow_ips=forwarded_allow_ips,
-        )
+        if options.workers > 1:
+            Multiprocess(config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: uvicorn re-raises the signal once it has shut down
     finally:
+        sock.close()
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
@@ -2463,21 +2755,27 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
     try:
         ttl = parse_ttl(args.ttl) if getattr(args, "ttl", None) else None
     except ValueError as exc:
-        raise SettingsError(f"--ttl: {exc}") from None
+        raise SettingsError("--ttl", str(exc)) from None
+    if args.command in ("sign", "add"):
+        try:
+            check_servable(settings, args.path)
+        except HTTPError as exc:
+            print(f"downloader: cannot {args.command} {args.path!r}: {exc.detail} (no file under {settings.root} by that path)", file=sys.stderr)
+            return 1
     if args.command == "sign":
         if not settings.secret:
-            raise SettingsError("DOWNLOADER_SECRET: not set; sign needs the key the server verifies with")
+            raise SettingsError(ENV_PREFIX + "SECRET", "not set; sign needs the key the server verifies with")
         print(base_url + sign_url(args.path, secret=settings.secret, expires_in=ttl))
         return 0
     if settings.catalog is None:
-        raise SettingsError(f"DOWNLOADER_CATALOG: not set; {args.command} needs the catalog file")
+        raise SettingsError(ENV_PREFIX + "CATALOG", f"not set; {args.command} needs the catalog file")
     catalog = Catalog(settings.catalog)
     if args.command == "add":
         expires_at = None if ttl is None else time.time() + ttl
         try:
-            link = register_file(catalog, settings, args.path, expires_at=expires_at, max_downloads=args.max_downloads, name=args.name)
-        except (HTTPError, ValueError) as exc:
-            print(f"downloader: cannot add {args.path!r}: {getattr(exc, 'detail', exc)}", file=sys.stderr)
+            link = catalog.add(args.path, expires_at=expires_at, max_downloads=args.max_downloads, name=args.name)
+        except ValueError as exc:
+            print(f"downloader: cannot add {args.path!r}: {exc}", file=sys.stderr)
             return 1
         print(f"{link.id} {base_url}/files/{link.id}")
         return 0
@@ -2496,17 +2794,71 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
     return 0
 
 
-def _server_int(name: str, default: int, low: int, high: int) -> int:
-    text = os.environ.get(ENV_PREFIX + name)
-    if text is None:
-        return default
+def stall_safe_protocol() -> type:
+    """uvicorn's HTTP protocol plus a kernel write timeout for every connection.
+
+    When a client stops reading, send_body gives up after stall_timeout and the app
+    raises; uvicorn then closes the transport, but a close waits for the write buffer to
+    drain, which a client that reads nothing never lets happen: the socket would stay
+    open for as long as the client does. TCP_USER_TIMEOUT (Linux) makes the kernel reset
+    a connection whose data has stayed unacknowledged, or unsent behind a zero window,
+    for that long, and so frees the socket as well."""
     try:
-        value = int(text)
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # no httptools: uvicorn's pure-Python h11 protocol
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base  # type: ignore[assignment]
+    try:
+        timeout_s = _check_seconds(_parse_seconds(os.environ.get(ENV_PREFIX + "STALL_TIMEOUT", str(STALL_TIMEOUT_S))))
     except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise SettingsError(f"{ENV_PREFIX}{name}: must be a whole number from {low} to {high}, got {text!r}")
-    return value
+        timeout_s = STALL_TIMEOUT_S  # the app reports the bad setting when it is built
+    timeout_ms = int(timeout_s * 1000)
+
+    class HTTPProtocol(base):  # type: ignore[valid-type, misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+
+    return HTTPProtocol
+
+
+class ShutdownNoise(logging.Filter):
+    """Drops uvicorn's traceback of a request task it cancelled itself at shutdown (past
+    the grace period): the access log already has that download's line, `aborted`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def app_from_env() -> Starlette:
+    """The app `uvicorn downloader:app` serves, from DOWNLOADER_* variables; a bad setting
+    stops start-up with one line on stderr. Our JSON access log, when on, replaces
+    uvicorn's own (one access log)."""
+    try:
+        settings = settings_from_env(os.environ)
+        built = create_app(**dataclasses.asdict(settings))
+    except SettingsError as exc:
+        print(f"downloader: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if settings.access_log != "off":
+        logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(ShutdownNoise())
+    return built
+
+
+def __getattr__(name: str) -> object:
+    """`downloader.app` (app_from_env) and `downloader.HTTPProtocol` (stall_safe_protocol),
+    built the first time they are asked for, so importing the module to embed it never
+    reads the environment."""
+    if name == "HTTPProtocol":
+        globals()[name] = built = stall_safe_protocol()
+    elif name == "app":
+        globals()[name] = built = app_from_env()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return built
 
 
 if __name__ == "__main__":

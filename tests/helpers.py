@@ -22,7 +22,9 @@ import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
-UVICORN_URL_RE = re.compile(r"running on http://127\.0\.0\.1:(\d+)")
+UVICORN_URL_RE = re.compile(r" on http://127\.0\.0\.1:(\d+)/?")
+"""uvicorn's "Uvicorn running on http://127.0.0.1:PORT", or our "downloader: serving ROOT on
+http://127.0.0.1:PORT/" (printed once the socket listens)."""
 UVICORN_STARTED = "Application startup complete."
 
 T = TypeVar("T")

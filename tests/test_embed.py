@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import BackgroundTasks, FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
@@ -618,7 +618,7 @@ SAFE_HOSTILE = [
     (b"/safe/fifo", 404),
     (b"/safe/sub", 404),
     (b"/safe/ten.txt%00", 400),
-    (b"/safe/..%5csecret.txt", 400),
+    (b"/safe/..%5csecret.txt", 404),
 ]
 
 
@@ -944,7 +944,7 @@ ZIP_HOSTILE = [
     (b"/zip//", 404),
     (b"/zip//tmp", 404),
     (b"/zip/sub%00", 400),
-    (b"/zip/sub%5c..", 400),
+    (b"/zip/sub%5c..", 404),
 ]
 
 
@@ -1102,3 +1102,122 @@ def test_zip_of_300_mib_streams_in_flat_memory(tmp_path: Path) -> None:
             got[info.filename] = digest.hexdigest()
     assert got == digests
     assert growth < 64 * MIB
+
+
+# =============================================================================
+# The Response contract (issue "No surprises" #3) and the module copied alone (#4)
+# =============================================================================
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["file", "generated"])
+async def test_fastapi_background_tasks_run_after_the_body(root: Path, tmp_path: Path, kind: str) -> None:
+    """The usual "delete the temp file after sending" pattern."""
+    api = FastAPI()
+    events: list[str] = []
+
+    @api.get("/export")
+    async def export(background_tasks: BackgroundTasks):
+        temp = tmp_path / "export.bin"
+        temp.write_bytes(TEN * 1000)
+        background_tasks.add_task(lambda: (events.append(f"deleted, existed: {temp.exists()}"), temp.unlink()))
+        if kind == "file":
+            return DownloadResponse(temp, filename="export.bin")
+
+        def chunks():
+            events.append("body")
+            yield temp.read_bytes()
+
+        return stream_download(chunks(), "export.bin")
+
+    async with asgi_client(api) as c:
+        response = await c.get("/export")
+    assert (response.status_code, response.content) == (200, TEN * 1000)
+    assert events[-1] == "deleted, existed: True"
+    assert not (tmp_path / "export.bin").exists()
+
+
+@pytest.mark.anyio
+async def test_download_response_headers_and_status_code_follow_the_response_contract(root: Path) -> None:
+    response = DownloadResponse(root / "ten.txt", headers={"X-Extra": "1"})
+    assert (response.status_code, response.headers["x-extra"]) == (200, "1")
+    response.headers["X-Later"] = "2"
+    response.headers["Cache-Control"] = "private"  # replaces ours
+    response.set_cookie("seen", "yes")
+    status, headers, body = await asgi_request(response, b"/", headers=[(b"range", b"bytes=0-3")])
+    assert (status, body, response.status_code) == (206, b"0123", 206)
+    assert (headers["x-extra"], headers["x-later"], headers["cache-control"]) == ("1", "2", "private")
+    assert headers["set-cookie"].startswith("seen=yes")
+    missing = DownloadResponse(root / "nope.txt")
+    status, _, _ = await asgi_request(missing, b"/")
+    assert (status, missing.status_code) == (404, 404)
+    generated = stream_download([b"abc"], "a.txt", headers={"X-Extra": "g"})
+    generated.headers["X-Later"] = "h"
+    status, headers, body = await asgi_request(generated, b"/", headers=[(b"if-none-match", b"*")])
+    assert (status, generated.status_code, generated.headers["x-extra"]) == (304, 304, "g")
+
+
+BACKGROUND_ON_DISCONNECT = f'''
+import sys
+sys.path.insert(0, {str(PROJECT)!r})
+from pathlib import Path
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.routing import Route
+from downloader import DownloadResponse, stream_download
+
+
+def mark(path):
+    Path(path).write_text("ran")
+
+
+async def big(request):
+    marker = request.query_params["marker"]
+    if request.path_params["kind"] == "file":
+        return DownloadResponse(request.query_params["file"], background=BackgroundTask(mark, marker))
+
+    def forever():
+        while True:
+            yield b"x" * 65536
+
+    return stream_download(forever(), "endless.bin", background=BackgroundTask(mark, marker))
+
+
+app = Starlette(routes=[Route("/{{kind}}", big)])
+'''
+
+
+@pytest.mark.parametrize("kind", ["file", "generated"])
+def test_background_runs_when_the_client_leaves_mid_body(host_server, tmp_path: Path, kind: str) -> None:
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(64 * MIB))
+    marker = tmp_path / f"marker-{kind}"
+    port, _ = host_server(BACKGROUND_ON_DISCONNECT, "background")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", f"/{kind}?" + urllib.parse.urlencode({"marker": marker, "file": big}))
+    response = conn.getresponse()
+    assert (response.status, len(response.read(MIB))) == (200, MIB)
+    assert not marker.exists()
+    conn.close()  # mid-body
+    wait_for(marker.exists, 10, "the background task after the client left")
+
+
+def test_module_copied_alone_serves_everything_but_the_page(root: Path, tmp_path: Path) -> None:
+    """A single module promises to work vendored: only the page needs static/."""
+    alone = tmp_path / "vendored"
+    alone.mkdir()
+    (alone / "downloader.py").write_bytes((PROJECT / "downloader.py").read_bytes())
+    env = {"DOWNLOADER_ROOT": str(root), "PYTHONPATH": ""}
+    for i, command in enumerate((
+        [sys.executable, "-m", "uvicorn", "downloader:app", "--port", "0"],
+        [sys.executable, "downloader.py", "--port", "0"],
+    )):
+        with Server(command, tmp_path / f"alone-{i}.log", env=env, cwd=alone, health=None) as server:
+            for path, status in (("/download/ten.txt", 200), ("/api/files", 200), ("/healthz", 200), ("/static/app.js", 404), ("/", 404)):
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+                conn.request("GET", path)
+                response = conn.getresponse()
+                body = response.read()
+                conn.close()
+                assert (command[-3], path, response.status) == (command[-3], path, status)
+            assert json.loads(body) == {"detail": "The download page is not installed: static/ is missing beside downloader.py"}

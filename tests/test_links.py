@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import datetime
 import os
 import re
 import subprocess
@@ -277,8 +278,10 @@ async def test_secret_switches_listing_off(root: Path) -> None:
     async with asgi_client(create_app(root, secret=KEY)) as c:
         listing = await c.get("/api/files")
         page = await c.get("/")
-    assert (listing.status_code, listing.json()) == (404, {"detail": "Not Found"})
-    assert (page.status_code, page.json()) == (404, {"detail": "Not Found"})
+    # Issue "No surprises" #13: the 404 says why, right after the start-up line pointed here.
+    reason = {"detail": "The listing is off: downloads need signed links (DOWNLOADER_SECRET). DOWNLOADER_LISTING=true lists files with signed links"}
+    assert (listing.status_code, listing.json()) == (404, reason)
+    assert (page.status_code, page.json()) == (404, reason)
 
 
 @pytest.mark.anyio
@@ -561,9 +564,9 @@ def test_cli_list_shows_states(root: Path, db: Path) -> None:
 
 CLI_ERRORS = [
     # (id, args, exit status, stderr)
-    ("add-missing-file", ["add", "missing.txt"], 1, "downloader: cannot add 'missing.txt': Not Found\n"),
-    ("add-outside-root", ["add", "../secret.txt"], 1, "downloader: cannot add '../secret.txt': Not Found\n"),
-    ("add-hidden-file", ["add", ".hidden"], 1, "downloader: cannot add '.hidden': Not Found\n"),
+    ("add-missing-file", ["add", "missing.txt"], 1, "downloader: cannot add 'missing.txt': Not Found (no file under {root} by that path)\n"),
+    ("add-outside-root", ["add", "../secret.txt"], 1, "downloader: cannot add '../secret.txt': Not Found (no file under {root} by that path)\n"),
+    ("add-hidden-file", ["add", ".hidden"], 1, "downloader: cannot add '.hidden': Not Found (no file under {root} by that path)\n"),
     ("add-zero-limit", ["add", "ten.txt", "--max-downloads", "0"], 1, "downloader: cannot add 'ten.txt': max_downloads must be 1 or more\n"),
     ("revoke-unknown", ["revoke", "nope"], 1, "downloader: unknown ID nope\n"),
 ]
@@ -572,8 +575,16 @@ CLI_ERRORS = [
 @pytest.mark.parametrize(("args", "status", "stderr"), [c[1:] for c in CLI_ERRORS], ids=[c[0] for c in CLI_ERRORS])
 def test_cli_catalog_errors(root: Path, db: Path, args: list[str], status: int, stderr: str) -> None:
     result = run_cli(*args, DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
-    assert (result.returncode, result.stdout, result.stderr) == (status, "", stderr)
+    assert (result.returncode, result.stdout, result.stderr) == (status, "", stderr.format(root=root.resolve()))
     assert Catalog(db).list() == []
+
+
+@pytest.mark.parametrize("path", ["nope.txt", "../secret.txt", ".hidden", "sub"])
+def test_cli_sign_refuses_what_download_would_not_serve(root: Path, path: str) -> None:
+    """Issue "No surprises" #12: `add` checked the file, `sign` printed a URL for anything."""
+    result = run_cli("sign", path, DOWNLOADER_SECRET=KEY, DOWNLOADER_ROOT=str(root))
+    wanted = f"downloader: cannot sign {path!r}: Not Found (no file under {root.resolve()} by that path)\n"
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", wanted)
 
 
 def test_cli_catalog_commands_need_the_catalog(root: Path) -> None:
@@ -609,9 +620,11 @@ async def test_admin_api_register_download_list_revoke(admin: httpx.AsyncClient,
         "id": link_id, "path": "ten.txt", "name": "r.txt", "created": body["created"], "expires_at": body["expires_at"],
         "max_downloads": 3, "downloads": 0, "revoked": False, "url": f"/files/{link_id}",
     }
-    assert before <= body["created"] <= after
-    assert before + 600 <= body["expires_at"] <= after + 600
-    assert Catalog(db).get(link_id).as_json() == {k: v for k, v in body.items() if k != "url"}
+    # times in RFC 3339, as /api/files shows them (issue "No surprises" #12)
+    assert int(before) <= parse_rfc3339(body["created"]) <= after
+    assert int(before) + 600 <= parse_rfc3339(body["expires_at"]) <= after + 600
+    stored = Catalog(db).get(link_id)
+    assert (stored.path, stored.name, stored.max_downloads, int(stored.expires_at)) == ("ten.txt", "r.txt", 3, parse_rfc3339(body["expires_at"]))
 
     download = await admin.get(body["url"])
     assert (download.status_code, download.content) == (200, TEN)
@@ -630,10 +643,40 @@ async def test_admin_api_register_download_list_revoke(admin: httpx.AsyncClient,
     assert (unknown.status_code, unknown.json()) == (404, UNKNOWN)
 
 
+def parse_rfc3339(text: str) -> int:
+    return int(datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc).timestamp())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("fields", "expires_at"),
+    [
+        ({"ttl": "1h"}, 3600),
+        ({"ttl": "90"}, 90),
+        ({"ttl": 45}, 45),
+        ({"expires_at": "2030-01-01T00:00:00Z"}, None),
+        ({"expires_at": "2030-01-01T01:00:00+01:00"}, None),
+        ({"expires_at": 1_893_456_000}, None),
+    ],
+    ids=["ttl-1h", "ttl-text-seconds", "ttl-number", "expires-rfc3339", "expires-offset", "expires-posix"],
+)
+async def test_admin_api_takes_the_cli_vocabulary(admin: httpx.AsyncClient, fields: dict, expires_at: int | None) -> None:
+    """ttl as the CLI's --ttl takes it; expires_at in RFC 3339; answers in RFC 3339."""
+    before = int(time.time())
+    created = await admin.post("/api/links", json={"path": "ten.txt", **fields}, headers=AUTH)
+    after = int(time.time()) + 1
+    assert created.status_code == 201
+    got = parse_rfc3339(created.json()["expires_at"])
+    if expires_at is None:
+        assert got == 1_893_456_000  # 2030-01-01T00:00:00Z
+    else:
+        assert before + expires_at <= got <= after + expires_at
+
+
 @pytest.mark.anyio
 async def test_admin_api_expires_at_in_the_past_gives_410(admin: httpx.AsyncClient) -> None:
     created = await admin.post("/api/links", json={"path": "ten.txt", "expires_at": 1_000_000_000}, headers=AUTH)
-    assert (created.status_code, created.json()["expires_at"]) == (201, 1_000_000_000)
+    assert (created.status_code, created.json()["expires_at"]) == (201, "2001-09-09T01:46:40Z")
     response = await admin.get(created.json()["url"])
     assert (response.status_code, response.json()) == (410, EXPIRED)
 
@@ -696,7 +739,10 @@ BAD_LINK_REQUESTS = [
     ("path-not-string", b'{"path": 1}', 400, "path (a string) is required"),
     ("unknown-field", b'{"path": "ten.txt", "owner": "x"}', 400, "unknown fields: owner"),
     ("ttl-zero", b'{"path": "ten.txt", "ttl": 0}', 400, "ttl must be a number of at least 1"),
-    ("ttl-string", b'{"path": "ten.txt", "ttl": "1h"}', 400, "ttl must be a number of at least 1"),
+    ("ttl-bad-string", b'{"path": "ten.txt", "ttl": "soon"}', 400, "ttl must be seconds or a duration such as 45s, 30m, 1h or 7d"),
+    ("ttl-list", b'{"path": "ten.txt", "ttl": [1]}', 400, "ttl must be a number of at least 1"),
+    ("expires-bad-string", b'{"path": "ten.txt", "expires_at": "tomorrow"}', 400, "expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z"),
+    ("expires-no-zone", b'{"path": "ten.txt", "expires_at": "2030-01-01T00:00:00"}', 400, "expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z"),
     ("max-zero", b'{"path": "ten.txt", "max_downloads": 0}', 400, "max_downloads must be a number of at least 1"),
     ("max-bool", b'{"path": "ten.txt", "max_downloads": true}', 400, "max_downloads must be a number of at least 1"),
     ("ttl-and-expires", b'{"path": "ten.txt", "ttl": 60, "expires_at": 4102444800}', 400, "give ttl or expires_at, not both"),
@@ -827,10 +873,11 @@ async def test_hook_sees_the_request_and_the_resolved_file(root: Path, kind: str
     assert (via_link.status_code, via_link.json()) == (403, {"detail": "Forbidden"})
     assert (missing.status_code, missing.json()) == (404, {"detail": "Not Found"})
     real = os.path.realpath(root)
-    # the symlink is seen as what it resolves to; a missing file never reaches the hook
+    # the symlink keeps its own name, its path is what it resolves to; a missing file never
+    # reaches the hook
     assert seen == [
         ("/download/sub/inner.txt", "inner.txt", 5, os.path.join(real, "sub", "inner.txt"), "alice"),
-        ("/download/link-in", "ten.txt", 10, os.path.join(real, "ten.txt"), "bob"),
+        ("/download/link-in", "link-in", 10, os.path.join(real, "ten.txt"), "bob"),
     ]
 
 

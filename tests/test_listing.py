@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import shutil
+import tempfile
 import urllib.parse
+import zipfile
 from pathlib import Path
+
+import anyio
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
 import downloader
-from conftest import OLD_MTIME, UNICODE_NAME
+from conftest import OLD_MTIME, UNICODE_NAME, asgi_request, raw_request
+from helpers import uvicorn_server
 
 LISTED = ["data.bin", "empty.txt", "link-in", UNICODE_NAME, "sub/inner.txt", "ten.txt"]
 
@@ -90,9 +101,179 @@ async def test_listing_can_be_switched_off(root: Path) -> None:
         listing = await c.get("/api/files")
         page = await c.get("/")
         download = await c.get("/download/ten.txt")
-    assert (listing.status_code, listing.json()) == (404, {"detail": "Not Found"})
-    assert page.status_code == 404
+    off = {"detail": "The listing is switched off (DOWNLOADER_LISTING=false)"}
+    assert (listing.status_code, listing.json()) == (404, off)
+    assert (page.status_code, page.json()) == (404, off)
     assert download.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_zip_goes_with_the_listing(root: Path) -> None:
+    """/zip names every file of a folder: where the listing is off, so is /zip, and the
+    page learns whether /zip is on from its meta tag."""
+    for listing, status, meta in ((True, 200, b"on"), (False, 404, None)):
+        app = downloader.create_app(root, listing=listing)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            archive = await c.get("/zip/sub")
+            page = await c.get("/")
+        assert archive.status_code == status
+        if meta is not None:
+            assert b'<meta name="downloader-zip" content="' + meta + b'">' in page.content
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=downloader.create_app(root, authorize=lambda r, f: True)), base_url="http://t") as c:
+        page = await c.get("/")
+        archive = await c.get("/zip/sub")
+    assert b'<meta name="downloader-zip" content="off">' in page.content and archive.status_code == 404
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("allowed", [True, False])
+async def test_authorize_guards_the_listing_too(root: Path, allowed: bool) -> None:
+    """Issue "No surprises" #13: the hook is asked with file=None for the page and the listing."""
+    seen = []
+
+    def check(request, file) -> bool:
+        seen.append((request.url.path, file))
+        return allowed
+
+    app = downloader.create_app(root, authorize=check)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        listing = await c.get("/api/files")
+        page = await c.get("/")
+    assert seen == [("/api/files", None), ("/", None)]
+    if allowed:
+        assert (listing.status_code, page.status_code) == (200, 200)
+        assert [f["path"] for f in listing.json()["files"]] == sorted(LISTED)
+    else:
+        assert (listing.status_code, listing.json(), page.status_code) == (403, {"detail": "Forbidden"}, 403)
+
+
+@pytest.mark.anyio
+async def test_a_link_is_named_and_typed_by_its_own_name_everywhere(root: Path) -> None:
+    """Issue "No surprises" #9: listing, Content-Disposition and Content-Type all use the
+    name in the URL, not the target's."""
+    (root / "notes.md").symlink_to(root / "data.bin")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=downloader.create_app(root)), base_url="http://t") as c:
+        files = {f["path"]: f for f in (await c.get("/api/files")).json()["files"]}
+        link = await c.get("/download/notes.md")
+        link_in = await c.get("/download/link-in")
+    assert (files["notes.md"]["name"], files["notes.md"]["content_type"]) == ("notes.md", "text/markdown; charset=utf-8")
+    assert (link.headers["content-type"], link.headers["content-disposition"]) == ("text/markdown; charset=utf-8", 'attachment; filename="notes.md"')
+    assert link.content == bytes(range(256))
+    assert link_in.headers["content-disposition"] == 'attachment; filename="link-in"'
+    assert link_in.headers["content-type"] == files["link-in"]["content_type"] == "application/octet-stream"
+
+
+@pytest.mark.anyio
+async def test_links_to_folders_inside_are_listed_and_served_loops_are_not_walked(root: Path) -> None:
+    (root / "sub" / "deeper").mkdir()
+    (root / "sub" / "deeper" / "leaf.txt").write_bytes(b"leaf")
+    (root / "alias").symlink_to(root / "sub")  # a folder elsewhere inside the root
+    (root / "sub" / "deeper" / "up").symlink_to(root / "sub")  # a loop back to an ancestor
+    (root / "hidden-alias").symlink_to(root / ".dotdir")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=downloader.create_app(root)), base_url="http://t") as c:
+        items, _ = await all_pages(c, "/api/files", 3)
+        leaf = await c.get("/download/alias/deeper/leaf.txt")
+        hidden = await c.get("/download/hidden-alias/inner.txt")
+        archive = await c.get("/zip/alias")
+    paths = [f["path"] for f in items]
+    assert paths == sorted(LISTED + ["alias/deeper/leaf.txt", "alias/inner.txt", "sub/deeper/leaf.txt"])
+    assert (leaf.status_code, leaf.content, hidden.status_code) == (200, b"leaf", 404)
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as z:
+        assert sorted(z.namelist()) == ["deeper/leaf.txt", "inner.txt"]
+    assert archive.headers["content-disposition"] == 'attachment; filename="alias.zip"'
+
+
+# Issue "No surprises" #5: a file is listed if and only if it is served, and its listed URL
+# downloads its exact bytes. Names are made of the pieces that broke listing or serving.
+NAME_PIECES = [
+    "a", "Z", "0", " ", "%", "%41", "#", "?", ";", '"', "'", "\\", "&", "+", "=", ",", "~",
+    "\n", "\r", "\t", "é", "e\u0301", "\u200f", "\u202e", "😀", "数", "\ufeff", ".",
+]
+
+
+def name_bytes() -> st.SearchStrategy[bytes]:
+    text = st.lists(st.sampled_from(NAME_PIECES), min_size=1, max_size=6).map("".join).map(lambda n: n.encode("utf-8"))
+    invalid = st.tuples(text, st.sampled_from([b"\xff", b"\xc3(", b"\xed\xa0\x80"])).map(b"".join)
+    long = st.sampled_from([b"L" * 255, "é".encode() * 127 + b"x", "😀".encode() * 63 + b"abc"])
+    return st.one_of(text, text, text, invalid, long).filter(lambda n: n not in (b".", b".."))
+
+
+def make_tree(base: Path, names: list[bytes]) -> dict[bytes, bytes]:
+    """Files named `names` under base (every other one inside a folder `d%`); returns
+    path (bytes, relative) -> content."""
+    made: dict[bytes, bytes] = {}
+    os.mkdir(os.path.join(os.fsencode(base), b"d%"))
+    for i, name in enumerate(names):
+        relative = os.path.join(b"d%", name) if i % 2 else name
+        if relative in made:
+            continue
+        content = b"file %d: " % i + name
+        with open(os.path.join(os.fsencode(base), relative), "wb") as f:
+            f.write(content)
+        made[relative] = content
+    return made
+
+
+def is_served_name(relative: bytes) -> bool:
+    """What /download can serve: UTF-8 names, none hidden."""
+    try:
+        text = relative.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return not any(part.startswith(".") for part in text.split("/"))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(name_bytes(), min_size=1, max_size=8))
+def test_listed_if_and_only_if_served(tmp_path: Path, names: list[bytes]) -> None:
+    base = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        made = make_tree(base, names)
+        app = downloader.create_app(base)
+
+        async def check() -> None:
+            status, _, body = await asgi_request(app, b"/api/files?limit=1000")
+            listed = {item["path"].encode("utf-8"): item for item in json.loads(body)["files"]}
+            assert set(listed) == {path for path in made if is_served_name(path)}
+            for path, content in made.items():
+                target = b"/download/" + urllib.parse.quote(path).encode("ascii")
+                status, headers, body = await asgi_request(app, target)
+                assert (path, status, body if status == 200 else content) == (path, 200 if path in listed else 404, content)
+            for path, item in listed.items():
+                status, headers, body = await asgi_request(app, item["url"].encode("ascii"))
+                assert (status, body) == (200, made[path])
+                name = path.rsplit(b"/", 1)[-1].decode("utf-8")
+                assert item["name"] == name
+            status, headers, body = await asgi_request(app, b"/zip/")
+            assert (status, int(headers["content-length"])) == (200, len(body))
+            with zipfile.ZipFile(io.BytesIO(body)) as z:
+                assert {n.encode("utf-8"): z.read(n) for n in z.namelist()} == {p: made[p] for p in listed}
+
+        anyio.run(check)
+    finally:
+        shutil.rmtree(base)
+
+
+def test_hostile_names_listed_and_downloaded_through_uvicorn(tmp_path: Path) -> None:
+    """The same rule through uvicorn's own percent-decoding, with the names that failed."""
+    names = ["back\\slash %41.txt", "line\nfeed.txt", "cr\rlf.txt", "q?uery#frag;semi.txt", "é-nfc.txt", "e\u0301-nfd.txt", "\u202eevil.txt", "😀.txt", "L" * 255]
+    root = tmp_path / "hostile"
+    root.mkdir()
+    (root / "d\\x").mkdir()
+    for name in names:
+        (root / name).write_bytes(name.encode() * 3)
+        (root / "d\\x" / name).write_bytes(b"in folder: " + name.encode())
+    with uvicorn_server(root, tmp_path / "server.log") as server:
+        status, _, body = raw_request(server.port, b"/api/files?limit=1000")
+        files = json.loads(body)["files"]
+        assert sorted(f["path"] for f in files) == sorted(names + [f"d\\x/{n}" for n in names])
+        for item in files:
+            status, _, body = raw_request(server.port, item["url"].encode("ascii"))
+            assert (item["path"], status, body) == (item["path"], 200, (root / item["path"]).read_bytes())
+        status, headers, body = raw_request(server.port, b"/zip/d%5Cx")
+        assert (status, int(headers["content-length"]), len(body)) == (200, len(body), len(body))
+        with zipfile.ZipFile(io.BytesIO(body)) as z:
+            assert sorted(z.namelist()) == sorted(names)
 
 
 @pytest.mark.anyio

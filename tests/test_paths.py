@@ -30,8 +30,11 @@ HOSTILE = [
     ("sub/../../secret.txt", 404),
     ("sub/%2e%2e/%2e%2e/secret.txt", 404),
     ("sub/..%2f..%2fsecret.txt", 404),
-    ("..%5csecret.txt", 400),
-    ("%2e%2e%5csecret.txt", 400),
+    ("..%5csecret.txt", 404),  # a backslash is part of a POSIX name: no such file
+    ("ten.txt%0A", 404),  # no alias: the name holds the line feed
+    ("ten.txt%0D%0A", 404),
+    ("sub/inner.txt%0A", 404),
+    ("%2e%2e%5csecret.txt", 404),
     ("..%255csecret.txt", 404),
     ("/etc/passwd", 404),
     ("%2fetc%2fpasswd", 404),
@@ -141,7 +144,7 @@ async def test_unreadable_file_is_403(root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("path", "segments"),
-    [("a", ["a"]), ("a/b.txt", ["a", "b.txt"]), ("é/数", ["é", "数"]), ("...", ["..."]), ("a..b", ["a..b"])],
+    [("a", ["a"]), ("a/b.txt", ["a", "b.txt"]), ("é/数", ["é", "数"]), ("...", ["..."]), ("a..b", ["a..b"]), ("a\\b", ["a\\b"]), ("a\nb", ["a\nb"])],
 )
 def test_split_url_path_accepts(path: str, segments: list[str]) -> None:
     assert downloader.split_url_path(path) == segments
@@ -149,7 +152,7 @@ def test_split_url_path_accepts(path: str, segments: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("path", "status"),
-    [("", 404), ("/a", 404), ("a/", 404), ("a//b", 404), (".", 404), ("..", 404), ("a/../b", 404), ("a\x00", 400), ("a\\b", 400)],
+    [("", 404), ("/a", 404), ("a/", 404), ("a//b", 404), (".", 404), ("..", 404), ("a/../b", 404), ("a\x00", 400)],
 )
 def test_split_url_path_refuses(path: str, status: int) -> None:
     with pytest.raises(downloader.HTTPError) as caught:

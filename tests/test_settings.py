@@ -42,6 +42,11 @@ def test_env_values_are_parsed(tmp_path: Path) -> None:
         ({"DOWNLOADER_OFFLOAD": "sendfile"}, "DOWNLOADER_OFFLOAD: must be x-accel-redirect"),
         ({"DOWNLOADER_OFFLOAD_PREFIX": "internal"}, "DOWNLOADER_OFFLOAD_PREFIX: must be a path that starts and ends with /, like /_downloader_files/"),
         ({"DOWNLOADER_CATALOG": "/no/such/dir/c.db"}, "DOWNLOADER_CATALOG: folder '/no/such/dir' does not exist"),
+        ({"DOWNLOADER_CATALOG": "/"}, "DOWNLOADER_CATALOG: '/' is a directory, not a file"),
+        ({"DOWNLOADER_ROOT": ""}, "DOWNLOADER_ROOT: must be a directory path"),
+        ({"DOWNLOADER_ACCESS_LOG": ""}, "DOWNLOADER_ACCESS_LOG: must be a file path"),
+        ({"DOWNLOADER_ACCESS_LOG": "/"}, "DOWNLOADER_ACCESS_LOG: '/' is a directory, not a file"),
+        ({"DOWNLOADER_ACCESS_LOG": "/no/such/dir/a.log"}, "DOWNLOADER_ACCESS_LOG: folder '/no/such/dir' does not exist"),
     ],
 )
 def test_bad_env_value_names_the_variable(environ: dict[str, str], message: str) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import errno
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -217,27 +219,58 @@ def counting_threads(monkeypatch) -> list[object]:
     return calls
 
 
+def page_cache(monkeypatch, cached: Callable[[int], bool]) -> None:
+    """os.preadv with RWF_NOWAIT as the kernel answers it, for a page cache that holds the
+    bytes at the offsets where `cached(offset)` says so: the data, or EAGAIN (a miss). The
+    real cache can't be emptied on demand (posix_fadvise DONTNEED is advice: this test
+    failed when pages stayed), so the kernel's answer is what the test sets."""
+    real = os.preadv
+
+    def preadv(fd: int, buffers: list, offset: int, flags: int = 0) -> int:
+        assert flags == downloader.RWF_NOWAIT
+        if not cached(offset):
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+
+
 @pytest.mark.anyio
-async def test_cached_data_is_read_without_a_thread_and_a_miss_with_one(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("cached", "threads"),
+    [(lambda offset: True, 0), (lambda offset: False, 5), (lambda offset: offset < 192 * KIB, 3)],
+    ids=["all-cached", "all-missed", "cached-then-missed"],
+)
+async def test_cached_data_is_read_without_a_thread_and_a_miss_with_one(tmp_path: Path, monkeypatch, cached, threads: int) -> None:
     if not downloader.RWF_NOWAIT:
         pytest.skip("preadv with RWF_NOWAIT is Linux-only")
     path = tmp_path / "f"
-    data = os.urandom(1 * MIB)
+    data = os.urandom(1 * MIB)  # read as 64 + 128 + 256 + 512 + 64 KiB, at 0, 64, 192, 448, 960 KiB
     path.write_bytes(data)
+    page_cache(monkeypatch, cached)
     calls = counting_threads(monkeypatch)
     fd = os.open(path, os.O_RDONLY)
     chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
-    assert b"".join([c async for c in chunks]) == data
-    assert calls == []  # all from the page cache, in the event loop
+    try:
+        assert b"".join([c async for c in chunks]) == data
+    finally:
+        await chunks.aclose()
+    assert calls.count(os.pread) == threads
 
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())  # written back, so the pages are clean
+
+def test_read_cached_on_the_real_page_cache_returns_the_bytes_or_nothing(tmp_path: Path) -> None:
+    """Whatever the kernel's cache holds right now, read_cached never returns wrong bytes."""
+    if not downloader.RWF_NOWAIT:
+        pytest.skip("preadv with RWF_NOWAIT is Linux-only")
+    path = tmp_path / "f"
+    data = os.urandom(256 * KIB)
+    path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped from the cache
-    assert downloader.read_cached(fd, 64 * KIB, 0) is None
-    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
-    assert b"".join([c async for c in chunks]) == data
-    assert os.pread in calls  # the miss went to a worker thread
+    try:
+        for offset, size in ((0, 64 * KIB), (100, 1000), (200 * KIB, 56 * KIB), (250 * KIB, 64 * KIB)):
+            assert downloader.read_cached(fd, size, offset) in (data[offset : offset + size], None)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.anyio
