@@ -204,26 +204,17 @@ def failed(request: pytest.FixtureRequest) -> bool:
 
 def parse_byteranges(response: httpx.Response) -> list[tuple[dict[str, str], bytes]]:
     """The parts of a multipart/byteranges body (RFC 9110 §14.6, RFC 2046 §5.1.1) as
-    (lower-cased part headers, part bytes), in order. Fails on any framing error."""
+    (lower-cased part headers, part bytes), in order. Strict about the exact bytes the
+    service writes: no preamble, `Name: value` fields, the close-delimiter and one CRLF."""
     media_type, _, parameter = response.headers["content-type"].partition(";")
     name, _, boundary = parameter.strip().partition("=")
     assert (media_type, name) == ("multipart/byteranges", "boundary")
-    delimiter = b"\r\n--" + boundary.strip('"').encode("ascii")
-    body = response.content
-    if body.startswith(delimiter[2:]):  # the first delimiter's CRLF is optional
-        body = b"\r\n" + body
-    chunks = body.split(delimiter)
-    assert chunks[0] == b""  # no preamble
-    assert chunks[-1] in (b"--", b"--\r\n")  # close-delimiter, optional CRLF epilogue
+    chunks = (b"\r\n" + response.content).split(b"\r\n--" + boundary.encode("ascii"))
+    assert (chunks[0], chunks[-1]) == (b"", b"--\r\n")
     parts = []
     for chunk in chunks[1:-1]:
-        assert chunk[:2] == b"\r\n"
-        head, separator, content = chunk[2:].partition(b"\r\n\r\n")
-        assert separator == b"\r\n\r\n"
-        headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
-            field, colon, value = line.partition(":")
-            assert colon == ":"
-            headers[field.strip().lower()] = value.strip()
-        parts.append((headers, content))
+        head, separator, content = chunk.partition(b"\r\n\r\n")
+        assert (head[:2], separator) == (b"\r\n", b"\r\n\r\n")
+        fields = dict(line.split(": ", 1) for line in head[2:].decode("latin-1").split("\r\n"))
+        parts.append(({k.lower(): v for k, v in fields.items()}, content))
     return parts
