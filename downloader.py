@@ -467,8 +467,6 @@ class FileInfo:
 
     size: int
     mtime_ns: int
-    ino: int
-    dev: int
     name: str  # the last segment of the path asked for: a link's own name, not its target's
     path: str  # the real path opened
 
@@ -602,7 +600,7 @@ def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False,
         raise os_error_to_http(exc) from None
     finally:
         os.close(handle)
-    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(candidate), real))
+    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real))
 
 
 def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile:
@@ -626,7 +624,7 @@ def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
             raise not_found()
-        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev, os.path.basename(candidate), real))
+        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real))
     except BaseException:
         os.close(fd)
         raise
