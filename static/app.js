@@ -1,8 +1,13 @@
 // downloader page: lists the files and downloads them with progress, cancel and resume.
 //
-// Sections: 1. Limits  2. Header values (pure)  3. Formatting (pure)  4. Transfer with
-// resume  5. Sinks  6. File rows  7. Listing and start-up. The pure functions are exported
-// so tests/test_page.py can check them in the real browser.
+// Sections: 1. Settings  2. Header values (pure)  3. How to save (pure)
+// 4. Formatting (pure)  5. Transfer with resume  6. Sinks  7. Download state (pure)
+// 8. File rows: view and controller  9. Listing and start-up.
+// The pure functions and DownloadState are exported so tests/test_page.py can check them
+// in the real browser.
+//
+// Settings, read once by main():
+//   <meta name="downloader-blob-limit">  bytes; the server writes its configured value.
 //
 // How a file is saved (chooseSaveMethod):
 //   "fs"     showSaveFilePicker exists: chunks stream straight into the file the user picks.
@@ -13,17 +18,24 @@
 // Range: bytes=N- and If-Range (RFC 9110 §14.2, §13.1.5), so the saved file stays exact.
 
 // ===========================================================================
-// 1. Limits
+// 1. Settings
 // ===========================================================================
 
 export const DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024;
-// Waits before retry 1..5 after a network error; after the fifth failure we give up.
+// Waits before retry 1..5 after a network error; after the fifth failure in a row we give up.
 export const RETRY_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
 const LISTING_PAGE_SIZE = 200;
 const LISTING_MAX_PAGES = 10_000; // a server that never ends the cursor chain
 const UI_INTERVAL_MS = 100; // progress text redraws at most this often
 const SPEED_WINDOW_MS = 3000; // speed = bytes over the last few seconds
 const REVOKE_DELAY_MS = 10_000; // keep the blob URL until the browser has taken it
+
+/** The blob limit from <meta name="downloader-blob-limit">, or DEFAULT_BLOB_LIMIT. */
+export function readBlobLimit(doc = document) {
+  const raw = doc.querySelector('meta[name="downloader-blob-limit"]')?.content?.trim() ?? "";
+  const n = Number(raw);
+  return /^\d+$/.test(raw) && Number.isSafeInteger(n) ? n : DEFAULT_BLOB_LIMIT;
+}
 
 // ===========================================================================
 // 2. Header values (pure): Content-Disposition, Content-Range, If-Range
@@ -167,6 +179,10 @@ export function ifRangeValidator(etag, lastModified) {
   return lastModified || null;
 }
 
+// ===========================================================================
+// 3. How to save (pure)
+// ===========================================================================
+
 /** Decide how to save: "fs", "native" or "blob" (see the top of this file). */
 export function chooseSaveMethod({ size, blobLimit, hasFilePicker }) {
   if (hasFilePicker) return "fs";
@@ -174,15 +190,8 @@ export function chooseSaveMethod({ size, blobLimit, hasFilePicker }) {
   return "blob";
 }
 
-/** The blob limit from <meta name="downloader-blob-limit">, or DEFAULT_BLOB_LIMIT. */
-export function readBlobLimit(doc = document) {
-  const raw = doc.querySelector('meta[name="downloader-blob-limit"]')?.content?.trim() ?? "";
-  const n = Number(raw);
-  return /^\d+$/.test(raw) && Number.isSafeInteger(n) ? n : DEFAULT_BLOB_LIMIT;
-}
-
 // ===========================================================================
-// 3. Formatting (pure)
+// 4. Formatting (pure)
 // ===========================================================================
 
 const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -214,7 +223,7 @@ function formatDate(iso) {
 }
 
 // ===========================================================================
-// 4. Transfer with resume
+// 5. Transfer with resume
 // ===========================================================================
 
 export class HttpError extends Error {
@@ -357,7 +366,8 @@ async function fetchOnce(job, sink, signal, onProgress) {
  *  Up to RETRY_DELAYS_MS.length retries in a row; bytes received since the last failure
  *  start a new count, since that connection was working. job is updated in place, so a
  *  later call continues where this one stopped. Rejects with an AbortError when signal
- *  aborts, an HttpError for an error status, or the last network error. */
+ *  aborts, an HttpError for an error status, or the last network error. onRetry gets
+ *  {attempt, of, delayMs, error}. */
 export async function transfer(job, sink, { signal, onProgress = () => {}, onRetry = () => {}, delays = RETRY_DELAYS_MS }) {
   let failures = 0;
   for (;;) {
@@ -377,8 +387,15 @@ export async function transfer(job, sink, { signal, onProgress = () => {}, onRet
   }
 }
 
+/** Above the blob limit the browser downloads the file itself, and an error would only
+ *  show in its download list. So a HEAD first. */
+async function checkDownloadable(url) {
+  const response = await overNetwork(fetch(url, { method: "HEAD", cache: "no-store" }));
+  if (!response.ok) throw new HttpError(response.status, "");
+}
+
 // ===========================================================================
-// 5. Sinks: where the bytes go (write, reset to empty, finish, abort)
+// 6. Sinks: where the bytes go (write, reset to empty, finish, abort)
 // ===========================================================================
 
 /** Chunks in memory; finish() saves them through a Blob and an a[download] click. */
@@ -434,7 +451,164 @@ function clickLink(href, filename) {
 }
 
 // ===========================================================================
-// 6. File rows
+// 7. Download state (pure)
+// ===========================================================================
+
+function httpMessage(status, detail) {
+  switch (status) {
+    case 404:
+      return "File not found (404): it may have been moved or deleted.";
+    case 403:
+      return "Not allowed to download this file (403).";
+    case 410:
+      return "This link has expired (410).";
+    case 416:
+      return "The server could not resume this file (416). Retry starts over.";
+    default:
+      return `The server answered ${status}${detail ? `: ${detail}` : ""}.`;
+  }
+}
+
+/** One row's download as plain data: its status, bytes, retries and errors. No DOM and
+ *  no network: FileRow moves it on with the methods below, FileRowView draws it through
+ *  statusMessage and progressFigures, and the tests drive it directly.
+ *  status: idle | downloading | retrying | done | error | cancelled. */
+export class DownloadState {
+  status = "idle";
+  received = 0;
+  event = { kind: "idle" }; // what the status line reports: see statusMessage
+  samples = []; // [ms, bytes] over the last SPEED_WINDOW_MS, for the speed
+  kept = false; // after an error: Retry continues the bytes held
+
+  constructor(total = null) {
+    this.total = total; // bytes; null: unknown
+  }
+
+  /** A request goes out for the bytes from `from` on. */
+  started(from) {
+    Object.assign(this, { status: "downloading", received: from, samples: [], kept: false });
+    this.event = from > 0 ? { kind: "resuming", from } : { kind: "downloading" };
+  }
+
+  /** Bytes arrived; `fresh` on the first call of each response. */
+  progressed(received, total, now, fresh) {
+    if (fresh && this.status === "retrying") {
+      this.status = "downloading";
+      this.event = received > 0 ? { kind: "resumed", at: received } : { kind: "downloading" };
+    }
+    this.received = received;
+    if (total !== null) this.total = total;
+    this.samples.push([now, received]);
+    while (this.samples.length > 2 && now - this.samples[0][0] > SPEED_WINDOW_MS) this.samples.shift();
+  }
+
+  /** The connection failed; a retry follows after delayMs. */
+  retrying({ attempt, of, delayMs }) {
+    Object.assign(this, { status: "retrying", samples: [] });
+    this.event = { kind: "retrying", attempt, of, delayMs };
+  }
+
+  finished(savedAs) {
+    Object.assign(this, { status: "done", total: this.received, kept: false });
+    this.event = { kind: "saved", name: savedAs };
+  }
+
+  handedOver() {
+    Object.assign(this, { status: "done", kept: false });
+    this.event = { kind: "handed" };
+  }
+
+  /** The save dialog was dismissed: nothing started. */
+  notStarted() {
+    Object.assign(this, { status: "idle", kept: false });
+    this.event = { kind: "not-started" };
+  }
+
+  /** It stopped; `failure` comes from failureOf. */
+  failed(failure) {
+    const kept = failure.kind === "network" && failure.from !== null;
+    Object.assign(this, { status: failure.kind === "cancelled" ? "cancelled" : "error", kept, samples: [] });
+    this.event = failure;
+  }
+
+  get showsProgress() {
+    const busy = this.status === "downloading" || this.status === "retrying";
+    return busy || (this.status === "done" && this.event.kind === "saved") || (this.status === "error" && this.kept);
+  }
+}
+
+/** Why a download stopped, as data for DownloadState.failed: {kind: "cancelled"} |
+ *  {kind: "http", status, detail} | {kind: "network", retries, from} (from: the byte
+ *  Retry continues from, null when nothing is kept) | {kind: "failed", message}. */
+export function failureOf(err, keptJob, retries) {
+  if (err?.name === "AbortError") return { kind: "cancelled" };
+  if (err instanceof HttpError) return { kind: "http", status: err.status, detail: err.detail };
+  if (isRetryable(err)) return { kind: "network", retries, from: keptJob ? keptJob.received : null };
+  return { kind: "failed", message: err?.message || String(err) };
+}
+
+/** The status line for a DownloadState's event. */
+export function statusMessage(event) {
+  switch (event.kind) {
+    case "downloading":
+      return "Downloading…";
+    case "resuming":
+      return `Resuming from ${formatBytes(event.from)}…`;
+    case "resumed":
+      return `Resumed at ${formatBytes(event.at)}.`;
+    case "retrying":
+      return `Connection lost. Retrying in ${formatDuration(event.delayMs / 1000)} (attempt ${event.attempt} of ${event.of})…`;
+    case "saved":
+      return `Downloaded “${event.name}”.`;
+    case "handed":
+      return "Handed to your browser’s downloader: its download list shows the progress.";
+    case "not-started":
+      return "Download not started: no file was chosen.";
+    case "cancelled":
+      return "Download cancelled.";
+    case "http":
+      return httpMessage(event.status, event.detail);
+    case "network": {
+      const { retries, from } = event;
+      if (from === null) return "Network error: could not reach the server.";
+      return `Network error: the download failed after ${retries} retries. Retry continues from ${formatBytes(from)}.`;
+    }
+    case "failed":
+      return `Download failed: ${event.message}`;
+    default:
+      return "";
+  }
+}
+
+/** A DownloadState's progress: {percent (null: unknown), text}, the text being percent,
+ *  bytes done of total, speed and time left, as far as they are known. */
+export function progressFigures(state) {
+  const { status, received, total, samples } = state;
+  if (status === "done") return { percent: 100, text: `100% · ${formatBytes(received)}` };
+  const parts = [];
+  let percent = null;
+  if (typeof total === "number" && total > 0) {
+    percent = Math.min(100, (received / total) * 100);
+    parts.push(`${Math.floor(percent)}%`, `${formatBytes(received)} of ${formatBytes(total)}`);
+  } else if (total === 0) {
+    percent = 0;
+  } else {
+    parts.push(formatBytes(received));
+  }
+  if (status === "downloading" && samples.length >= 2) {
+    const [t0, b0] = samples[0];
+    const [t1, b1] = samples[samples.length - 1];
+    const rate = t1 > t0 ? ((b1 - b0) * 1000) / (t1 - t0) : 0;
+    if (rate > 0) {
+      parts.push(`${formatBytes(rate)}/s`);
+      if (typeof total === "number") parts.push(`${formatDuration((total - received) / rate)} left`);
+    }
+  }
+  return { percent, text: parts.join(" · ") };
+}
+
+// ===========================================================================
+// 8. File rows: view and controller
 // ===========================================================================
 
 function el(tag, props = {}, children = []) {
@@ -448,30 +622,19 @@ function el(tag, props = {}, children = []) {
   return node;
 }
 
-/** One <li> per file, with its buttons, progress and status, and the download it runs.
- *  data-state: idle | downloading | retrying | done | error | cancelled. */
-class FileRow {
-  constructor(file, config) {
-    this.file = file;
-    this.config = config;
-    const fallback = `download/${file.path.split("/").map(encodeURIComponent).join("/")}`;
-    this.url = new URL(file.url ?? fallback, document.baseURI).href;
-    this.job = null;
-    this.sink = null;
-    this.controller = null;
-    this.samples = [];
-    this.lastDraw = 0;
-    this.render();
-    this.setState("idle", "");
-  }
+/** The <li> of one file: name, size and date, the buttons, progress and status. It draws
+ *  a DownloadState and reports clicks; it holds no download. */
+class FileRowView {
+  lastDraw = -Infinity;
 
-  render() {
-    const { name, path, size, modified } = this.file;
+  constructor(file, { onDownload, onCancel }) {
+    const { name, path, size, modified } = file;
     const folder = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
     const meta = [formatBytes(size), formatDate(modified), folder && `in ${folder}`].filter(Boolean).join(" · ");
-    this.downloadButton = el("button", { type: "button", class: "download", "aria-label": `Download ${name}`, textContent: "Download" });
-    this.cancelButton = el("button", { type: "button", class: "cancel", "aria-label": `Cancel download of ${name}`, textContent: "Cancel" });
-    this.retryButton = el("button", { type: "button", class: "retry", "aria-label": `Retry download of ${name}`, textContent: "Retry" });
+    const button = (cls, text, label) => el("button", { type: "button", class: cls, "aria-label": label, textContent: text });
+    this.downloadButton = button("download", "Download", `Download ${name}`);
+    this.cancelButton = button("cancel", "Cancel", `Cancel download of ${name}`);
+    this.retryButton = button("retry", "Retry", `Retry download of ${name}`);
     this.progress = el("progress", { class: "progress", max: 100, value: 0, "aria-label": `Download progress of ${name}` });
     this.progressText = el("span", { class: "progress-text" });
     this.progressBox = el("div", { class: "file-progress" }, [this.progress, this.progressText]);
@@ -485,26 +648,57 @@ class FileRow {
       this.progressBox,
       this.status,
     ]);
-    this.downloadButton.addEventListener("click", () => this.start());
-    this.retryButton.addEventListener("click", () => this.start());
-    this.cancelButton.addEventListener("click", () => this.cancel());
+    this.downloadButton.addEventListener("click", onDownload);
+    this.retryButton.addEventListener("click", onDownload);
+    this.cancelButton.addEventListener("click", onCancel);
   }
 
-  /** Show a state: which buttons, whether the progress shows, the status message. Keeps
-   *  keyboard focus on a visible button when the focused one disappears. */
-  setState(state, message) {
-    const focused = this.node.contains(document.activeElement) ? document.activeElement : null;
-    this.state = state;
-    this.node.dataset.state = state;
-    const busy = state === "downloading" || state === "retrying";
-    this.downloadButton.hidden = busy || state === "error" || state === "cancelled";
-    this.cancelButton.hidden = !busy;
-    this.retryButton.hidden = !(state === "error" || state === "cancelled");
-    this.progressBox.hidden = state === "idle" || state === "cancelled" || (!this.job && state === "error");
-    this.status.textContent = message;
-    if (focused?.hidden) {
-      [this.cancelButton, this.retryButton, this.downloadButton].find((b) => !b.hidden)?.focus();
+  /** Draw `state`: all of it, or (full false) only the progress, and that at most every
+   *  UI_INTERVAL_MS. Keeps keyboard focus on a visible button when the focused one goes. */
+  render(state, now, full = true) {
+    if (!full && now - this.lastDraw < UI_INTERVAL_MS) return;
+    this.lastDraw = now;
+    if (full) {
+      const focused = this.node.contains(document.activeElement) ? document.activeElement : null;
+      const busy = state.status === "downloading" || state.status === "retrying";
+      const failed = state.status === "error" || state.status === "cancelled";
+      this.node.dataset.state = state.status;
+      this.downloadButton.hidden = busy || failed;
+      this.cancelButton.hidden = !busy;
+      this.retryButton.hidden = !failed;
+      this.progressBox.hidden = !state.showsProgress;
+      this.status.textContent = statusMessage(state.event);
+      if (focused?.hidden) {
+        [this.cancelButton, this.retryButton, this.downloadButton].find((b) => !b.hidden)?.focus();
+      }
     }
+    const { percent, text } = progressFigures(state);
+    if (percent === null) this.progress.removeAttribute("value"); // indeterminate
+    else this.progress.value = percent;
+    this.progressText.textContent = text;
+  }
+}
+
+/** One file: its listing item, its DownloadState and view, and the download it runs. */
+class FileRow {
+  job = null; // transfer()'s data; kept after a network failure so Retry continues
+  sink = null;
+  controller = null; // aborts the transfer: Cancel
+  active = false; // a click is being handled
+
+  constructor(file, config) {
+    this.file = file;
+    this.config = config;
+    const fallback = `download/${file.path.split("/").map(encodeURIComponent).join("/")}`;
+    this.url = new URL(file.url ?? fallback, document.baseURI).href;
+    this.state = new DownloadState(file.size ?? null);
+    this.view = new FileRowView(file, { onDownload: () => this.start(), onCancel: () => this.controller?.abort() });
+    this.node = this.view.node;
+    this.draw();
+  }
+
+  draw(full = true) {
+    this.view.render(this.state, performance.now(), full);
   }
 
   /** Download, or Retry: continues a kept job (network failure) or starts a new one.
@@ -521,38 +715,36 @@ class FileRow {
 
   async run() {
     if (!this.job) {
-      const method = chooseSaveMethod({
-        size: this.file.size,
-        blobLimit: this.config.blobLimit,
-        hasFilePicker: typeof window.showSaveFilePicker === "function",
-      });
+      const hasFilePicker = typeof window.showSaveFilePicker === "function";
+      const method = chooseSaveMethod({ size: this.file.size, blobLimit: this.config.blobLimit, hasFilePicker });
       if (method === "native") return await this.handToBrowser();
       this.sink = method === "fs" ? await this.pickFile() : new MemorySink();
       if (!this.sink) return;
       this.job = newJob(this.url);
-      this.drawProgress(true);
     }
     this.controller = new AbortController();
-    this.samples = [];
-    const resuming = this.job.received > 0;
-    this.setState("downloading", resuming ? `Resuming from ${formatBytes(this.job.received)}…` : "Downloading…");
+    this.state.started(this.job.received);
+    this.draw();
     try {
       await transfer(this.job, this.sink, {
         signal: this.controller.signal,
-        onProgress: (job, fresh) => this.onProgress(job, fresh),
-        onRetry: (r) => this.onRetry(r),
+        onProgress: (job, fresh) => {
+          this.state.progressed(job.received, job.total, performance.now(), fresh);
+          this.draw(fresh);
+        },
+        onRetry: (retry) => {
+          this.state.retrying(retry);
+          this.draw();
+        },
       });
       await this.sink.finish(this.job);
-      const { filename, received } = this.job;
-      const savedAs = this.sink.name ?? filename;
+      this.state.finished(this.sink.name ?? this.job.filename);
       this.forget();
-      this.setState("done", `Downloaded “${savedAs}”.`);
-      this.progress.value = 100;
-      this.progressText.textContent = `100% · ${formatBytes(received)}`;
     } catch (err) {
       await this.fail(err);
     } finally {
       this.controller = null;
+      this.draw();
     }
   }
 
@@ -564,7 +756,8 @@ class FileRow {
       return new FileSink(await handle.createWritable(), handle.name);
     } catch (err) {
       if (err?.name === "AbortError") {
-        this.setState(this.state, "Download not started: no file was chosen.");
+        this.state.notStarted();
+        this.draw();
         return null;
       }
       // The picker is refused (policy, no activation): fall back to the other methods.
@@ -576,21 +769,17 @@ class FileRow {
     }
   }
 
-  /** Above the blob limit: a HEAD first, so a missing file shows our error rather than a
-   *  failed entry in the browser's list, then a plain link the browser downloads itself. */
+  /** Above the blob limit: check the file can be had, so an error shows here rather than
+   *  as a failed entry in the browser's list, then a plain link the browser downloads. */
   async handToBrowser() {
     try {
-      const response = await overNetwork(fetch(this.url, { method: "HEAD", cache: "no-store" }));
-      if (!response.ok) throw new HttpError(response.status, "");
+      await checkDownloadable(this.url);
     } catch (err) {
       return this.fail(err);
     }
     clickLink(this.url, ""); // the server's Content-Disposition names the file
-    this.setState("done", "Handed to your browser’s downloader: its download list shows the progress.");
-  }
-
-  cancel() {
-    this.controller?.abort();
+    this.state.handedOver();
+    this.draw();
   }
 
   forget() {
@@ -599,93 +788,18 @@ class FileRow {
   }
 
   async fail(err) {
-    const keep = isRetryable(err) && this.job; // a network failure: Retry continues
-    if (!keep) {
+    const kept = isRetryable(err) && this.job !== null; // a network failure: Retry continues
+    if (!kept) {
       await this.sink?.abort();
       this.forget();
     }
-    if (err?.name === "AbortError") {
-      this.setState("cancelled", "Download cancelled.");
-    } else if (err instanceof HttpError) {
-      this.setState("error", httpMessage(err));
-    } else if (keep) {
-      this.setState(
-        "error",
-        `Network error: the download failed after ${RETRY_DELAYS_MS.length} retries. ` +
-          `Retry continues from ${formatBytes(this.job.received)}.`,
-      );
-    } else if (isRetryable(err)) {
-      this.setState("error", "Network error: could not reach the server.");
-    } else {
-      this.setState("error", `Download failed: ${err?.message || err}`);
-    }
-  }
-
-  onRetry({ attempt, of, delayMs }) {
-    this.samples = [];
-    this.setState("retrying", `Connection lost. Retrying in ${formatDuration(delayMs / 1000)} (attempt ${attempt} of ${of})…`);
-    this.drawProgress(true);
-  }
-
-  onProgress(job, fresh) {
-    if (fresh && this.state === "retrying") {
-      this.setState("downloading", job.received > 0 ? `Resumed at ${formatBytes(job.received)}.` : "Downloading…");
-    }
-    const now = performance.now();
-    this.samples.push([now, job.received]);
-    while (this.samples.length > 2 && now - this.samples[0][0] > SPEED_WINDOW_MS) this.samples.shift();
-    this.drawProgress(fresh);
-  }
-
-  /** Percent, bytes done / total, speed and time left; redrawn at most every UI_INTERVAL_MS. */
-  drawProgress(force) {
-    const now = performance.now();
-    if (!force && now - this.lastDraw < UI_INTERVAL_MS) return;
-    this.lastDraw = now;
-    const job = this.job;
-    const received = job?.received ?? 0;
-    const total = job?.total ?? this.file.size ?? null;
-    const parts = [];
-    if (typeof total === "number" && total > 0) {
-      const percent = Math.min(100, (received / total) * 100);
-      this.progress.value = percent;
-      parts.push(`${Math.floor(percent)}%`, `${formatBytes(received)} of ${formatBytes(total)}`);
-    } else if (total === 0) {
-      this.progress.value = job ? 0 : 100;
-    } else {
-      this.progress.removeAttribute("value"); // indeterminate
-      parts.push(formatBytes(received));
-    }
-    if (job && this.state === "downloading" && this.samples.length >= 2) {
-      const [t0, b0] = this.samples[0];
-      const [t1, b1] = this.samples[this.samples.length - 1];
-      const rate = t1 > t0 ? ((b1 - b0) * 1000) / (t1 - t0) : 0;
-      if (rate > 0) {
-        parts.push(`${formatBytes(rate)}/s`);
-        if (typeof total === "number") parts.push(`${formatDuration((total - received) / rate)} left`);
-      }
-    }
-    this.progressText.textContent = parts.join(" · ");
-  }
-}
-
-function httpMessage(err) {
-  switch (err.status) {
-    case 404:
-      return "File not found (404): it may have been moved or deleted.";
-    case 403:
-      return "Not allowed to download this file (403).";
-    case 410:
-      return "This link has expired (410).";
-    case 416:
-      return "The server could not resume this file (416). Retry starts over.";
-    default:
-      return `The server answered ${err.status}${err.detail ? `: ${err.detail}` : ""}.`;
+    this.state.failed(failureOf(err, this.job, RETRY_DELAYS_MS.length));
+    this.draw();
   }
 }
 
 // ===========================================================================
-// 7. Listing and start-up
+// 9. Listing and start-up
 // ===========================================================================
 
 /** Yield every file of GET api/files, following next_cursor until it is null. */

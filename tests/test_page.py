@@ -443,6 +443,58 @@ def test_format_bytes(module_page: sync_api.Page, n: int, text: str) -> None:
     assert call_app(module_page, "formatBytes", n) == text
 
 
+RUN_STATE = """async (steps) => {
+    const app = await import(new URL('static/app.js', document.baseURI));
+    const state = new app.DownloadState(1000);
+    return steps.map(([method, ...args]) => {
+        state[method](...args);
+        return [state.status, app.statusMessage(state.event), state.showsProgress, app.progressFigures(state).text];
+    });
+}"""
+
+STATE_CASES = {
+    "dropped-and-resumed": [
+        (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
+        (("progressed", 0, 1000, 0, True), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
+        (("progressed", 400, 1000, 1000, False), ("downloading", "Downloading…", True, "40% · 400 B of 1000 B · 400 B/s · 2 s left")),
+        (
+            ("retrying", {"attempt": 1, "of": 5, "delayMs": 500}),
+            ("retrying", "Connection lost. Retrying in 1 s (attempt 1 of 5)…", True, "40% · 400 B of 1000 B"),
+        ),
+        (("progressed", 400, 1000, 2000, True), ("downloading", "Resumed at 400 B.", True, "40% · 400 B of 1000 B")),
+        (("progressed", 1000, 1000, 2500, False), ("downloading", "Resumed at 400 B.", True, "100% · 1000 B of 1000 B · 1.2 KiB/s · 0 s left")),
+        (("finished", "a.bin"), ("done", "Downloaded “a.bin”.", True, "100% · 1000 B")),
+    ],
+    "network-error-kept": [
+        (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
+        (("progressed", 300, 1000, 0, True), ("downloading", "Downloading…", True, "30% · 300 B of 1000 B")),
+        (
+            ("failed", {"kind": "network", "retries": 5, "from": 300}),
+            ("error", "Network error: the download failed after 5 retries. Retry continues from 300 B.", True, "30% · 300 B of 1000 B"),
+        ),
+        (("started", 300), ("downloading", "Resuming from 300 B…", True, "30% · 300 B of 1000 B")),
+    ],
+    "refused-cancelled-handed": [
+        (
+            ("failed", {"kind": "http", "status": 410, "detail": "This download link has been used up"}),
+            ("error", "This link has expired (410).", False, "0% · 0 B of 1000 B"),
+        ),
+        (("failed", {"kind": "network", "retries": 5, "from": None}), ("error", "Network error: could not reach the server.", False, "0% · 0 B of 1000 B")),
+        (("failed", {"kind": "failed", "message": "disk full"}), ("error", "Download failed: disk full", False, "0% · 0 B of 1000 B")),
+        (("failed", {"kind": "cancelled"}), ("cancelled", "Download cancelled.", False, "0% · 0 B of 1000 B")),
+        (("notStarted",), ("idle", "Download not started: no file was chosen.", False, "0% · 0 B of 1000 B")),
+        (("handedOver",), ("done", "Handed to your browser’s downloader: its download list shows the progress.", False, "100% · 0 B")),
+    ],
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_CASES))
+def test_download_state(module_page: sync_api.Page, case: str) -> None:
+    # After each step: status, message, whether the progress shows, the progress line.
+    steps, expected = zip(*STATE_CASES[case])
+    assert module_page.evaluate(RUN_STATE, [list(s) for s in steps]) == [list(e) for e in expected]
+
+
 # ---------------------------------------------------------------------------
 # Listing, layout, accessibility
 # ---------------------------------------------------------------------------
@@ -725,6 +777,8 @@ def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
         assert download.url.startswith(mounted_server + "/files/download/")
         assert download.suggested_filename == BIG_NAME
         assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
-        assert row(page, BIG_NAME).get_attribute("data-state") == "done"
+        status = wait_for_state(page, BIG_NAME, "done", timeout_s=10)
+        assert status == "Handed to your browser’s downloader: its download list shows the progress."
+        assert row(page, BIG_NAME).locator(".file-progress").is_hidden()
     finally:
         page.context.close()
