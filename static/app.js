@@ -10,10 +10,12 @@
 //   <meta name="downloader-blob-limit">  bytes; the server writes its configured value.
 //
 // How a file is saved (chooseSaveMethod):
-//   "fs"     showSaveFilePicker exists: chunks stream straight into the file the user picks.
-//   "native" larger than the blob limit: a plain <a href download>; the browser's own
-//            downloader writes to disk and shows its own progress.
-//   "blob"   otherwise: fetch + reader, chunks in memory, one Blob, an a[download] click.
+//   "blob"   size known and at most the blob limit: fetch + reader, chunks in memory, one
+//            Blob, an a[download] click. No dialog, whatever the browser offers.
+//   "fs"     larger (or size unknown) and showSaveFilePicker exists (Chrome, Edge): the user
+//            picks a file and the chunks stream straight into it.
+//   "native" larger and no picker: a plain <a href download>; the browser's own downloader
+//            writes to disk and shows its own progress.
 // "fs" and "blob" share transfer(), which continues after a dropped connection with
 // Range: bytes=N- and If-Range (RFC 9110 §14.2, §13.1.5), so the saved file stays exact.
 
@@ -183,11 +185,12 @@ export function ifRangeValidator(etag, lastModified) {
 // 3. How to save (pure)
 // ===========================================================================
 
-/** Decide how to save: "fs", "native" or "blob" (see the top of this file). */
+/** Decide how to save: "blob", "fs" or "native" (see the top of this file). */
 export function chooseSaveMethod({ size, blobLimit, hasFilePicker }) {
+  const known = typeof size === "number";
+  if (known && size <= blobLimit) return "blob";
   if (hasFilePicker) return "fs";
-  if (typeof size === "number" && size > blobLimit) return "native";
-  return "blob";
+  return known ? "native" : "blob";
 }
 
 // ===========================================================================

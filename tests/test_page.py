@@ -7,6 +7,9 @@ on loopback, and its offline=True makes new requests fail during an outage. It d
 a response already under way: Chromium 156 reads the body from the socket ahead of its
 throttle and finishes it even while "offline". So the proxy paces those downloads itself
 and cut() resets the live connection, which the page sees as a TypeError mid-body.
+
+Chromium has showSaveFilePicker, and the pages keep it unless a test says otherwise: a file
+up to the blob limit must download without it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,16 +53,36 @@ CHROMIUM_ARGS = [
 BIG_NAME = "résumé 数据.bin"
 BIG_SIZE = 30 * 1024 * 1024
 # Above BIG_SIZE, so the big file takes the in-page Blob path that fires Playwright's
-# download event; the small-limit server below covers the hand-over to the browser.
+# download event; the small-limit servers below cover the file picker and the hand-over
+# to the browser.
 BLOB_LIMIT = 64 * 1024 * 1024
 SMALL_BLOB_LIMIT = 1024 * 1024
 THROUGHPUT_BPS = 20_000_000  # 30 MiB in about 1.6 s: progress is visible, tests stay short
 PROXY_BPS = 10_000_000  # pacing of downloads that get cut: the cut lands mid-body
 SERVER_START_S = 20
 DOWNLOAD_S = 60
-# The File System Access API would open a save dialog that headless Chromium cannot answer;
-# without it the page takes the Blob path. The test of the "fs" path installs a fake.
+# Tests of the hand-over to the browser's downloader remove the File System Access API,
+# which would otherwise take files above the blob limit.
 NO_FILE_PICKER = "delete window.showSaveFilePicker; delete Window.prototype.showSaveFilePicker;"
+FAKE_FILE_PICKER = """
+    // showSaveFilePicker whose writable keeps the bytes and hashes them on close().
+    window.__picked = {name: null, size: 0, closed: false, aborted: false, hash: null};
+    window.showSaveFilePicker = async ({suggestedName}) => {
+        window.__picked.name = suggestedName;
+        let parts = [];
+        return {name: suggestedName, createWritable: async () => ({
+            async write(chunk) { parts.push(chunk); window.__picked.size += chunk.byteLength; },
+            async truncate(n) { parts = []; window.__picked.size = 0; if (n !== 0) throw new Error("truncate " + n); },
+            async seek(n) { if (n !== 0) throw new Error("seek " + n); },
+            async close() {
+                const digest = await crypto.subtle.digest("SHA-256", await new Blob(parts).arrayBuffer());
+                window.__picked.hash = [...new Uint8Array(digest)].map(b => b.toString(16).padStart(2, "0")).join("");
+                window.__picked.closed = true;
+            },
+            async abort() { window.__picked.aborted = true; },
+        })};
+    };
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -225,11 +249,12 @@ def browser() -> Iterator[sync_api.Browser]:
 
 
 def open_page(
-    browser: sync_api.Browser, url: str, init_script: str = NO_FILE_PICKER, **context_args: object
+    browser: sync_api.Browser, url: str, init_script: str = "", **context_args: object
 ) -> sync_api.Page:
     """A new context and page at url, listing loaded; init_script runs before app.js."""
     context = browser.new_context(accept_downloads=True, **context_args)
-    context.add_init_script(init_script)
+    if init_script:
+        context.add_init_script(init_script)
     page = context.new_page()
     page.goto(url)
     page.wait_for_selector("body[data-listing]", timeout=10_000)
@@ -237,11 +262,19 @@ def open_page(
     return page
 
 
+@contextmanager
+def proxy_to(base: str) -> Iterator[CuttableProxy]:
+    proxy = CuttableProxy(int(urllib.parse.urlsplit(base).port))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
 @pytest.fixture
 def proxy(server: str) -> Iterator[CuttableProxy]:
-    proxy = CuttableProxy(int(server.rsplit(":", 1)[1]))
-    yield proxy
-    proxy.close()
+    with proxy_to(server) as proxy:
+        yield proxy
 
 
 @pytest.fixture
@@ -329,6 +362,23 @@ def saved_bytes(download: sync_api.Download, tmp_path: Path) -> bytes:
     target = tmp_path / "saved" / download.suggested_filename
     download.save_as(target)
     return target.read_bytes()
+
+
+def download_requests(page: sync_api.Page) -> tuple[list[dict[str, str]], list[sync_api.Response]]:
+    """Lists that fill with the headers of each /download/ request and each response."""
+    requests: list[dict[str, str]] = []
+    responses: list[sync_api.Response] = []
+    page.on("request", lambda r: requests.append(r.headers) if "/download/" in r.url else None)
+    page.on("response", lambda r: responses.append(r) if "/download/" in r.url else None)
+    return requests, responses
+
+
+def cut_at(page: sync_api.Page, proxy: CuttableProxy, path: str, percent: float) -> None:
+    """Wait for `percent` progress on `path`, drop the network, wait for the page to retry."""
+    wait_until(f"{percent} % progress", lambda: (row_state(page, path)[1] or 0) >= percent)
+    drop_network(page, proxy)
+    status = wait_for_state(page, path, "retrying", timeout_s=10)
+    assert status.startswith("Connection lost. Retrying in "), status
 
 
 # ---------------------------------------------------------------------------
@@ -424,13 +474,16 @@ def test_if_range_validator_is_strong_etag_else_date(
 @pytest.mark.parametrize(
     ("size", "has_picker", "method"),
     [
-        (10, True, "fs"),
-        (BLOB_LIMIT + 1, True, "fs"),
+        (57, True, "blob"),  # no save dialog for a small file, picker or not
+        (BLOB_LIMIT, True, "blob"),
         (BLOB_LIMIT, False, "blob"),
+        (BLOB_LIMIT + 1, True, "fs"),
         (BLOB_LIMIT + 1, False, "native"),
+        (None, True, "fs"),  # size unknown: never all in memory when a file can be picked
+        (None, False, "blob"),
     ],
 )
-def test_choose_save_method(module_page: sync_api.Page, size: int, has_picker: bool, method: str) -> None:
+def test_choose_save_method(module_page: sync_api.Page, size: int | None, has_picker: bool, method: str) -> None:
     args = {"size": size, "blobLimit": BLOB_LIMIT, "hasFilePicker": has_picker}
     assert call_app(module_page, "chooseSaveMethod", args) == method
 
@@ -588,21 +641,24 @@ def test_download_shows_progress_and_saves_exact_file_under_server_name(
         shutil.copyfile(shot, REPO / "static" / "screenshot.png")
 
 
-def download_requests(page: sync_api.Page) -> tuple[list[dict[str, str]], list[sync_api.Response]]:
-    """Lists that fill with the headers of each /download/ request and each response."""
-    requests: list[dict[str, str]] = []
-    responses: list[sync_api.Response] = []
-    page.on("request", lambda r: requests.append(r.headers) if "/download/" in r.url else None)
-    page.on("response", lambda r: responses.append(r) if "/download/" in r.url else None)
-    return requests, responses
-
-
-def cut_at(page: sync_api.Page, proxy: CuttableProxy, path: str, percent: float) -> None:
-    """Wait for `percent` progress on `path`, drop the network, wait for the page to retry."""
-    wait_until(f"{percent} % progress", lambda: (row_state(page, path)[1] or 0) >= percent)
-    drop_network(page, proxy)
-    status = wait_for_state(page, path, "retrying", timeout_s=10)
-    assert status.startswith("Connection lost. Retrying in "), status
+@pytest.mark.parametrize("picker", ["chromium", "fake"])
+def test_small_file_downloads_without_the_save_dialog(
+    browser: sync_api.Browser, server: str, files: dict[str, bytes], tmp_path: Path, picker: str
+) -> None:
+    """Headless Chromium answers a save dialog with "no file was chosen"; the fake picker
+    records whether it was called."""
+    page = open_page(browser, server + "/", init_script=FAKE_FILE_PICKER if picker == "fake" else "")
+    try:
+        assert page.evaluate("typeof window.showSaveFilePicker") == "function"
+        with page.expect_download(timeout=10_000) as info:
+            page.get_by_role("button", name="Download notes.txt", exact=True).click()
+            status = wait_for_state(page, "notes.txt", "done", timeout_s=10)
+        assert status == "Downloaded “notes.txt”."
+        assert info.value.url.startswith("blob:")
+        assert saved_bytes(info.value, tmp_path) == files["notes.txt"]
+        assert page.evaluate("window.__picked?.name ?? null") is None
+    finally:
+        page.context.close()
 
 
 def test_dropped_connection_resumes_with_range_and_if_range(
@@ -710,59 +766,37 @@ def test_network_down_past_all_retries_shows_error_then_retry_resumes(
     assert requests[-1]["range"].startswith("bytes=") and requests[-1]["range"] != "bytes=0-"
 
 
-FAKE_FILE_PICKER = """
-    // showSaveFilePicker whose writable keeps the bytes and hashes them on close().
-    window.__picked = {name: null, size: 0, closed: false, aborted: false, hash: null};
-    window.showSaveFilePicker = async ({suggestedName}) => {
-        window.__picked.name = suggestedName;
-        let parts = [];
-        return {name: suggestedName, createWritable: async () => ({
-            async write(chunk) { parts.push(chunk); window.__picked.size += chunk.byteLength; },
-            async truncate(n) { parts = []; window.__picked.size = 0; if (n !== 0) throw new Error("truncate " + n); },
-            async seek(n) { if (n !== 0) throw new Error("seek " + n); },
-            async close() {
-                const digest = await crypto.subtle.digest("SHA-256", await new Blob(parts).arrayBuffer());
-                window.__picked.hash = [...new Uint8Array(digest)].map(b => b.toString(16).padStart(2, "0")).join("");
-                window.__picked.closed = true;
-            },
-            async abort() { window.__picked.aborted = true; },
-        })};
-    };
-"""
-
-
-def test_file_picker_path_streams_to_the_chosen_file_and_resumes(
-    browser: sync_api.Browser, proxy: CuttableProxy, files: dict[str, bytes]
+def test_file_picker_path_streams_above_the_blob_limit_and_resumes(
+    browser: sync_api.Browser, mounted_server: str, files: dict[str, bytes]
 ) -> None:
-    """Where showSaveFilePicker exists the bytes go to the picked file, not to a Blob."""
-    page = open_page(browser, proxy.url + "/", init_script=FAKE_FILE_PICKER)
-    downloads: list[sync_api.Download] = []
-    page.on("download", lambda d: downloads.append(d))
-    try:
-        proxy.bps = PROXY_BPS
-        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
-        cut_at(page, proxy, BIG_NAME, 20)
-        network(page)
-        assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
-        picked = page.evaluate("window.__picked")
-        assert picked == {
-            "name": BIG_NAME,
-            "size": BIG_SIZE,
-            "closed": True,
-            "aborted": False,
-            "hash": sha256(files[BIG_NAME]),
-        }
-        assert downloads == []
-    finally:
-        page.context.close()
+    with proxy_to(mounted_server) as proxy:
+        page = open_page(browser, proxy.url + "/files/", init_script=FAKE_FILE_PICKER)
+        downloads: list[sync_api.Download] = []
+        page.on("download", lambda d: downloads.append(d))
+        try:
+            proxy.bps = PROXY_BPS
+            page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+            cut_at(page, proxy, BIG_NAME, 20)
+            network(page)
+            assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
+            picked = page.evaluate("window.__picked")
+            assert picked == {
+                "name": BIG_NAME,
+                "size": BIG_SIZE,
+                "closed": True,
+                "aborted": False,
+                "hash": sha256(files[BIG_NAME]),
+            }
+            assert downloads == []
+        finally:
+            page.context.close()
 
 
 def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
     browser: sync_api.Browser, mounted_server: str, files: dict[str, bytes], tmp_path: Path
 ) -> None:
-    """Under /files/ every URL the page uses is relative; above the blob limit a plain
-    <a href download> lets the browser stream to disk and name the file itself."""
-    page = open_page(browser, mounted_server + "/files/")
+    """Under /files/ every URL the page uses is relative."""
+    page = open_page(browser, mounted_server + "/files/", init_script=NO_FILE_PICKER)
     try:
         assert call_app(page, "readBlobLimit") == SMALL_BLOB_LIMIT
         with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
