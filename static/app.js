@@ -83,34 +83,47 @@ export function parseContentDisposition(value) {
 }
 
 /** Decode an RFC 8187 ext-value such as UTF-8''r%C3%A9sum%C3%A9.bin; null if invalid
- *  (bad percent escape, bytes that are not UTF-8, unknown charset). */
+ *  (bad percent escape, bytes that are not UTF-8, unknown charset). Lenient about raw
+ *  characters, read by code point: one up to U+00FF is a byte, as a header read through
+ *  fetch (a ByteString) carries raw UTF-8; a larger one (only from a script) stands for
+ *  itself, so 😀 and %F0%9F%98%80 are the same. */
 export function decodeExtValue(value) {
   const m = /^([^']*)'[^']*'(.*)$/s.exec(String(value ?? ""));
   if (!m) return null;
   const charset = m[1].trim().toLowerCase();
+  if (charset !== "utf-8" && charset !== "iso-8859-1") return null;
   const bytes = [];
   const enc = new TextEncoder();
-  const text = m[2];
-  for (let i = 0; i < text.length; i++) {
-    if (text[i] === "%") {
-      const hex = text.slice(i + 1, i + 3);
+  const chars = [...m[2]]; // code points, so a surrogate pair stays one character
+  for (let i = 0; i < chars.length; i++) {
+    const c = chars[i];
+    if (c === "%") {
+      const hex = (chars[i + 1] ?? "") + (chars[i + 2] ?? "");
       if (!/^[0-9a-fA-F]{2}$/.test(hex)) return null;
       bytes.push(parseInt(hex, 16));
       i += 2;
+    } else if (c.codePointAt(0) <= 0xff) {
+      bytes.push(c.codePointAt(0));
+    } else if (charset === "utf-8") {
+      bytes.push(...enc.encode(c));
     } else {
-      bytes.push(...enc.encode(text[i])); // lenient: a raw character stands for itself
+      return null; // not an ISO-8859-1 character
     }
   }
   const u8 = Uint8Array.from(bytes);
-  if (charset === "utf-8") {
-    try {
-      return new TextDecoder("utf-8", { fatal: true }).decode(u8);
-    } catch {
-      return null;
-    }
+  if (charset === "iso-8859-1") return latin1(u8);
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(u8);
+  } catch {
+    return null;
   }
-  if (charset === "iso-8859-1") return String.fromCharCode(...u8);
-  return null;
+}
+
+/** Bytes as ISO-8859-1 text (TextDecoder's "iso-8859-1" is windows-1252, which is not). */
+function latin1(u8) {
+  let s = "";
+  for (const b of u8) s += String.fromCharCode(b);
+  return s;
 }
 
 /** A header read through fetch is a ByteString: a server that put raw UTF-8 into

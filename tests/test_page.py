@@ -386,19 +386,28 @@ def cut_at(page: sync_api.Page, proxy: CuttableProxy, path: str, percent: float)
 # ---------------------------------------------------------------------------
 
 DISPOSITION_CASES = [
-    # (header value, file name the page must save as)
+    # (header value as fetch gives it: a ByteString, file name the page must save as)
     ("attachment; filename=\"r_sum_ __.bin\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%E6%95%B0%E6%8D%AE.bin", BIG_NAME),
     ("attachment; filename*=UTF-8''%E2%82%AC%20rates.txt; filename=\"EUR rates.txt\"", "€ rates.txt"),
     ("attachment; filename*=utf-8'en'a%20b.txt", "a b.txt"),
     ("attachment; filename*=ISO-8859-1''caf%E9.txt", "café.txt"),
+    # Outside the BMP: four UTF-8 bytes, one code point, two UTF-16 units.
+    ("attachment; filename=\"_.txt\"; filename*=UTF-8''%F0%9F%98%80.txt", "😀.txt"),
+    ("attachment; filename*=UTF-8''%F0%9F%98%80%20%E6%95%B0%F0%9F%8E%89.txt", "😀 数🎉.txt"),
+    # A server that sent the UTF-8 bytes raw: fetch shows each byte as one character.
+    ("attachment; filename*=UTF-8''\u00f0\u009f\u0098\u0080.txt", "😀.txt"),
+    ('attachment; filename="\u00f0\u009f\u0098\u0080.txt"', "😀.txt"),
     # Quoted-pairs unescaped; the backslash then becomes "_" like any path separator.
     ('attachment; filename="a \\"quoted\\" \\\\ name.txt"', 'a "quoted" _ name.txt'),
     ('attachment; filename="semi;colon.txt"', "semi;colon.txt"),
     ("attachment; filename=plain.txt", "plain.txt"),
     ("ATTACHMENT; FILENAME=\"upper.txt\"", "upper.txt"),
-    # A broken filename* falls back to filename: bad escape, bytes that are not UTF-8.
+    # A broken filename* falls back to filename: bad escape, bytes that are not UTF-8
+    # (a cut 4-byte sequence, an encoded surrogate pair), an unknown charset.
     ("attachment; filename=\"fallback.txt\"; filename*=UTF-8''bad%ZZ.txt", "fallback.txt"),
     ("attachment; filename=\"fallback.txt\"; filename*=UTF-8''%FF%FE.txt", "fallback.txt"),
+    ("attachment; filename=\"fallback.txt\"; filename*=UTF-8''%F0%9F%98.txt", "fallback.txt"),
+    ("attachment; filename=\"fallback.txt\"; filename*=UTF-8''%ED%A0%BD%ED%B8%80.txt", "fallback.txt"),
     ("attachment; filename=\"fallback.txt\"; filename*=KOI8-R''%C1.txt", "fallback.txt"),
     # Path separators never reach the saved name.
     ('attachment; filename="../../etc/passwd"', ".._.._etc_passwd"),
@@ -425,6 +434,29 @@ def call_app(page: sync_api.Page, function: str, *args: object) -> object:
 def test_filename_from_content_disposition(module_page: sync_api.Page, value: str, name: str | None) -> None:
     """RFC 6266 §4.3: filename* (RFC 8187) wins over filename; quoted-pairs are unescaped."""
     assert call_app(module_page, "filenameFromContentDisposition", value) == name
+
+
+@pytest.mark.parametrize(
+    ("value", "decoded"),
+    [
+        ("UTF-8''%F0%9F%98%80.txt", "😀.txt"),
+        ("UTF-8''%F0%9F%98%80%F0%9F%8E%89", "😀🎉"),
+        ("UTF-8''\U0001f600.txt", "😀.txt"),  # from a script: a code point stands for itself
+        ("UTF-8''\u00f0\u009f\u0098\u0080.txt", "😀.txt"),  # from a header: raw bytes
+        ("UTF-8''\u00f0%9F\u0098%80.txt", "😀.txt"),
+        ("UTF-8''%F0%9F%98.txt", None),
+        ("UTF-8''%ED%A0%BD%ED%B8%80.txt", None),
+        ("UTF-8''%F0%9F%98%8", None),
+        ("ISO-8859-1''caf%E9", "café"),
+        ("ISO-8859-1''\U0001f600", None),
+        ("KOI8-R''%C1", None),
+        ("no quotes", None),
+    ],
+    ids=repr,
+)
+def test_decode_ext_value_outside_the_bmp(module_page: sync_api.Page, value: str, decoded: str | None) -> None:
+    """RFC 8187 §3.2: percent-encoded octets in the charset; emoji are four UTF-8 bytes."""
+    assert call_app(module_page, "decodeExtValue", value) == decoded
 
 
 @pytest.mark.parametrize(
