@@ -1,6 +1,6 @@
 // downloader page: lists the files and downloads them with progress, cancel and resume.
 //
-// Sections: 1. Settings  2. Header values (pure)  3. How to save (pure)
+// Sections: 1. Settings  2. Header values (pure)  3. Files and names (pure)
 // 4. Formatting (pure)  5. Transfer with resume  6. Sinks  7. Download state (pure)
 // 8. File rows: view and controller  9. Listing and start-up.
 // The pure functions and DownloadState are exported so tests/test_page.py can check them
@@ -8,6 +8,10 @@
 //
 // Settings, read once by main():
 //   <meta name="downloader-blob-limit">  bytes; the server writes its configured value.
+//
+// Names, one rule (fileEntry, saveAs): a file is shown and saved under its listing entry's
+// name, as its listing entry's content_type. The response's Content-Disposition (RFC 6266,
+// 8187) and Content-Type, then the URL, only stand in for what an entry lacks.
 //
 // How a file is saved (chooseSaveMethod):
 //   "blob"   size known and at most the blob limit: fetch + reader, chunks in memory, one
@@ -161,10 +165,10 @@ export function filenameFromContentDisposition(value) {
 }
 
 /** The last path segment of a URL, percent-decoded; null when there is none. */
-export function filenameFromUrl(url) {
+export function filenameFromUrl(url, baseURI = document.baseURI) {
   let segment;
   try {
-    segment = new URL(url, document.baseURI).pathname.split("/").pop();
+    segment = new URL(url, baseURI).pathname.split("/").pop();
   } catch {
     return null;
   }
@@ -173,6 +177,12 @@ export function filenameFromUrl(url) {
   } catch {
     return safeFilename(segment);
   }
+}
+
+/** "text/plain; charset=utf-8" -> "text/plain"; "" when it is not a media type. */
+export function mediaType(value) {
+  const type = String(value ?? "").split(";")[0].trim().toLowerCase();
+  return /^[\w!#$&^.+-]+\/[\w!#$&^.+-]+$/.test(type) ? type : "";
 }
 
 /** Content-Range "bytes 0-4/10" -> {start: 0, end: 4, size: 10}; size null for "*";
@@ -195,8 +205,37 @@ export function ifRangeValidator(etag, lastModified) {
 }
 
 // ===========================================================================
-// 3. How to save (pure)
+// 3. Files and names (pure)
 // ===========================================================================
+
+/** An item of GET api/files as the page uses it: {path, folder, name, type, size,
+ *  modified, url}. name and type are the item's own (see "Names" at the top); a missing
+ *  name falls back to the URL's last segment, then the path's, else null. */
+export function fileEntry(item, baseURI = document.baseURI) {
+  const path = String(item?.path ?? "");
+  const cut = path.lastIndexOf("/");
+  const fallback = `download/${path.split("/").map(encodeURIComponent).join("/")}`;
+  const url = new URL(item?.url ?? fallback, baseURI).href;
+  const size = Number.isSafeInteger(item?.size) && item.size >= 0 ? item.size : null;
+  return {
+    path,
+    folder: cut < 0 ? "" : path.slice(0, cut),
+    name: safeFilename(item?.name) ?? filenameFromUrl(url, baseURI) ?? safeFilename(path.slice(cut + 1)),
+    type: mediaType(item?.content_type),
+    size,
+    modified: item?.modified ?? null,
+    url,
+  };
+}
+
+/** The name and type to save a finished download as: the entry's, else what the response
+ *  said (job.filename from Content-Disposition or the URL, job.contentType). */
+export function saveAs(entry, job) {
+  return {
+    name: entry.name ?? job.filename ?? "download",
+    type: entry.type || mediaType(job.contentType) || "application/octet-stream",
+  };
+}
 
 /** Decide how to save: "blob", "fs" or "native" (see the top of this file). */
 export function chooseSaveMethod({ size, blobLimit, hasFilePicker }) {
@@ -234,7 +273,7 @@ export function formatDuration(seconds) {
 
 function formatDate(iso) {
   const d = new Date(iso);
-  if (Number.isNaN(d.getTime())) return "";
+  if (iso === null || Number.isNaN(d.getTime())) return "";
   return d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
 }
 
@@ -358,8 +397,7 @@ async function fetchOnce(job, sink, signal, onProgress) {
     job.validator = ifRangeValidator(response.headers.get("ETag"), response.headers.get("Last-Modified"));
     job.filename =
       filenameFromContentDisposition(response.headers.get("Content-Disposition")) ??
-      filenameFromUrl(response.url || job.url) ??
-      "download";
+      filenameFromUrl(response.url || job.url);
     job.contentType = response.headers.get("Content-Type") || "";
   } else {
     throw new HttpError(response.status, await errorDetail(response));
@@ -414,7 +452,7 @@ async function checkDownloadable(url) {
 // 6. Sinks: where the bytes go (write, reset to empty, finish, abort)
 // ===========================================================================
 
-/** Chunks in memory; finish() saves them through a Blob and an a[download] click. */
+/** Chunks in memory; finish({name, type}) saves them through a Blob and an a[download]. */
 class MemorySink {
   chunks = [];
   write(chunk) {
@@ -423,11 +461,11 @@ class MemorySink {
   reset() {
     this.chunks = [];
   }
-  finish(job) {
-    const blob = new Blob(this.chunks, { type: job.contentType.split(";")[0] || "application/octet-stream" });
+  finish({ name, type }) {
+    const blob = new Blob(this.chunks, { type });
     this.chunks = [];
     const href = URL.createObjectURL(blob);
-    clickLink(href, job.filename);
+    clickLink(href, name);
     setTimeout(() => URL.revokeObjectURL(href), REVOKE_DELAY_MS);
   }
   abort() {
@@ -643,10 +681,10 @@ function el(tag, props = {}, children = []) {
 class FileRowView {
   lastDraw = -Infinity;
 
-  constructor(file, { onDownload, onCancel }) {
-    const { name, path, size, modified } = file;
-    const folder = path.includes("/") ? path.slice(0, path.lastIndexOf("/") + 1) : "";
-    const meta = [formatBytes(size), formatDate(modified), folder && `in ${folder}`].filter(Boolean).join(" · ");
+  constructor(entry, { onDownload, onCancel }) {
+    const name = entry.name ?? entry.path;
+    const folder = entry.folder && `in ${entry.folder}/`;
+    const meta = [formatBytes(entry.size ?? NaN), formatDate(entry.modified), folder].filter(Boolean).join(" · ");
     const button = (cls, text, label) => el("button", { type: "button", class: cls, "aria-label": label, textContent: text });
     this.downloadButton = button("download", "Download", `Download ${name}`);
     this.cancelButton = button("cancel", "Cancel", `Cancel download of ${name}`);
@@ -655,9 +693,9 @@ class FileRowView {
     this.progressText = el("span", { class: "progress-text" });
     this.progressBox = el("div", { class: "file-progress" }, [this.progress, this.progressText]);
     this.status = el("p", { class: "status", role: "status" });
-    this.node = el("li", { class: "file", "data-path": path }, [
+    this.node = el("li", { class: "file", "data-path": entry.path }, [
       el("div", { class: "file-info" }, [
-        el("span", { class: "file-name", textContent: name, title: path }),
+        el("span", { class: "file-name", textContent: name, title: entry.path }),
         el("span", { class: "file-meta", textContent: meta }),
       ]),
       el("div", { class: "file-actions" }, [this.downloadButton, this.cancelButton, this.retryButton]),
@@ -695,20 +733,18 @@ class FileRowView {
   }
 }
 
-/** One file: its listing item, its DownloadState and view, and the download it runs. */
+/** One file: its entry, its DownloadState and view, and the download it runs. */
 class FileRow {
   job = null; // transfer()'s data; kept after a network failure so Retry continues
   sink = null;
   controller = null; // aborts the transfer: Cancel
   active = false; // a click is being handled
 
-  constructor(file, config) {
-    this.file = file;
+  constructor(item, config) {
+    this.entry = fileEntry(item);
     this.config = config;
-    const fallback = `download/${file.path.split("/").map(encodeURIComponent).join("/")}`;
-    this.url = new URL(file.url ?? fallback, document.baseURI).href;
-    this.state = new DownloadState(file.size ?? null);
-    this.view = new FileRowView(file, { onDownload: () => this.start(), onCancel: () => this.controller?.abort() });
+    this.state = new DownloadState(this.entry.size);
+    this.view = new FileRowView(this.entry, { onDownload: () => this.start(), onCancel: () => this.controller?.abort() });
     this.node = this.view.node;
     this.draw();
   }
@@ -732,11 +768,11 @@ class FileRow {
   async run() {
     if (!this.job) {
       const hasFilePicker = typeof window.showSaveFilePicker === "function";
-      const method = chooseSaveMethod({ size: this.file.size, blobLimit: this.config.blobLimit, hasFilePicker });
+      const method = chooseSaveMethod({ size: this.entry.size, blobLimit: this.config.blobLimit, hasFilePicker });
       if (method === "native") return await this.handToBrowser();
       this.sink = method === "fs" ? await this.pickFile() : new MemorySink();
       if (!this.sink) return;
-      this.job = newJob(this.url);
+      this.job = newJob(this.entry.url);
     }
     this.controller = new AbortController();
     this.state.started(this.job.received);
@@ -753,8 +789,9 @@ class FileRow {
           this.draw();
         },
       });
-      await this.sink.finish(this.job);
-      this.state.finished(this.sink.name ?? this.job.filename);
+      const target = saveAs(this.entry, this.job);
+      await this.sink.finish(target);
+      this.state.finished(this.sink.name ?? target.name);
       this.forget();
     } catch (err) {
       await this.fail(err);
@@ -768,7 +805,7 @@ class FileRow {
    *  Returns a FileSink, or null when the user dismissed the picker. */
   async pickFile() {
     try {
-      const handle = await window.showSaveFilePicker({ suggestedName: this.file.name });
+      const handle = await window.showSaveFilePicker({ suggestedName: this.entry.name ?? "download" });
       return new FileSink(await handle.createWritable(), handle.name);
     } catch (err) {
       if (err?.name === "AbortError") {
@@ -777,7 +814,7 @@ class FileRow {
         return null;
       }
       // The picker is refused (policy, no activation): fall back to the other methods.
-      if (this.file.size > this.config.blobLimit) {
+      if (this.entry.size !== null && this.entry.size > this.config.blobLimit) {
         await this.handToBrowser();
         return null;
       }
@@ -789,11 +826,11 @@ class FileRow {
    *  as a failed entry in the browser's list, then a plain link the browser downloads. */
   async handToBrowser() {
     try {
-      await checkDownloadable(this.url);
+      await checkDownloadable(this.entry.url);
     } catch (err) {
       return this.fail(err);
     }
-    clickLink(this.url, ""); // the server's Content-Disposition names the file
+    clickLink(this.entry.url, this.entry.name); // the server's Content-Disposition wins
     this.state.handedOver();
     this.draw();
   }

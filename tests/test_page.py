@@ -61,6 +61,7 @@ THROUGHPUT_BPS = 20_000_000  # 30 MiB in about 1.6 s: progress is visible, tests
 PROXY_BPS = 10_000_000  # pacing of downloads that get cut: the cut lands mid-body
 SERVER_START_S = 20
 DOWNLOAD_S = 60
+LINKS = {"link-in": "deep.txt"}  # symlink -> its target, both in the root
 # Tests of the hand-over to the browser's downloader remove the File System Access API,
 # which would otherwise take files above the blob limit.
 NO_FILE_PICKER = "delete window.showSaveFilePicker; delete Window.prototype.showSaveFilePicker;"
@@ -194,14 +195,21 @@ class CuttableProxy:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """What the root holds, path -> content."""
+    """The regular files the root holds, path -> content."""
     return {
         BIG_NAME: os.urandom(BIG_SIZE),
         "notes.txt": b"plain notes\n" * 100,
         "sub/a b.txt": b"0123456789",
         "changing.bin": os.urandom(8 * 1024 * 1024),
         "gone.txt": b"soon deleted\n",
+        "deep.txt": b"the target of link-in\n",
     }
+
+
+@pytest.fixture(scope="module")
+def listed(files: dict[str, bytes]) -> dict[str, bytes]:
+    """What the listing shows, path -> content: the files and the symlinks to them."""
+    return {**files, **{link: files[target] for link, target in LINKS.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +218,8 @@ def root(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> P
     for path, content in files.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(content)
+    for link, target in LINKS.items():
+        (root / link).symlink_to(target)
     return root
 
 
@@ -472,6 +482,54 @@ def test_filename_from_url_is_last_segment_decoded(module_page: sync_api.Page, u
 
 
 @pytest.mark.parametrize(
+    ("item", "job", "entry", "saved"),
+    [
+        # The listing's name and type win over the response's (a symlink to deep.txt).
+        (
+            {"name": "link-in", "path": "link-in", "content_type": "application/octet-stream", "url": "/download/link-in"},
+            {"filename": "deep.txt", "contentType": "text/plain; charset=utf-8"},
+            ["link-in", "", "http://h/download/link-in"],
+            {"name": "link-in", "type": "application/octet-stream"},
+        ),
+        # No name: the URL's last segment. No URL: download/<path> under the page.
+        # No type: the response's, without parameters.
+        (
+            {"path": "sub/a b.txt"},
+            {"filename": "other.txt", "contentType": "Text/Plain; charset=utf-8"},
+            ["a b.txt", "sub", "http://h/files/download/sub/a%20b.txt"],
+            {"name": "a b.txt", "type": "text/plain"},
+        ),
+        (
+            {"name": "../evil", "path": "x/y/evil", "content_type": "not a type", "url": "/download/x/y/evil?s=1"},
+            {"filename": None, "contentType": ""},
+            [".._evil", "x/y", "http://h/download/x/y/evil?s=1"],
+            {"name": ".._evil", "type": "application/octet-stream"},
+        ),
+        # Nothing in the entry names it: the response's Content-Disposition does.
+        (
+            {"path": "", "url": "/download/"},
+            {"filename": "deep.txt", "contentType": ""},
+            [None, "", "http://h/download/"],
+            {"name": "deep.txt", "type": "application/octet-stream"},
+        ),
+    ],
+    ids=["listing-wins", "fallbacks", "unsafe-name", "no-name"],
+)
+def test_one_rule_for_name_and_type(
+    module_page: sync_api.Page, item: dict[str, object], job: dict[str, object], entry: list[object], saved: dict[str, str]
+) -> None:
+    got = module_page.evaluate(
+        """async ([item, job]) => {
+            const app = await import(new URL('static/app.js', document.baseURI));
+            const e = app.fileEntry(item, 'http://h/files/');
+            return [[e.name, e.folder, e.url], app.saveAs(e, job)];
+        }""",
+        [item, job],
+    )
+    assert got == [entry, saved]
+
+
+@pytest.mark.parametrize(
     ("value", "parsed"),
     [
         ("bytes 0-4/10", {"start": 0, "end": 4, "size": 10}),
@@ -585,9 +643,9 @@ def test_download_state(module_page: sync_api.Page, case: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_listing_shows_every_file_with_named_controls(page: sync_api.Page, files: dict[str, bytes]) -> None:
+def test_listing_shows_every_file_with_named_controls(page: sync_api.Page, listed: dict[str, bytes]) -> None:
     paths = page.eval_on_selector_all("li.file", "rows => rows.map(r => r.dataset.path)")
-    assert sorted(paths) == sorted(files)
+    assert sorted(paths) == sorted(listed)
     for path in paths:
         name = path.rsplit("/", 1)[-1]
         assert row(page, path).get_attribute("data-state") == "idle"
@@ -640,8 +698,8 @@ def test_layout_fits_phone_width_in_both_color_schemes(browser: sync_api.Browser
 # ---------------------------------------------------------------------------
 
 
-def test_download_shows_progress_and_saves_exact_file_under_server_name(
-    page: sync_api.Page, files: dict[str, bytes], tmp_path: Path
+def test_download_shows_progress_and_saves_exact_file_under_its_name(
+    page: sync_api.Page, listed: dict[str, bytes], tmp_path: Path
 ) -> None:
     network(page, bps=THROUGHPUT_BPS)
     values: list[float] = []
@@ -663,7 +721,7 @@ def test_download_shows_progress_and_saves_exact_file_under_server_name(
     assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
     download = info.value
     assert download.suggested_filename == BIG_NAME
-    assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
+    assert sha256(saved_bytes(download, tmp_path)) == sha256(listed[BIG_NAME])
     assert any(0 < v < 100 for v in values), values
     assert values[-1] == 100
     assert values == sorted(values), "progress went backwards without a restart"
@@ -675,7 +733,7 @@ def test_download_shows_progress_and_saves_exact_file_under_server_name(
 
 @pytest.mark.parametrize("picker", ["chromium", "fake"])
 def test_small_file_downloads_without_the_save_dialog(
-    browser: sync_api.Browser, server: str, files: dict[str, bytes], tmp_path: Path, picker: str
+    browser: sync_api.Browser, server: str, listed: dict[str, bytes], tmp_path: Path, picker: str
 ) -> None:
     """Headless Chromium answers a save dialog with "no file was chosen"; the fake picker
     records whether it was called."""
@@ -687,14 +745,35 @@ def test_small_file_downloads_without_the_save_dialog(
             status = wait_for_state(page, "notes.txt", "done", timeout_s=10)
         assert status == "Downloaded “notes.txt”."
         assert info.value.url.startswith("blob:")
-        assert saved_bytes(info.value, tmp_path) == files["notes.txt"]
+        assert saved_bytes(info.value, tmp_path) == listed["notes.txt"]
         assert page.evaluate("window.__picked?.name ?? null") is None
     finally:
         page.context.close()
 
 
+RECORD_BLOB_TYPES = """() => {
+    window.__blobTypes = [];
+    const create = URL.createObjectURL;
+    URL.createObjectURL = (blob) => (window.__blobTypes.push(blob.type), create(blob));
+}"""
+
+
+def test_file_is_saved_under_its_listing_name_and_type(page: sync_api.Page, listed: dict[str, bytes], tmp_path: Path) -> None:
+    """link-in is a symlink to deep.txt, which the response may name instead."""
+    page.evaluate(RECORD_BLOB_TYPES)
+    entry = next(f for f in page.evaluate("fetch('api/files').then(r => r.json())")["files"] if f["path"] == "link-in")
+    assert row(page, "link-in").locator(".file-name").inner_text() == "link-in"
+    with page.expect_download(timeout=10_000) as info:
+        page.get_by_role("button", name="Download link-in", exact=True).click()
+        status = wait_for_state(page, "link-in", "done", timeout_s=10)
+    assert status == "Downloaded “link-in”."
+    assert info.value.suggested_filename == "link-in"
+    assert saved_bytes(info.value, tmp_path) == listed["link-in"]
+    assert page.evaluate("window.__blobTypes") == [entry["content_type"].split(";")[0]]
+
+
 def test_dropped_connection_resumes_with_range_and_if_range(
-    page: sync_api.Page, proxy: CuttableProxy, files: dict[str, bytes], tmp_path: Path
+    page: sync_api.Page, proxy: CuttableProxy, listed: dict[str, bytes], tmp_path: Path
 ) -> None:
     """RFC 9110 §14.2, §13.1.5: continue with Range: bytes=N- and the first response's ETag."""
     requests, responses = download_requests(page)
@@ -705,7 +784,7 @@ def test_dropped_connection_resumes_with_range_and_if_range(
         network(page)
         wait_for_state(page, BIG_NAME, "done")
     assert info.value.suggested_filename == BIG_NAME
-    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(listed[BIG_NAME])
     assert "range" not in requests[0]
     assert responses[0].status == 200
     resumed = [h for h in requests if "range" in h]
@@ -739,7 +818,7 @@ def test_file_changed_during_outage_restarts_from_zero(
     assert "range" in requests[-1] and "if-range" in requests[-1]
 
 
-def test_cancel_then_retry_with_keyboard(page: sync_api.Page, files: dict[str, bytes], tmp_path: Path) -> None:
+def test_cancel_then_retry_with_keyboard(page: sync_api.Page, listed: dict[str, bytes], tmp_path: Path) -> None:
     network(page, bps=THROUGHPUT_BPS / 4)
     page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).focus()
     page.keyboard.press("Enter")
@@ -756,7 +835,7 @@ def test_cancel_then_retry_with_keyboard(page: sync_api.Page, files: dict[str, b
     with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
         page.keyboard.press("Enter")
         wait_for_state(page, BIG_NAME, "done")
-    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(listed[BIG_NAME])
 
 
 def test_missing_file_shows_404_then_retry_works(
@@ -778,7 +857,7 @@ def test_missing_file_shows_404_then_retry_works(
 
 
 def test_network_down_past_all_retries_shows_error_then_retry_resumes(
-    page: sync_api.Page, proxy: CuttableProxy, files: dict[str, bytes], tmp_path: Path
+    page: sync_api.Page, proxy: CuttableProxy, listed: dict[str, bytes], tmp_path: Path
 ) -> None:
     """Five retries (0.5 + 1 + 2 + 4 + 8 s), then an error whose Retry continues."""
     requests, _ = download_requests(page)
@@ -794,12 +873,12 @@ def test_network_down_past_all_retries_shows_error_then_retry_resumes(
     with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
         page.get_by_role("button", name=f"Retry download of {BIG_NAME}", exact=True).click()
         wait_for_state(page, BIG_NAME, "done")
-    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(listed[BIG_NAME])
     assert requests[-1]["range"].startswith("bytes=") and requests[-1]["range"] != "bytes=0-"
 
 
 def test_file_picker_path_streams_above_the_blob_limit_and_resumes(
-    browser: sync_api.Browser, mounted_server: str, files: dict[str, bytes]
+    browser: sync_api.Browser, mounted_server: str, listed: dict[str, bytes]
 ) -> None:
     with proxy_to(mounted_server) as proxy:
         page = open_page(browser, proxy.url + "/files/", init_script=FAKE_FILE_PICKER)
@@ -817,7 +896,7 @@ def test_file_picker_path_streams_above_the_blob_limit_and_resumes(
                 "size": BIG_SIZE,
                 "closed": True,
                 "aborted": False,
-                "hash": sha256(files[BIG_NAME]),
+                "hash": sha256(listed[BIG_NAME]),
             }
             assert downloads == []
         finally:
@@ -825,7 +904,7 @@ def test_file_picker_path_streams_above_the_blob_limit_and_resumes(
 
 
 def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
-    browser: sync_api.Browser, mounted_server: str, files: dict[str, bytes], tmp_path: Path
+    browser: sync_api.Browser, mounted_server: str, listed: dict[str, bytes], tmp_path: Path
 ) -> None:
     """Under /files/ every URL the page uses is relative."""
     page = open_page(browser, mounted_server + "/files/", init_script=NO_FILE_PICKER)
@@ -836,13 +915,13 @@ def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
             wait_for_state(page, "sub/a b.txt", "done", timeout_s=10)
         assert info.value.url.startswith("blob:")
         assert info.value.suggested_filename == "a b.txt"
-        assert saved_bytes(info.value, tmp_path) == files["sub/a b.txt"]
+        assert saved_bytes(info.value, tmp_path) == listed["sub/a b.txt"]
         with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
             page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
         download = info.value
         assert download.url.startswith(mounted_server + "/files/download/")
         assert download.suggested_filename == BIG_NAME
-        assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
+        assert sha256(saved_bytes(download, tmp_path)) == sha256(listed[BIG_NAME])
         status = wait_for_state(page, BIG_NAME, "done", timeout_s=10)
         assert status == "Handed to your browser’s downloader: its download list shows the progress."
         assert row(page, BIG_NAME).locator(".file-progress").is_hidden()
