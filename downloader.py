@@ -1,29 +1,26 @@
 """downloader: serve the files under one directory as downloads, correctly and in constant memory.
 
-A pure ASGI app on Starlette. It streams each file from an open, checked file descriptor in
-fixed-size chunks through one small async iterator, and sets every download header itself.
-Run it with `uvicorn downloader:app` (configured by DOWNLOADER_* variables) or
-`python downloader.py --root DIR`; embed it with `create_app(root, ...)` or return a
-`DownloadResponse` from your own endpoint.
+A pure ASGI app on Starlette that streams each file from an open, checked descriptor and sets every
+download header itself. Run `uvicorn downloader:app` (DOWNLOADER_* variables) or `python downloader.py
+--root DIR`; embed it with `create_app(root, ...)` or return a `DownloadResponse` from an endpoint.
 
 The module reads top to bottom; a section uses only the sections above it
 (`grep -n '^# [0-9]\\.' downloader.py` prints this table):
 
-| # | Section            | What lives there                                               |
-| - | ------------------ | -------------------------------------------------------------- |
-| 1 | Limits and errors  | every named limit; HTTPError, the one exception clients see    |
-| 2 | Settings           | kwargs and DOWNLOADER_* variables -> one frozen Settings       |
-| 3 | Path resolution    | URL path -> an open, checked regular file under the root       |
-| 4 | HTTP semantics     | RFC 9110 ranges, preconditions and header values; pure         |
-| 5 | Streaming          | bytes of an fd onto ASGI `send`: limits, disconnects           |
-| 6 | Signed links, IDs  | HMAC links, the SQLite catalog of opaque IDs                   |
-| 7 | Responses          | DownloadResponse, stream_download, /zip, error_response        |
-| 8 | App and routes     | create_app, the ops middleware, the lazily built `app`         |
-| 9 | CLI                | argv -> environment -> uvicorn; sign, add, revoke, list        |
+| # | Section                  | What lives there                                            |
+| - | ------------------------ | ----------------------------------------------------------- |
+| 1 | Limits and errors        | every named limit; HTTPError, the one exception clients see |
+| 2 | Settings                 | kwargs and DOWNLOADER_* variables -> one frozen Settings    |
+| 3 | Path resolution          | URL path -> an open, checked regular file under the root    |
+| 4 | HTTP semantics           | RFC 9110 ranges, preconditions and header values; pure      |
+| 5 | Streaming                | bytes of an fd onto ASGI `send`: limits, disconnects        |
+| 6 | Signed links and catalog | HMAC links, the SQLite catalog of opaque IDs                |
+| 7 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
+| 8 | App and routes           | create_app, the routes, the ops middleware                  |
+| 9 | CLI                      | argv -> environment -> uvicorn; subcommands; the lazy `app` |
 
-Sections 1-6 know nothing of Starlette's requests, responses or routing: they take and
-return str, int, bytes, os.stat_result and the small types defined here, so their tests
-need no HTTP.
+Sections 1-6 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
+the small types defined here, so their tests need no HTTP.
 """
 
 from __future__ import annotations
@@ -77,109 +74,57 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "CHUNK_SIZE",
-    "MAX_RANGES",
-    "ByteRange",
-    "Catalog",
-    "DownloadResponse",
-    "GeneratedDownload",
-    "HTTPError",
-    "Settings",
-    "SettingsError",
-    "content_disposition",
-    "create_app",
-    "error_response",
-    "evaluate_preconditions",
-    "main",
-    "make_etag",
-    "parse_range",
-    "settings_from_env",
-    "sign_url",
-    "stream_download",
-    "verify_link",
+    "CHUNK_SIZE", "MAX_RANGES", "ByteRange", "Catalog", "DownloadResponse", "GeneratedDownload", "HTTPError", "Settings",
+    "SettingsError", "content_disposition", "create_app", "error_response", "evaluate_preconditions", "main", "make_etag",
+    "parse_range", "settings_from_env", "sign_url", "stream_download", "verify_link",
 ]
 
 
 # =============================================================================
 # 1. Limits and errors
 # =============================================================================
-# Every limit the service enforces has a name here and a row in the README.
-# HTTPError is the only exception whose outcome a client sees; section 7 turns it
-# into JSON in one place (error_response).
+# Every limit the service enforces has a name here and a row in the README. HTTPError is
+# the only exception whose outcome a client sees; error_response (section 7) makes it JSON.
 
 CHUNK_SIZE = 512 * 1024
-"""The largest disk read and ASGI body message (setting: chunk_size). Per-chunk costs in
-Python dominate a fast download, so a lone client gets chunks this big; READ_BUDGET
-shrinks them when many downloads run at once (README: Performance)."""
+"""The largest disk read and body message (setting: chunk_size): per-chunk costs in Python dominate
+a fast download, so a lone client gets chunks this big (README: Performance)."""
 
-FIRST_CHUNK_SIZE = 64 * 1024
-"""A download's first read; each next one doubles, up to the cap. The first byte leaves
-sooner, and a slow client never gets a big chunk it can't take."""
-
-MIN_CHUNK_SIZE = 16 * 1024
-"""The smallest read, however many downloads run."""
+FIRST_CHUNK_SIZE = 64 * 1024  # each next read doubles up to the cap: a sooner first byte, no big chunk for a slow client
+MIN_CHUNK_SIZE = 16 * 1024  # the smallest read, however many downloads run
+MAX_CHUNK_SIZE = 16 * 1024 * 1024  # the largest chunk_size setting: one read this big per connection at a time
 
 READ_BUDGET = 512 * 1024
-"""Bytes of chunks all downloads of a process may hold at once: with N downloads running
-each reads at most READ_BUDGET / N (but MIN_CHUNK_SIZE at least). It bounds the memory of
-many slow clients and keeps the event loop's turns short (README: Performance)."""
-
-MAX_CHUNK_SIZE = 16 * 1024 * 1024
-"""The largest chunk_size setting accepted: one read of this size per connection at a time."""
+"""Bytes of chunks all downloads of a process may hold at once: each of N reads at most READ_BUDGET / N
+(MIN_CHUNK_SIZE at least), bounding memory and the event loop's turns (README: Performance)."""
 
 MAX_RANGES = 100
-"""More ranges than this in one Range header and the header is ignored (a 200 with the
-whole file): RFC 9110 §14.2 lets a server ignore a Range that looks like an attack."""
-
-DEFAULT_CACHE_CONTROL = "no-cache"
-"""Caches may keep a download but revalidate it each time, cheaply, by its strong ETag
-(setting: cache_control; no-transform is always added, see no_transform)."""
-
-STALL_TIMEOUT_S = 60.0
-"""A download whose next chunk the server can't take for this long is aborted (setting:
-stall_timeout): uvicorn has no write timeout, and a client that stops reading would
-otherwise hold a task and a file descriptor forever."""
-
-GRACE_S = 30.0
-"""After SIGTERM, `python downloader.py` stops accepting and gives in-flight downloads this
-long to finish (DOWNLOADER_GRACE, --grace); then it closes them."""
-
-DRAIN_S = 5.0
-"""At shutdown, past the grace period, the server cancels the requests still running; the
-app then waits up to this long for them to end and log how they ended."""
-
-RETRY_AFTER_S = 5
-"""The Retry-After of a 503 when max_active_downloads are already running."""
+"""More ranges than this and the Range header is ignored (200, the whole file): RFC 9110 §14.2
+lets a server ignore a Range that looks like an attack."""
 
 MIN_STRONG_AGE_S = 1.0
 """RFC 9110 §8.8.2.2: a Last-Modified date is a strong validator only if the file was last
 modified at least one second before the response's Date; until then If-Range by date fails."""
 
-DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024
-"""The page keeps files up to this size in memory (setting: blob_limit); larger ones go to
-the browser's file picker or its own downloader."""
+STALL_TIMEOUT_S = 60.0
+"""A download whose next chunk the server can't take for this long is aborted (setting: stall_timeout):
+uvicorn has no write timeout, so a client that stops reading would hold a task and an fd forever."""
 
-MAX_ZIP_FILES = 100_000
-"""More files than this in one folder and /zip answers 413."""
-
-DEFAULT_LIST_LIMIT = 100
+DEFAULT_CACHE_CONTROL = "no-cache"  # caches keep a download but revalidate it, cheaply, by its strong ETag
+GRACE_S = 30.0  # after SIGTERM, the seconds in-flight downloads get to finish before they are closed (--grace)
+DRAIN_S = 5.0  # past the grace period the server cancels what still runs; the app waits this long for it to log
+RETRY_AFTER_S = 5  # the Retry-After of a 503 when max_active_downloads are already running
+DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024  # the page keeps files up to this size in memory (setting: blob_limit)
+MAX_ZIP_FILES = 100_000  # more files than this in one folder and /zip answers 413
+DEFAULT_LIST_LIMIT = 100  # files per /api/files page unless `limit` asks for others, up to MAX_LIST_LIMIT
 MAX_LIST_LIMIT = 1000
-"""Files per /api/files page: the default, and the most a `limit` may ask for."""
-
-LISTING_LINK_TTL_S = 3600
-"""With a secret and the listing switched on, the listing's links are signed for an hour."""
-
-CATALOG_BUSY_TIMEOUT_S = 10.0
-"""How long a catalog call waits for another writer's lock on the SQLite file."""
-
-DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
-"""The buckets of the downloader_download_seconds histogram (/metrics)."""
+LISTING_LINK_TTL_S = 3600  # with a secret and the listing switched on, the listing's links are signed for an hour
+CATALOG_BUSY_TIMEOUT_S = 10.0  # how long a catalog call waits for another writer's lock on the SQLite file
+DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)  # of downloader_download_seconds
 
 
 class HTTPError(Exception):
-    """An outcome for the client: status, a fixed detail message, and extra headers.
-
-    The detail never holds OS text or a file system path (like Go's toHTTPError)."""
+    """An outcome for the client: status, a fixed detail (never OS text or a path, like Go's toHTTPError), headers."""
 
     def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(status, detail)
@@ -189,19 +134,16 @@ class HTTPError(Exception):
 
 
 class TransferAborted(RuntimeError):
-    """The body can't be sent whole: the file shrank, or a read failed. Raised mid-body on
-    purpose: the server then aborts the connection, so the client sees a failed transfer,
-    never a short body that looks complete."""
+    """The body can't be sent whole (the file shrank, a read failed). Raised mid-body so that the server
+    aborts the connection: the client sees a failed transfer, never a short body that looks complete."""
 
 
 class GateClosed(TransferAborted):
-    """A gate (see hold_last_byte) refused the rest of the body: mid-body, the transfer
-    is aborted like any other."""
+    """A gate (hold_last_byte) refused the rest of the body: aborted like any other transfer."""
 
 
 class TransferRefused(Exception):
-    """A gate refused the body before any byte of it was sent (a body small enough to go
-    out in one message): the response can still answer with an error."""
+    """A gate refused a one-message body before any of it was sent: the response can still be an error."""
 
 
 def not_found() -> HTTPError:
@@ -211,20 +153,18 @@ def not_found() -> HTTPError:
 # =============================================================================
 # 2. Settings
 # =============================================================================
-# One frozen Settings object per app, from create_app's keyword arguments or from
-# DOWNLOADER_* environment variables (the same names, upper-cased). A bad value stops
-# start-up with one line that names the argument or the variable.
+# One frozen Settings per app, from create_app's keyword arguments or DOWNLOADER_* variables
+# (the same names, upper-cased). A bad value stops start-up with one line naming it.
 
 ENV_PREFIX = "DOWNLOADER_"
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "downloads")
 
+# DOWNLOADER_* variables read by the command line (section 9), not by create_app:
 SERVER_VARIABLES = ("HOST", "PORT", "WORKERS", "GRACE", "PROXY_HEADERS", "FORWARDED_ALLOW_IPS")
-"""DOWNLOADER_* variables read by the command line (section 9), not by create_app."""
 
 
 class SettingsError(ValueError):
-    """A setting with a bad value: `name` (the keyword, variable or flag as the user
-    wrote it) and the problem; str() is the one line to print."""
+    """A bad setting: `name` as the user wrote it (keyword, variable or flag) and the problem; str() is the line to print."""
 
     def __init__(self, name: str, problem: str) -> None:
         super().__init__(f"{name}: {problem}")
@@ -325,7 +265,6 @@ def _check_keys(value: object) -> tuple[str, ...]:
 
 
 def _check_file_path(value: object) -> str:
-    """An absolute file path whose folder exists and which is not a directory."""
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
         raise ValueError("must be a file path")
     path = os.path.abspath(os.fspath(value))
@@ -337,7 +276,6 @@ def _check_file_path(value: object) -> str:
 
 
 def _check_catalog(value: object) -> str:
-    """A SQLite file that opens (it is created when missing)."""
     path = _check_file_path(value)
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=CATALOG_BUSY_TIMEOUT_S)) as db:
@@ -348,7 +286,6 @@ def _check_catalog(value: object) -> str:
 
 
 def _check_access_log(value: object) -> str:
-    """"-" (stdout), "off", or a file that can be opened for appending."""
     if value in ("-", "off"):
         return str(value)
     path = _check_file_path(value)
@@ -408,8 +345,7 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
 
 
 def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] = str) -> Settings:
-    """Validates keyword values into Settings; errors name each setting through `label`.
-    None means the default."""
+    """Keyword values (None: the default) checked into Settings; errors name a setting through `label`."""
     checked: dict[str, object] = {}
     for name, value in values.items():
         if name not in SETTING_RULES:
@@ -426,8 +362,7 @@ def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] =
 
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
-    """Settings from DOWNLOADER_* variables. An unknown DOWNLOADER_* variable is an error
-    too: a misspelt DOWNLOADER_SECRET must not silently serve files unprotected."""
+    """Settings from DOWNLOADER_* variables; an unknown one is an error, lest a misspelt DOWNLOADER_SECRET serve files unprotected."""
     values: dict[str, object] = {}
     for key, text in environ.items():
         if not key.startswith(ENV_PREFIX) or key[len(ENV_PREFIX):] in SERVER_VARIABLES:
@@ -446,18 +381,14 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
 # =============================================================================
 # 3. Path resolution
 # =============================================================================
-# A URL path (already percent-decoded once, by the ASGI server) becomes an open file
-# descriptor of a regular file inside the root, or an HTTPError. Containment is checked
-# on the resolved real path, and again on the descriptor actually opened, so a symlink
-# swapped in between check and open serves nothing from outside. Every OS error becomes
-# an HTTPError in one place (os_error_to_http); outside the root answers like missing.
+# A URL path (percent-decoded once, by the server) becomes an open fd of a regular file in the
+# root, or an HTTPError. Containment is checked on the descriptor actually opened, so a symlink
+# swapped in serves nothing from outside; outside answers like missing (os_error_to_http).
 
 OPEN_FLAGS = (
-    os.O_RDONLY
+    os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_NONBLOCK", 0)  # a FIFO swapped in must not hang the open
     | getattr(os, "O_NOFOLLOW", 0)  # the last component was resolved: a link now is a swap
-    | getattr(os, "O_NOCTTY", 0)
-    | getattr(os, "O_CLOEXEC", 0)
 )
 
 
@@ -477,12 +408,9 @@ class OpenFile(NamedTuple):
 
 
 def split_url_path(path: str) -> list[str]:
-    """The segments of a decoded URL path relative to the route, or HTTPError.
-
-    400 for a NUL byte (no file name holds one); 404 for an empty path, empty segments
-    (absolute paths, `a//b`) and `.` or `..` segments: a URL that names a file has one
-    spelling. Every other character, a backslash, `%` or a line feed included, is part of
-    a POSIX file name (where the OS separator is `\\`, a backslash is 400 too)."""
+    """The segments of a decoded URL path relative to the route, or HTTPError: 400 for a NUL byte (and a
+    backslash where it is the OS separator); 404 for an empty path, empty segments (`a//b`) and `.` or
+    `..`: a URL that names a file has one spelling. Any other character is part of a POSIX file name."""
     if "\x00" in path or (os.sep != "/" and os.sep in path):
         raise HTTPError(400, "Malformed path")
     segments = path.split("/")
@@ -492,17 +420,13 @@ def split_url_path(path: str) -> list[str]:
 
 
 def is_hidden(segments: Iterable[str]) -> bool:
-    """Is any segment a dotfile or dot-folder?"""
     return any(segment.startswith(".") for segment in segments)
 
 
 def relative_under_root(root: str, real: str, *, serve_hidden: bool) -> str:
-    """The "/"-separated path of the real path `real` below the real directory `root`
-    ("" for the root itself): the one containment-and-hidden check that every file and
-    folder we serve or list passes. 404 when `real` lies outside the root or, unless
-    `serve_hidden`, is hidden there (a link to a dotfile is a dotfile). Both are real
-    paths (absolute, normalised, no links), so a prefix test on whole components is
-    exact: unlike bottle's startswith on abspath, no link is left to escape through."""
+    """The "/"-separated path of `real` below `root` ("" for the root), both real paths: the one check every
+    file served or listed passes. 404 when outside, or hidden unless `serve_hidden` (a link to a dotfile
+    counts). On real paths a prefix test on whole components is exact: unlike bottle's startswith, no link escapes."""
     if real == root:
         return ""
     prefix = root if root.endswith(os.sep) else root + os.sep
@@ -515,7 +439,6 @@ def relative_under_root(root: str, real: str, *, serve_hidden: bool) -> str:
 
 
 def os_error_to_http(exc: OSError) -> HTTPError:
-    """The client's answer to an OS error while resolving or opening a file."""
     if exc.errno in (errno.EACCES, errno.EPERM):
         return HTTPError(403, "Forbidden")
     if exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -524,8 +447,7 @@ def os_error_to_http(exc: OSError) -> HTTPError:
 
 
 O_PATH = getattr(os, "O_PATH", 0)
-PINNED_OPEN = bool(O_PATH) and os.path.isdir("/proc/self/fd")
-"""Linux: open_pinned checks the very file it then opens; elsewhere open_checked."""
+PINNED_OPEN = bool(O_PATH) and os.path.isdir("/proc/self/fd")  # Linux: open_pinned; elsewhere open_checked
 
 RESOLVE_CACHED = 0x20  # linux/openat2.h
 SYS_OPENAT2 = 437  # one number on every architecture: openat2 came after the tables were unified
@@ -545,16 +467,12 @@ def _libc_syscall() -> Callable[..., int] | None:
 
 
 _syscall = _libc_syscall()
-CACHED_OPEN = _syscall is not None
-"""Can open_handle_cached be tried? Turned off for good at its first ENOSYS (before Linux
-5.12, or a sandbox that forbids openat2)."""
+CACHED_OPEN = _syscall is not None  # may open_handle_cached be tried? Off for good at its first ENOSYS
 
 
 def open_handle_cached(path: str) -> int | None:
-    """An O_PATH handle for `path` if every component of it is in the kernel's lookup
-    cache, else None. openat2 with RESOLVE_CACHED (Linux 5.12+) fails with EAGAIN rather
-    than wait for the disk, so the event loop may call it, as read_cached does for data:
-    a request for a cached small file then needs no worker thread at all."""
+    """An O_PATH handle for `path` if all of it is in the kernel's lookup cache, else None. openat2 with
+    RESOLVE_CACHED (Linux 5.12+) fails with EAGAIN rather than wait for the disk: the event loop may call it."""
     global CACHED_OPEN
     if not CACHED_OPEN or "\x00" in path:
         return None
@@ -573,13 +491,9 @@ def open_handle_cached(path: str) -> int | None:
 
 
 def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False, cached: bool = False) -> OpenFile | None:
-    """Opens the regular file `candidate` resolves to, with no window between check and
-    open (Linux). O_PATH resolves the path (links included) to a handle that opens
-    nothing: no device is touched and no FIFO can block. The handle's fstat and its real
-    path from /proc/self/fd are checked (a regular file; under a `root`, the check of
-    relative_under_root), and then that same inode is opened through the handle. With
-    `cached`, only from the kernel's caches (open_handle_cached): None when that would
-    need I/O."""
+    """Opens the regular file `candidate` resolves to with no window between check and open (Linux): its O_PATH
+    handle opens nothing (no device, no FIFO), so its fstat and real path are checked (relative_under_root)
+    before that inode is opened through it. With `cached`: from the kernel's caches only, None if that needs I/O."""
     try:
         handle = open_handle_cached(candidate) if cached else os.open(candidate, O_PATH | os.O_CLOEXEC)
     except ValueError:
@@ -604,9 +518,8 @@ def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False,
 
 
 def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile:
-    """Without O_PATH: resolves `candidate` (realpath), checks it like open_pinned, opens
-    it, and checks that the opened descriptor is the file that was checked (fstat: same
-    device and inode). Raises HTTPError; never leaks the descriptor."""
+    """Without O_PATH: resolves and checks `candidate` like open_pinned, opens it, and checks that the fd is
+    the file checked (same device and inode). Raises HTTPError; never leaks the fd."""
     try:
         real = os.path.realpath(candidate, strict=True)
     except (OSError, ValueError):
@@ -631,8 +544,7 @@ def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False
 
 
 def candidate_path(root: str, url_path: str, *, serve_hidden: bool) -> str:
-    """The path under the root that `url_path` names, before anything is resolved:
-    split_url_path's checks, and 404 for a hidden segment unless `serve_hidden`."""
+    """The unresolved path under the root `url_path` names: split_url_path's checks; 404 if hidden (unless serve_hidden)."""
     segments = split_url_path(url_path)
     if not serve_hidden and is_hidden(segments):
         raise not_found()
@@ -640,11 +552,9 @@ def candidate_path(root: str, url_path: str, *, serve_hidden: bool) -> str:
 
 
 def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> OpenFile:
-    """The regular file that `url_path` names under the real directory `root`, opened.
-
-    404 when it is missing, not a regular file, hidden (unless serve_hidden), or resolves
-    outside the root through `..` or a symlink; symlinks that stay inside are followed.
-    The file keeps the name the URL gives it. Blocking: call it in a worker thread."""
+    """The regular file that `url_path` names under the real directory `root`, opened: 404 when it is
+    missing, not a regular file, hidden (unless serve_hidden), or resolves outside the root; symlinks
+    that stay inside are followed, and the file keeps the URL's name. Blocking."""
     candidate = candidate_path(root, url_path, serve_hidden=serve_hidden)
     if not PINNED_OPEN:
         return open_checked(candidate, root=root, serve_hidden=serve_hidden)
@@ -654,9 +564,7 @@ def open_under_root(root: str, url_path: str, *, serve_hidden: bool = False) -> 
 
 
 def open_cached(path: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile | None:
-    """open_under_root (with a real `root`) or open_path (without), done from the kernel's
-    caches alone, so the event loop may call it; None when that would need I/O (then the
-    caller runs the blocking version in a worker thread)."""
+    """open_under_root (with a real `root`) or open_path from the kernel's caches alone; None if that needs I/O."""
     if not CACHED_OPEN:
         return None
     if root is not None:
@@ -680,8 +588,7 @@ class ListedFile(NamedTuple):
 
 
 def _listed_dir(entry: os.DirEntry[str], root: str, serve_hidden: bool, ancestors: frozenset[str]) -> str | None:
-    """The real path of a directory entry worth walking into: a folder, or a link to one
-    that stays inside the root (not hidden there) and is not one of its own ancestors."""
+    """The real path of a folder to walk into: not outside the root, hidden there, or an ancestor."""
     try:
         if not entry.is_dir():
             return None
@@ -695,8 +602,7 @@ def _listed_dir(entry: os.DirEntry[str], root: str, serve_hidden: bool, ancestor
 
 
 def _listed_file(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.stat_result | None:
-    """The stat of a directory entry worth listing: a regular file, or a link to one that
-    stays inside the root (not hidden there): exactly what open_under_root serves."""
+    """The stat of an entry to list: a regular file that open_under_root would serve, else None."""
     try:
         if not entry.is_symlink():
             st = entry.stat(follow_symlinks=False)
@@ -710,17 +616,9 @@ def _listed_file(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.s
 
 
 def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
-    """Every file /download serves under the real directory `root` (or its subfolder
-    `folder`, a path from resolve_folder), each under the path /download knows it by, in
-    the order of those paths, starting after the path `after`.
-
-    A file is listed if and only if it is served, with two exceptions: names that are
-    not UTF-8 (no URL names them: /download can't serve them either, so they are left
-    out), and links to one of their own ancestor folders, which /download follows but a
-    walk can't (the tree would be endless): such a link is not walked into. Links to
-    files and folders elsewhere inside the root are listed under the link's path.
-    Subtrees wholly before `after` are skipped unread, so paging through a big tree
-    costs about one page of work per page. Blocking: run it in a thread."""
+    """Every file /download serves under the real directory `root` (or its subfolder `folder`), by its /download
+    path, in path order, after `after`: listed if and only if served, except names that are not UTF-8 (no URL
+    names them) and links to an ancestor (an endless walk). Subtrees before `after` are skipped unread. Blocking."""
 
     def visit(directory: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
         # `directory` is a real path; `ancestors`, the real paths of the folders above it.
@@ -752,28 +650,22 @@ def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bo
 
 
 def resolve_folder(root: str, url_path: str, *, serve_hidden: bool = False) -> str:
-    """The folder `url_path` names under the root, by the rules of open_under_root, as the
-    "/"-separated path the URL gives it ("" for the root itself); 404 when it is not a
-    folder there."""
+    """The folder `url_path` names by open_under_root's rules, "/"-separated ("" for the root), else 404."""
     if url_path == "":
         return ""
-    segments = split_url_path(url_path.rstrip("/"))
-    candidate = candidate_path(root, "/".join(segments), serve_hidden=serve_hidden)
+    folder = url_path.rstrip("/")
+    candidate = candidate_path(root, folder, serve_hidden=serve_hidden)
     try:
         real = os.path.realpath(candidate, strict=True)
     except (OSError, ValueError):
         raise not_found() from None
     if relative_under_root(root, real, serve_hidden=serve_hidden) == "" or not os.path.isdir(real):
         raise not_found()
-    return "/".join(segments)
+    return folder
 
 
 def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return not any("\ud800" <= char <= "\udfff" for char in name)  # only surrogates (PEP 383: undecodable bytes) fail
 
 
 # =============================================================================
@@ -803,36 +695,28 @@ def _parse_range_spec(spec: str, size: int) -> ByteRange | None:
     """One range-spec, clamped to the file; None when unsatisfiable; ValueError when invalid."""
     first, dash, last = spec.partition("-")
     first, last = first.strip(" \t"), last.strip(" \t")
-    if not dash or not (first.isdigit() or last.isdigit()):
+    if not dash or not (first or last) or not all(n.isascii() and n.isdigit() for n in (first, last) if n):
         raise ValueError(spec)
     if not first:  # suffix-range: the last N bytes
-        if not last.isascii() or not last.isdigit():
-            raise ValueError(spec)
         suffix = int(last)
         # RFC 9110 §14.1.1: a suffix-length of 0 is unsatisfiable.
         return ByteRange(max(0, size - suffix), size) if suffix > 0 else None
-    if not first.isascii() or not first.isdigit() or (last and not (last.isascii() and last.isdigit())):
-        raise ValueError(spec)
     start = int(first)
     if last and int(last) < start:
         raise ValueError(spec)  # RFC 9110 §14.1.1: last-pos < first-pos is invalid
     if start >= size:
         return None
-    stop = size if not last else min(int(last) + 1, size)
-    return ByteRange(start, stop)
+    return ByteRange(start, min(int(last) + 1, size) if last else size)
 
 
 def parse_range(value: str, size: int) -> list[ByteRange] | None:
-    """The ranges to send for a Range header on a file of `size` bytes.
+    """The ranges to send for a Range header on a file of `size` bytes, in request order (RFC 9110
+    §14.3), overlaps included, like Go and nginx.
 
-    Returns None to ignore the header and send the whole file with 200: a syntactically
-    invalid header or unit, more than MAX_RANGES ranges, ranges adding up to more than the
-    file (Go's guard against overlapping sets), or an empty file (no byte range can
-    describe it). Raises HTTPError(416) with `Content-Range: bytes */size` when the header
-    is valid but no range is satisfiable. Like Go and Apache, whitespace around list
-    elements and numbers is accepted; one invalid element invalidates the whole header.
-    The ranges come back in request order, as asked (RFC 9110 §14.3), overlaps included,
-    like Go and nginx: the sum guard already bounds what a set can cost."""
+    None ignores the header (200, the whole file): an invalid header, unit or element, more than MAX_RANGES
+    ranges, ranges adding up to more than the file (Go's guard against overlaps), or an empty file.
+    HTTPError(416) with `Content-Range: bytes */size` when it is valid but nothing is satisfiable. Like Go
+    and Apache, whitespace around elements and numbers is fine."""
     unit, eq, range_set = value.partition("=")
     if not eq or unit.strip(" \t").lower() != "bytes":
         return None
@@ -854,7 +738,7 @@ def parse_range(value: str, size: int) -> list[ByteRange] | None:
 
 
 def reaches_end(range_value: str | None, size: int) -> bool:
-    """Would a GET with this Range header send the file's last byte (a whole file: yes)?"""
+    """Would a GET with this Range header (None: the whole file) send the file's last byte?"""
     if range_value is None:
         return True
     try:
@@ -865,8 +749,6 @@ def reaches_end(range_value: str | None, size: int) -> bool:
 
 
 class Cond(enum.Enum):
-    """The result of one precondition: absent (NONE), or evaluated TRUE or FALSE."""
-
     NONE = "none"
     TRUE = "true"
     FALSE = "false"
@@ -875,25 +757,19 @@ class Cond(enum.Enum):
 # RFC 9110 §8.8.3: entity-tag = [ weak ] opaque-tag; opaque-tag = DQUOTE *etagc DQUOTE;
 # etagc = %x21 / %x23-7E / obs-text.
 _ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e\x80-\xff]*"')
+_ETAG_MEMBER = re.compile(rf"[ \t,]*({_ETAG.pattern})[ \t]*")  # with the list's separators and whitespace
 
 
 def scan_etags(value: str) -> list[str]:
-    """The entity-tags of a comma-separated list, as written (W/ and quotes kept).
-    Stops at the first malformed member, like Go's scanETag."""
+    """The entity-tags of a list, as written (W/ and quotes kept), up to the first malformed one (Go's scanETag)."""
     tags: list[str] = []
     pos = 0
-    while True:
-        while pos < len(value) and value[pos] in " \t,":
-            pos += 1
-        match = _ETAG.match(value, pos)
-        if match is None:
-            return tags
-        tags.append(match.group())
+    while (match := _ETAG_MEMBER.match(value, pos)) is not None:
+        tags.append(match.group(1))
         pos = match.end()
-        while pos < len(value) and value[pos] in " \t":
-            pos += 1
         if pos < len(value) and value[pos] != ",":
-            return tags
+            break
+    return tags
 
 
 def etag_strong_match(a: str, b: str) -> bool:
@@ -915,8 +791,7 @@ _ASCTIME_DATE = re.compile(rf"{_DAY} {_MONTH} ([ \d]\d) {_TIME} (\d{{4}})")
 
 
 def parse_http_date(value: str, *, now: float | None = None) -> int | None:
-    """POSIX seconds of an HTTP-date in any of the three forms of RFC 9110 §5.6.7, or None
-    (a recipient ignores a malformed date rather than failing the request)."""
+    """POSIX seconds of an HTTP-date in any of the three forms of RFC 9110 §5.6.7, or None (malformed)."""
     value = value.strip(" \t")
     if m := _IMF_FIXDATE.fullmatch(value):
         day, month, year, hh, mm, ss = m.groups()
@@ -941,7 +816,6 @@ def parse_http_date(value: str, *, now: float | None = None) -> int | None:
 
 
 def http_date(seconds: float) -> str:
-    """IMF-fixdate of a POSIX time, e.g. 'Sun, 06 Nov 1994 08:49:37 GMT'."""
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(seconds))
 
 
@@ -980,9 +854,8 @@ def check_if_unmodified_since(value: str | None, mtime: float) -> Cond:
 
 
 def check_if_range(value: str | None, etag: str, mtime: float, now: float) -> Cond:
-    """RFC 9110 §13.1.5: the range applies only if the validator still matches: an ETag by
-    strong comparison, or a date equal to Last-Modified when that date is a strong
-    validator (§8.8.2.2: modified at least a second ago). Anything else is false."""
+    """RFC 9110 §13.1.5: the range applies only if the validator still matches: an ETag by strong
+    comparison, or a date equal to Last-Modified that is strong (§8.8.2.2: at least a second old)."""
     if value is None:
         return Cond.NONE
     value = value.strip(" \t")
@@ -995,9 +868,8 @@ def check_if_range(value: str | None, etag: str, mtime: float, now: float) -> Co
 
 
 def evaluate_preconditions(method: str, headers: Mapping[str, str], etag: str, mtime: float) -> int | None:
-    """412, 304 or None (go on), evaluating the preconditions in the order of RFC 9110
-    §13.2.2. `headers` has lower-case names. If-Range is not here: it only decides
-    whether a Range applies (see plan_response)."""
+    """412, 304 or None (go on), evaluating the preconditions in the order of RFC 9110 §13.2.2.
+    `headers` has lower-case names. If-Range only decides whether a Range applies (plan_response)."""
     # Steps 1 and 2: If-Match, or If-Unmodified-Since when If-Match is absent.
     cond = check_if_match(headers.get("if-match"), etag)
     if cond is Cond.NONE:
@@ -1015,46 +887,25 @@ def evaluate_preconditions(method: str, headers: Mapping[str, str], etag: str, m
 
 
 def make_etag(size: int, mtime_ns: int) -> str:
-    """A strong ETag that changes whenever the size or the nanosecond mtime changes.
-    Inode numbers stay out, so replicas holding copies of a file agree on it."""
+    """A strong ETag of the size and nanosecond mtime; no inode, so replicas of a file agree on it."""
     return f'"{mtime_ns:x}-{size:x}"'
 
 
 EXTRA_MEDIA_TYPES = {
-    ".gz": "application/gzip",
-    ".tgz": "application/gzip",
-    ".bz2": "application/x-bzip2",
-    ".xz": "application/x-xz",
-    ".zst": "application/zstd",
-    ".7z": "application/x-7z-compressed",
-    ".rar": "application/vnd.rar",
-    ".webp": "image/webp",
-    ".avif": "image/avif",
-    ".webm": "video/webm",
-    ".mkv": "video/x-matroska",
-    ".flac": "audio/flac",
-    ".opus": "audio/opus",
-    ".md": "text/markdown",
-    ".csv": "text/csv",
-    ".iso": "application/x-iso9660-image",
-    ".wasm": "application/wasm",
-    ".js": "text/javascript",  # RFC 9239
-    ".mjs": "text/javascript",
-    ".epub": "application/epub+zip",
-    ".apk": "application/vnd.android.package-archive",
-    ".deb": "application/vnd.debian.binary-package",
-    ".dmg": "application/x-apple-diskimage",
-    ".msi": "application/x-msi",
+    ".gz": "application/gzip", ".tgz": "application/gzip", ".bz2": "application/x-bzip2", ".xz": "application/x-xz",
+    ".zst": "application/zstd", ".7z": "application/x-7z-compressed", ".rar": "application/vnd.rar",
+    ".webp": "image/webp", ".avif": "image/avif", ".webm": "video/webm", ".mkv": "video/x-matroska",
+    ".flac": "audio/flac", ".opus": "audio/opus", ".md": "text/markdown", ".csv": "text/csv",
+    ".iso": "application/x-iso9660-image", ".wasm": "application/wasm",
+    ".js": "text/javascript", ".mjs": "text/javascript",  # RFC 9239
+    ".epub": "application/epub+zip", ".apk": "application/vnd.android.package-archive",
+    ".deb": "application/vnd.debian.binary-package", ".dmg": "application/x-apple-diskimage", ".msi": "application/x-msi",
 }
 
 
 def build_media_types() -> dict[str, str]:
-    """Extension -> media type. Python's built-in table plus EXTRA_MEDIA_TYPES, never the
-    machine's /etc/mime.types, so every machine answers the same."""
-    table = mimetypes.MimeTypes(filenames=())
-    types = dict(table.types_map[True])
-    types.update(EXTRA_MEDIA_TYPES)
-    return types
+    """Python's own table plus EXTRA_MEDIA_TYPES, never /etc/mime.types: every machine answers the same."""
+    return {**mimetypes.MimeTypes(filenames=()).types_map[True], **EXTRA_MEDIA_TYPES}
 
 
 def media_type_for(name: str, types: Mapping[str, str]) -> str:
@@ -1069,19 +920,13 @@ _ATTR_CHAR_PUNCTUATION = "!#$&+-.^_`|~"
 
 
 def ascii_filename(name: str) -> str:
-    """The ASCII fallback for `filename=`: accents dropped (é -> e), other non-ASCII
-    characters, controls, `"`, `\\` and `%` (which some clients decode) become `_`."""
-    out = []
-    for char in unicodedata.normalize("NFKD", name):
-        if unicodedata.combining(char):
-            continue
-        out.append(char if " " <= char <= "~" and char not in '"\\%' else "_")
-    return "".join(out) or "download"
+    """The ASCII `filename=`: accents dropped (é -> e); other non-ASCII, controls, `"`, `\\`, `%` (decoded by some) -> `_`."""
+    kept = (char for char in unicodedata.normalize("NFKD", name) if not unicodedata.combining(char))
+    return "".join(char if " " <= char <= "~" and char not in '"\\%' else "_" for char in kept) or "download"
 
 
 def utf8_filename(name: str) -> str:
-    """The name for `filename=` as UTF-8 bytes (each byte one str character, as header
-    values travel in latin-1), with controls, `"` and `\\` replaced by `_`."""
+    """`filename=` as UTF-8 bytes, one str character each (headers travel as latin-1); controls, `"`, `\\` become `_`."""
     safe = "".join("_" if char in '"\\' or not char.isprintable() else char for char in name)
     return safe.encode("utf-8", "surrogatepass").decode("latin-1")
 
@@ -1089,19 +934,16 @@ def utf8_filename(name: str) -> str:
 # Deviation: RFC 6266 Appendix D advises ASCII in filename=; curl -J reads nothing else, so
 # curl gets the UTF-8 name there (README: Limits and deviations).
 def wants_utf8_filename(user_agent: str) -> bool:
-    """Does this client read only `filename=` yet expect UTF-8 in it? curl's -J ignores
-    `filename*` ("it does not yet support the filename* field", curl/curl#1888)."""
+    """Does this client read only `filename=`, expecting UTF-8? curl -J ignores `filename*` (curl/curl#1888)."""
     return user_agent.startswith("curl/")
 
 
 @functools.lru_cache(maxsize=4096)
 def content_disposition(name: str, disposition: str = "attachment", *, utf8_fallback: bool = False) -> str:
-    """RFC 6266 Content-Disposition for a file name: a quoted ASCII `filename`, plus an
-    RFC 8187 `filename*` with the exact name when the fallback had to change it. No name
-    can break out of the header: no CR, LF or other control, no unescaped quote.
-
-    Deviation (RFC 6266 Appendix D advises ASCII in `filename=`): with `utf8_fallback`, for
-    clients that read only `filename=` (wants_utf8_filename), it carries the UTF-8 bytes."""
+    """RFC 6266 Content-Disposition for a file name: a quoted ASCII `filename`, plus an RFC 8187
+    `filename*` with the exact name when the fallback had to change it. No name can break out of the
+    header (no CR, LF or other control, no unescaped quote). With `utf8_fallback`, `filename=` carries
+    the UTF-8 bytes instead (the Deviation from RFC 6266 Appendix D above wants_utf8_filename)."""
     fallback = utf8_filename(name) if utf8_fallback else ascii_filename(name)
     value = f'{disposition}; filename="{fallback}"'
     if fallback != name:
@@ -1118,10 +960,8 @@ class Validators(NamedTuple):
 def download_headers(
     *, media_type: str, disposition: str, cache_control: str, validators: Validators | None = None, accept_ranges: str | None = None
 ) -> list[tuple[str, str]]:
-    """The headers every download carries, a file's, an offloaded file's or generated
-    content's: its type, its name, nosniff and Cache-Control with no-transform; then
-    Accept-Ranges and the validators where the caller has them. Not Content-Length,
-    which depends on the ranges."""
+    """The headers of every download (a file, offloaded or generated): type, name, nosniff, Cache-Control
+    with no-transform; Accept-Ranges and validators where given. Not Content-Length (the ranges decide)."""
     headers = [("Content-Type", media_type), ("X-Content-Type-Options", "nosniff")]
     if disposition:
         headers.append(("Content-Disposition", disposition))
@@ -1134,9 +974,8 @@ def download_headers(
 
 
 def no_transform(cache_control: str) -> str:
-    """`cache_control` plus no-transform: RFC 9111 §5.2.2.6 forbids intermediaries to
-    transform the content (recompress it, drop Content-Length), which would break byte
-    ranges and resumes."""
+    """`cache_control` plus no-transform: RFC 9111 §5.2.2.6 forbids intermediaries to transform the
+    content (recompress it, drop Content-Length), which would break byte ranges and resumes."""
     directives = [d.strip() for d in cache_control.split(",") if d.strip()]
     if "no-transform" not in (d.lower() for d in directives):
         directives.append("no-transform")
@@ -1144,14 +983,9 @@ def no_transform(cache_control: str) -> str:
 
 
 def coding_guard(accept_encoding: str | None) -> list[tuple[str, str]]:
-    """An empty `Content-Encoding` when the client accepts a content coding, else nothing.
-
-    Content-Encoding = #content-coding (RFC 9110 §8.4), and the # list rule admits zero
-    members (§5.6.1): the empty field says, truthfully, that no coding was applied, without
-    the reserved `identity` token (§8.4.1). Compression layers in front of us that leave a
-    response alone when it already carries Content-Encoding (Starlette's and Django's
-    GZipMiddleware) then keep our bytes, Content-Length and ranges exact; `no-transform`
-    in Cache-Control tells proxies the same. Clients that asked for no coding never see it."""
+    """An empty `Content-Encoding` when the client accepts a content coding: Content-Encoding = #content-coding
+    (RFC 9110 §8.4) and a # list may be empty (§5.6.1), so it says no coding was applied without the reserved
+    `identity` (§8.4.1). GZipMiddleware (Starlette's, Django's) then leaves bytes, Content-Length and ranges exact."""
     codings = [part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")]
     return [("Content-Encoding", "")] if any(c and c != "identity" for c in codings) else []
 
@@ -1161,11 +995,9 @@ NOT_MODIFIED_HEADERS = ("Cache-Control", "Content-Location", "Date", "ETag", "Ex
 issue of cache updates asks for it) and no representation metadata besides."""
 
 
-def multipart_layout(
-    ranges: Sequence[ByteRange], size: int, media_type: str, boundary: str
-) -> tuple[list[bytes | ByteRange], int]:
-    """The body of a multipart/byteranges response (RFC 9110 §14.6) as literal byte pieces
-    and file ranges, and its exact length, known before the first byte is sent:
+def multipart_layout(ranges: Sequence[ByteRange], size: int, media_type: str, boundary: str) -> tuple[list[bytes | ByteRange], int]:
+    """The body of a multipart/byteranges response (RFC 9110 §14.6) as literal byte pieces and file
+    ranges, and its exact length, known before the first byte is sent:
 
         --BOUNDARY\\r\\n
         Content-Type: text/plain\\r\\n
@@ -1189,8 +1021,7 @@ def multipart_layout(
 
 
 class Plan(NamedTuple):
-    """What to answer: the status, every header, and the body as pieces (literal bytes
-    and file ranges) that section 5 streams."""
+    """What to answer: status, every header, and the body as pieces (bytes and file ranges) for section 5."""
 
     status: int
     headers: list[tuple[str, str]]
@@ -1198,15 +1029,8 @@ class Plan(NamedTuple):
 
 
 def plan_response(
-    method: str,
-    request_headers: Mapping[str, str],
-    info: FileInfo,
-    *,
-    media_type: str,
-    disposition: str,
-    cache_control: str,
-    now: float,
-    boundary: str,
+    method: str, request_headers: Mapping[str, str], info: FileInfo, *,
+    media_type: str, disposition: str, cache_control: str, now: float, boundary: str,
 ) -> Plan:
     """The whole answer to a GET or HEAD of a file, decided in RFC 9110 order:
 
@@ -1222,10 +1046,7 @@ def plan_response(
     # refreshes its Date once a second, so the Date may trail our clock by up to a second.
     mtime = min(modified, now - 1)
     headers = download_headers(
-        media_type=media_type,
-        disposition=disposition,
-        cache_control=cache_control,
-        validators=Validators(etag, mtime),
+        media_type=media_type, disposition=disposition, cache_control=cache_control, validators=Validators(etag, mtime),
         accept_ranges="bytes",
     ) + coding_guard(request_headers.get("accept-encoding"))
 
@@ -1263,14 +1084,11 @@ def plan_response(
 
 
 Gate = Callable[[], bool]
-"""A piece of a body that yields no bytes: called (in a worker thread) when the stream
-reaches it; False aborts the transfer. Used to count a completed download just before
-the file's last byte goes out."""
+"""A body piece of no bytes, called in a worker thread when reached; False aborts (counting downloads: hold_last_byte)."""
 
 
 def hold_last_byte(pieces: Sequence[bytes | ByteRange], size: int, gate: Gate) -> list[bytes | ByteRange | Gate]:
-    """`pieces` with `gate` placed just before the file's last byte, wherever a range holds
-    it: only a transfer that reaches the end of the file passes the gate."""
+    """`pieces` with `gate` just before the file's last byte: only a transfer that reaches it passes."""
     held: list[bytes | ByteRange | Gate] = []
     for piece in pieces:
         if isinstance(piece, ByteRange) and piece.stop == size and piece.length > 0:
@@ -1286,9 +1104,8 @@ RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 def read_cached(fd: int, size: int, offset: int) -> bytes | None:
-    """`size` bytes at `offset` if the page cache holds them all, else None. preadv with
-    RWF_NOWAIT (Linux 4.14+) never waits for the disk, so the event loop may call it and
-    skip the worker-thread hop that costs more than the copy itself for a cached file."""
+    """`size` bytes at `offset` if the page cache holds them all, else None. preadv with RWF_NOWAIT (Linux
+    4.14+) never waits for the disk, so the event loop skips the worker-thread hop, dearer than the copy."""
     buffer = bytearray(size)
     try:
         got = os.preadv(fd, [buffer], offset, RWF_NOWAIT)
@@ -1298,14 +1115,10 @@ def read_cached(fd: int, size: int, offset: int) -> bytes | None:
 
 
 class FileChunks:
-    """Async iterator over `pieces` of the open file `fd`.
-
-    Literal bytes are yielded as they are. Each ByteRange is read straight from the page
-    cache when it can be (read_cached), else with os.pread in a worker thread; reads start
-    at FIRST_CHUNK_SIZE and double up to `chunk_size`, held to this process's share of
-    READ_BUDGET. Each Gate is called in a worker thread (False: GateClosed). It owns `fd`:
-    aclose() closes it, once. A short read means the file shrank: that, or a failed read,
-    raises TransferAborted. Bytes appended meanwhile are never read."""
+    """Async iterator over `pieces` of the open file `fd`, which it owns: aclose() closes it, once. A ByteRange
+    is read from the page cache (read_cached) or in a worker thread, from FIRST_CHUNK_SIZE doubling up to
+    `chunk_size`, within this process's share of READ_BUDGET; a Gate is called in a worker thread (False:
+    GateClosed). A short read (the file shrank) or a failed one raises TransferAborted; appended bytes are never read."""
 
     running = 0  # FileChunks open in this process: they share READ_BUDGET
 
@@ -1371,9 +1184,8 @@ class FileChunks:
 
 
 class ByteStream:
-    """Async iterator over generated bytes: from an async iterable, or from a sync one
-    read in a worker thread (it may block). With `size`, exactly that many bytes come
-    out, or TransferAborted. aclose() closes the source (generators run their finally)."""
+    """Async iterator over generated bytes, async or sync (read in a worker thread). With `size`, exactly
+    that many bytes come out, or TransferAborted. aclose() closes the source (generators run their finally)."""
 
     _END = object()
 
@@ -1414,10 +1226,8 @@ class ByteStream:
 
 
 async def send_small(send: Send, start: Message, chunks: FileChunks) -> int:
-    """A body of one first chunk at most, read whole and sent in one message: no
-    disconnect watcher is worth its task for a body the socket takes at once. Read
-    before anything is sent, a gate's refusal becomes TransferRefused: the caller can
-    still answer it."""
+    """A body of one first chunk at most, read whole (a gate's refusal: TransferRefused) and sent in one
+    message: no disconnect watcher is worth its task for a body the socket takes at once."""
     try:
         try:
             body = b"".join([chunk async for chunk in chunks])
@@ -1441,8 +1251,7 @@ async def send_small(send: Send, start: Message, chunks: FileChunks) -> int:
 
 
 def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
-    """The read size under a bandwidth limit: at most an eighth of a second's worth, so
-    the pacing stays smooth and the average lands within a few percent of the limit."""
+    """The read size under a bandwidth limit: an eighth of a second's worth at most, for smooth pacing."""
     return chunk_size if not rate_limit else max(1024, min(chunk_size, rate_limit // 8))
 
 
@@ -1455,15 +1264,10 @@ async def send_body(
     rate_limit: int | None = None,
     stall_timeout_s: float | None = None,
 ) -> int:
-    """Sends the `start` message, every chunk, then the closing empty message; returns the
-    body bytes sent.
-
-    The limits live here, visible: with `rate_limit` (bytes per second, like nginx's
-    limit_rate) one anyio.sleep after each chunk keeps the average at the limit, with no
-    busy waiting; a send that can't hand its chunk to the server within `stall_timeout_s`
-    (a client that stopped reading: uvicorn has no write timeout) aborts the transfer.
-    A client that disconnects ends it early and quietly. TransferAborted propagates so that
-    the server aborts the connection. The chunks are closed however it ends."""
+    """Sends `start`, every chunk, then the closing empty message; returns the body bytes sent. The limits
+    live here: with `rate_limit` (bytes per second, like nginx's limit_rate) one anyio.sleep per chunk keeps
+    the average at the limit; a send the server can't take within `stall_timeout_s` aborts the transfer. A
+    disconnect ends it quietly; TransferAborted propagates (the server aborts the connection). Chunks are closed."""
     if isinstance(chunks, FileChunks) and chunks.length <= FIRST_CHUNK_SIZE and not rate_limit:
         return await send_small(send, start, chunks)
     sent = 0
@@ -1507,14 +1311,11 @@ async def send_body(
 # =============================================================================
 # 6. Signed links and catalog
 # =============================================================================
-# Two ways to hand out a protected file. Signed links are stateless: an HMAC-SHA256 over
-# the exact path and the expiry, so any replica holding the secret verifies them alone
-# (like S3 presigned URLs and nginx secure_link). Opaque IDs live in a SQLite catalog
-# (WAL mode, shared safely by worker processes) with expiry, revocation and a download
-# limit counted in completed transfers. Nothing here knows Starlette.
+# Two ways to hand out a protected file: stateless signed links, an HMAC-SHA256 of the exact path and
+# expiry that any replica with the secret verifies (like S3 presigned URLs); and opaque IDs in a SQLite
+# catalog (WAL, shared by workers) with expiry, revocation and a limit of completed downloads.
 
-LINK_DOMAIN = "downloader-link-v1"
-"""The first line of every signed string: a signature is never valid for anything else."""
+LINK_DOMAIN = "downloader-link-v1"  # the first line of every signed string: a signature is valid for nothing else
 
 
 def link_signature(path: str, expires: int, key: str) -> str:
@@ -1525,17 +1326,11 @@ def link_signature(path: str, expires: int, key: str) -> str:
 
 
 def sign_url(
-    path: str,
-    *,
-    secret: str | Sequence[str],
-    expires_in: float | None = None,
-    expires_at: float | None = None,
-    prefix: str = "",
-    now: float | None = None,
+    path: str, *, secret: str | Sequence[str], expires_in: float | None = None, expires_at: float | None = None,
+    prefix: str = "", now: float | None = None,
 ) -> str:
-    """`{prefix}/download/PATH?expires=...&signature=...` for the file at `path` (relative to
-    the root, "/"-separated), valid until `expires_at` (POSIX seconds) or for `expires_in`
-    seconds. With several keys, the first signs (key rotation)."""
+    """`{prefix}/download/PATH?expires=...&signature=...` for the file at `path` (relative to the root), valid
+    until `expires_at` (POSIX seconds) or for `expires_in` seconds. Of several keys, the first signs (key rotation)."""
     if (expires_in is None) == (expires_at is None):
         raise ValueError("give exactly one of expires_in and expires_at")
     key = secret if isinstance(secret, str) else secret[0]
@@ -1545,9 +1340,8 @@ def sign_url(
 
 
 def verify_link(path: str, query: Mapping[str, str], keys: Sequence[str], now: float) -> None:
-    """Raises HTTPError(403) unless `query` holds a signature of `path` and its expiry by
-    one of `keys`, not yet expired. Signatures are compared in constant time, and the
-    signature is checked before the expiry, so a tampered expiry is 'invalid', not 'expired'."""
+    """Raises HTTPError(403) unless `query` holds an unexpired signature of `path` and its expiry by one
+    of `keys`. Compared in constant time, and before the expiry: a tampered expiry is 'invalid', not 'expired'."""
     expires, signature = query.get("expires"), query.get("signature")
     if expires is None or signature is None:
         raise HTTPError(403, "This link needs a valid signature")
@@ -1570,7 +1364,7 @@ def parse_ttl(text: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Link:
-    """One catalog entry: an opaque ID for a file under the root."""
+    """One catalog entry: an opaque ID of a file under the root."""
 
     id: str
     path: str
@@ -1586,9 +1380,8 @@ class Link:
 
 
 class Catalog:
-    """Opaque download IDs in SQLite: `add` a file, `get`, `revoke`, `list`, and `claim`
-    one completed download. Every call opens its own connection, so threads and worker
-    processes share the file safely (WAL mode; writers wait up to CATALOG_BUSY_TIMEOUT_S)."""
+    """Opaque download IDs in SQLite: `add` a file, `get`, `revoke`, `list`, `claim` a completed download. Each call
+    opens its own connection, so threads and processes share the file (WAL mode; writers wait CATALOG_BUSY_TIMEOUT_S)."""
 
     SCHEMA = """CREATE TABLE IF NOT EXISTS links (
         id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created REAL NOT NULL,
@@ -1634,15 +1427,13 @@ class Catalog:
             return db.execute("UPDATE links SET revoked = 1 WHERE id = ?", (link_id,)).rowcount == 1
 
     def claim(self, link_id: str) -> bool:
-        """Counts one completed download, atomically: False when the limit is already
-        reached (so of two racing workers, exactly one gets True for the last one)."""
+        """Counts a completed download atomically: False at the limit (of two racers, one gets the last)."""
         with contextlib.closing(self._connect()) as db:
-            cursor = db.execute(
+            return db.execute(
                 "UPDATE links SET downloads = downloads + 1 WHERE id = ? AND revoked = 0"
                 " AND (max_downloads IS NULL OR downloads < max_downloads)",
                 (link_id,),
-            )
-            return cursor.rowcount == 1
+            ).rowcount == 1
 
 
 def link_state(link: Link, now: float) -> str:
@@ -1676,9 +1467,8 @@ def check_link(link: Link | None, now: float) -> Link:
 # =============================================================================
 # 7. Responses
 # =============================================================================
-# The ASGI objects: DownloadResponse (a file, with every header, range and precondition
-# of section 4 and the streaming of section 5) and error_response (HTTPError -> JSON, the
-# only place that happens). A host app can return either from its own endpoints.
+# The ASGI objects a host app can return too: DownloadResponse (a file, by sections 4 and 5),
+# GeneratedDownload (stream_download, /zip) and error_response (the one HTTPError -> JSON).
 
 
 def request_headers(scope: Scope) -> dict[str, str]:
@@ -1709,8 +1499,7 @@ VALIDATOR_HEADERS = ("etag", "last-modified")
 
 
 class ErrorResponse(Response):
-    """JSON {"detail": ...} with the error's status and headers, never a validator (an error
-    describes no representation, like Go's serveError), and no body for HEAD."""
+    """JSON {"detail": ...} with the error's status and headers, never a validator (Go's serveError); no body for HEAD."""
 
     media_type = "application/json"
 
@@ -1720,8 +1509,7 @@ class ErrorResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        head = scope.get("method") == "HEAD"
-        await send({"type": "http.response.body", "body": b"" if head else self.body})
+        await send({"type": "http.response.body", "body": b"" if scope.get("method") == "HEAD" else self.body})
 
 
 def error_response(exc: HTTPError) -> Response:
@@ -1733,10 +1521,8 @@ _MEDIA_TYPES = build_media_types()
 
 
 class Download(Response):
-    """What DownloadResponse and GeneratedDownload share: Starlette's Response contract.
-    `headers` (and later changes to `.headers`) go out with the answer, replacing ours of
-    the same name; `status_code` holds the status sent; `background` runs after the
-    response, however it ended (a client that left included)."""
+    """Starlette's Response contract: `headers` (and later changes to `.headers`) replace ours of the same name;
+    `status_code` holds the status sent; `background` runs after the response, even if the client left."""
 
     def __init__(self, disposition: str, headers: Mapping[str, str] | None, background: BackgroundTask | None) -> None:
         if disposition not in ("attachment", "inline"):
@@ -1769,39 +1555,22 @@ class Download(Response):
 class DownloadResponse(Download):
     """A file download that any Starlette/FastAPI endpoint can return.
 
-    Without `root`, `path` is a file path of the host app's; it must name a regular file.
-    With `root`, `path` is a URL path under that directory, checked exactly as the
-    /download route checks it (no `..`, no hidden files unless `serve_hidden`, nothing
-    that resolves outside the root). Either way the file is opened when the response is
-    sent, and 404 (JSON) answers anything else.
-
-    The answer is the /download route's: 200, 206 (one range, or multipart/byteranges),
-    304, 412 or 416 per RFC 9110; HEAD gets the same headers and no body. `filename`
-    (default: the last segment of `path`) goes into Content-Disposition with
-    `disposition` ("attachment" or "inline"); `media_type` defaults to one guessed from
-    that name; `headers`, `background` and `status_code` as in Download. `authorize`, given the opened file's FileInfo, may raise HTTPError to
-    refuse it; `gate` is called just before the file's last byte is sent, and False
-    aborts the transfer (hold_last_byte)."""
+    Without `root`, `path` is the host app's path of a regular file; with `root`, a URL path under it,
+    checked as /download checks it (no `..`, no hidden files unless `serve_hidden`, nothing outside).
+    The file is opened when the response is sent; 404 (JSON) answers anything else. The answer is
+    /download's: 200, 206 (one range, or multipart/byteranges), 304, 412 or 416 per RFC 9110; HEAD
+    gets the same headers and no body. `filename` (default: the last segment of `path`) goes into
+    Content-Disposition with `disposition` ("attachment" or "inline"); `media_type` defaults to one
+    guessed from it; `headers`, `background` and `status_code` as in Download. `authorize`, given the
+    FileInfo, may raise HTTPError; `gate` is called before the file's last byte, False aborts (hold_last_byte)."""
 
     def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        root: str | os.PathLike[str] | None = None,
-        serve_hidden: bool = False,
-        filename: str | None = None,
-        media_type: str | None = None,
-        disposition: str = "attachment",
-        cache_control: str = DEFAULT_CACHE_CONTROL,
-        chunk_size: int = CHUNK_SIZE,
-        headers: Mapping[str, str] | None = None,
-        background: BackgroundTask | None = None,
-        authorize: Callable[[FileInfo], Awaitable[None]] | None = None,
-        gate: Gate | None = None,
-        rate_limit: int | None = None,
-        stall_timeout_s: float | None = None,
-        offload_prefix: str | None = None,
-        root_is_real: bool = False,
+        self, path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, serve_hidden: bool = False,
+        filename: str | None = None, media_type: str | None = None, disposition: str = "attachment",
+        cache_control: str = DEFAULT_CACHE_CONTROL, chunk_size: int = CHUNK_SIZE, headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None, authorize: Callable[[FileInfo], Awaitable[None]] | None = None,
+        gate: Gate | None = None, rate_limit: int | None = None, stall_timeout_s: float | None = None,
+        offload_prefix: str | None = None, root_is_real: bool = False,
     ) -> None:
         super().__init__(disposition, headers, background)
         if offload_prefix is not None and root is None:
@@ -1833,14 +1602,11 @@ class DownloadResponse(Download):
             await self.send_file(scope, receive, send, opened)
 
     async def open(self) -> OpenFile:
-        """The file, checked and opened: from the kernel's caches in the event loop when
-        it can (open_cached), else in a worker thread."""
+        """The file, checked and opened: in the event loop from the kernel's caches (open_cached), else in a thread."""
         if self.root is None:
             return open_cached(self.path, root=None) or await anyio.to_thread.run_sync(open_path, self.path)
-        if self.root_is_real:
-            opened = open_cached(self.path, root=self.root, serve_hidden=self.serve_hidden)
-            if opened is not None:
-                return opened
+        if self.root_is_real and (opened := open_cached(self.path, root=self.root, serve_hidden=self.serve_hidden)):
+            return opened
         return await anyio.to_thread.run_sync(self.open_under_root)
 
     def open_under_root(self) -> OpenFile:
@@ -1870,13 +1636,9 @@ class DownloadResponse(Download):
             await self.send_error(HTTPError(410, LINK_GONE["used-up"]), scope, receive, send)
 
     async def send_offloaded(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
-        """Hands the bytes to the front proxy (nginx's X-Accel-Redirect, the X-Sendfile of
-        Django and Flask users): every decision so far (path safety, signature, ID,
-        authorization) was ours, and so are Content-Type, Content-Disposition and
-        Cache-Control; nginx adds the validators, ranges and conditional requests of its
-        static file handler and sends the file with sendfile. A catalog link counts a
-        download when the request reaches the file's last byte, as nginx can't tell us
-        whether the transfer completed."""
+        """Hands the bytes to nginx (X-Accel-Redirect), which adds validators, ranges and conditional requests;
+        every check and the type, name and Cache-Control are ours. nginx can't tell us whether a transfer
+        completed, so a catalog link counts a download when the request reaches the file's last byte."""
         assert self.root is not None and self.offload_prefix is not None
         requested = request_headers(scope)
         try:
@@ -1893,8 +1655,7 @@ class DownloadResponse(Download):
         name = self.filename or info.name
         headers = [("X-Accel-Redirect", self.offload_prefix + urllib.parse.quote(relative))] + download_headers(
             media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
-            disposition=disposition_for(name, self.disposition, requested),
-            cache_control=self.cache_control,
+            disposition=disposition_for(name, self.disposition, requested), cache_control=self.cache_control,
         )
         if self.rate_limit:
             headers.append(("X-Accel-Limit-Rate", str(self.rate_limit)))
@@ -1905,38 +1666,21 @@ class DownloadResponse(Download):
         name = self.filename or info.name
         requested = request_headers(scope)
         return plan_response(
-            scope["method"],
-            requested,
-            info,
-            media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
-            disposition=disposition_for(name, self.disposition, requested),
-            cache_control=self.cache_control,
-            now=time.time(),
-            boundary=secrets.token_hex(16),
+            scope["method"], requested, info, media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
+            disposition=disposition_for(name, self.disposition, requested), cache_control=self.cache_control,
+            now=time.time(), boundary=secrets.token_hex(16),
         )
 
 
 class GeneratedDownload(Download):
-    """Generated content (an async or sync iterable of bytes) as a download: the
-    Content-Disposition, Content-Type, nosniff and Cache-Control of a file download;
-    Content-Length when `size` is known (then exactly `size` bytes are sent, or the
-    transfer is aborted), chunked when it is not. No validators and no ranges
-    (Accept-Ranges: none): the bytes are made anew for every request. `headers`,
-    `background` and `status_code` as in Download."""
+    """Generated content (an async or sync iterable of bytes) with a file download's headers; with `size`,
+    Content-Length (exactly `size` bytes are sent, or the transfer is aborted), else chunked. No validators
+    or ranges: the bytes are made anew for every request. `headers`, `background`, `status_code` as in Download."""
 
     def __init__(
-        self,
-        content: AsyncIterable[bytes] | Iterable[bytes],
-        *,
-        filename: str,
-        media_type: str | None = None,
-        size: int | None = None,
-        disposition: str = "attachment",
-        cache_control: str = "no-store",
-        headers: Mapping[str, str] | None = None,
-        background: BackgroundTask | None = None,
-        rate_limit: int | None = None,
-        stall_timeout_s: float | None = None,
+        self, content: AsyncIterable[bytes] | Iterable[bytes], *, filename: str, media_type: str | None = None,
+        size: int | None = None, disposition: str = "attachment", cache_control: str = "no-store", headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None, rate_limit: int | None = None, stall_timeout_s: float | None = None,
     ) -> None:
         super().__init__(disposition, headers, background)
         self.content = content
@@ -1950,10 +1694,8 @@ class GeneratedDownload(Download):
     async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         requested = request_headers(scope)
         headers = download_headers(
-            media_type=self.media_type,
-            disposition=disposition_for(self.filename, self.disposition, requested),
-            cache_control=self.cache_control,
-            accept_ranges="none",
+            media_type=self.media_type, disposition=disposition_for(self.filename, self.disposition, requested),
+            cache_control=self.cache_control, accept_ranges="none",
         )
         if self.size is not None:
             headers.append(("Content-Length", str(self.size)))
@@ -1976,35 +1718,27 @@ class GeneratedDownload(Download):
 
 
 def stream_download(
-    content: AsyncIterable[bytes] | Iterable[bytes],
-    filename: str,
-    *,
-    media_type: str | None = None,
-    size: int | None = None,
-    disposition: str = "attachment",
-    headers: Mapping[str, str] | None = None,
-    background: BackgroundTask | None = None,
+    content: AsyncIterable[bytes] | Iterable[bytes], filename: str, *, media_type: str | None = None, size: int | None = None,
+    disposition: str = "attachment", headers: Mapping[str, str] | None = None, background: BackgroundTask | None = None,
 ) -> GeneratedDownload:
-    """Generated content as a download: an async or sync iterator of bytes (a sync one
-    is read in a worker thread), a file name, and the media type (default: guessed from
-    the name). With `size`, the response carries Content-Length. `background` runs after
-    the response, as with any Starlette Response."""
+    """Generated content as a download: an async or sync iterator of bytes (a sync one is read in a worker
+    thread), a file name, and the media type (default: guessed from the name). With `size`, the response
+    carries Content-Length. `background` runs after the response, as with any Starlette Response."""
     return GeneratedDownload(
         content, filename=filename, media_type=media_type, size=size, disposition=disposition, headers=headers, background=background
     )
 
 
+# Files stored as they are even with ZIP compression on: compressing them again saves nothing.
 COMPRESSED_SUFFIXES = frozenset(
     ".zip .gz .tgz .bz2 .xz .zst .7z .rar .jar .apk .whl .epub .docx .xlsx .pptx .odt .jpg .jpeg"
     " .png .gif .webp .avif .heic .mp4 .m4v .mkv .webm .mov .avi .mp3 .m4a .aac .ogg .opus .flac"
     " .woff .woff2 .pdf".split()
 )
-"""Suffixes of files stored as they are even when ZIP compression is on: compressing them
-again costs CPU and saves nothing."""
+
 
 def _entry_bytes(root: str, path: str, size: int, serve_hidden: bool, chunk_size: int) -> Iterator[bytes]:
-    """The bytes of one ZIP entry, opened (and checked) only when the stream reaches it;
-    a file gone or resized since the listing aborts the transfer."""
+    """One ZIP entry's bytes, opened when the stream reaches it; a file gone or resized since aborts."""
     try:
         opened = open_under_root(root, path, serve_hidden=serve_hidden)
     except HTTPError:
@@ -2022,57 +1756,41 @@ def _entry_bytes(root: str, path: str, size: int, serve_hidden: bool, chunk_size
 
 
 def folder_zip(settings: Settings, folder: str) -> GeneratedDownload:
-    """The folder (a checked path relative to the root, "" for the root) as a ZIP built by
-    zipstream-ng while it is sent, from the files /download would serve there. Entries
-    are stored by default, so the archive's exact size is known before the first byte
-    (Content-Length); with zip_compression they are deflated (chunked), except for
-    already-compressed types. Blocking (it walks the folder): run it in a thread."""
+    """The folder (checked, "" for the root) as a ZIP of the files /download serves there, built while sent.
+    Entries are stored, so the size is known first (Content-Length); with zip_compression they are deflated
+    (chunked), except COMPRESSED_SUFFIXES. Blocking (it walks the folder)."""
     import zipstream
 
     compress = settings.zip_compression
     archive = zipstream.ZipStream(compress_type=zipstream.ZIP_DEFLATED if compress else zipstream.ZIP_STORED, sized=not compress)
-    count = 0
-    for f in walk_files(settings.root, folder=folder, serve_hidden=settings.serve_hidden):
-        count += 1
+    for count, f in enumerate(walk_files(settings.root, folder=folder, serve_hidden=settings.serve_hidden), 1):
         if count > MAX_ZIP_FILES:
             raise HTTPError(413, f"The folder holds more than {MAX_ZIP_FILES} files")
         stored = compress and os.path.splitext(f.path)[1].lower() in COMPRESSED_SUFFIXES
-        archive.add(
-            _entry_bytes(settings.root, f.path, f.size, settings.serve_hidden, settings.chunk_size),
-            f.path[len(folder) + 1 :] if folder else f.path,
-            size=f.size,
-            compress_type=zipstream.ZIP_STORED if stored else None,
-        )
+        entry = _entry_bytes(settings.root, f.path, f.size, settings.serve_hidden, settings.chunk_size)
+        arcname = f.path[len(folder) + 1 :] if folder else f.path
+        archive.add(entry, arcname, size=f.size, compress_type=zipstream.ZIP_STORED if stored else None)
     name = (folder.rsplit("/", 1)[-1] if folder else os.path.basename(settings.root)) or "download"
     return GeneratedDownload(
-        archive,
-        filename=f"{name}.zip",
-        media_type="application/zip",
-        size=None if compress else len(archive),
-        rate_limit=settings.rate_limit,
-        stall_timeout_s=settings.stall_timeout,
+        archive, filename=f"{name}.zip", media_type="application/zip", size=None if compress else len(archive),
+        rate_limit=settings.rate_limit, stall_timeout_s=settings.stall_timeout,
     )
 
 
 # =============================================================================
 # 8. App and routes
 # =============================================================================
-# The endpoints are plain functions of a Request; what an app serves and how lives in
-# one Service, found through request.app (Starlette sets it to the innermost app, so
-# this holds when mounted too). create_app only assembles: settings, Service, routes,
-# the ops middleware. Every error a client can cause, ours or Starlette's (404 no
-# route, 405 with Allow), leaves as JSON through error_response.
+# Endpoints are plain functions of a Request; what an app serves lives in one Service, found through
+# request.app (the innermost app, so mounted too). create_app only assembles. Every error a client
+# can cause, ours or Starlette's (404 no route, 405 with Allow), leaves as JSON by error_response.
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
-PAGE_ASSETS = ("app.js", "style.css", "screenshot.png")
-"""The files of static/ that GET /static/{name} serves; nothing else there is reachable."""
+PAGE_ASSETS = ("app.js", "style.css", "screenshot.png")  # all that GET /static/{name} serves
 
 
 class AnyPath(Convertor):  # type: ignore[type-arg]
-    """A route parameter that takes the rest of the path, line feeds included. Starlette's
-    `path` is `.*`, which stops at a line feed, and its `$` then matches before a
-    trailing one: `/download/a.txt%0A` would serve `a.txt`. Here a name holding a line
-    feed is served by that name, and `a.txt%0A` is no alias of `a.txt`."""
+    """The rest of the path, line feeds included. Starlette's `path` is `.*`, which stops at a line
+    feed, and its `$` matches before a trailing one: `/download/a.txt%0A` would serve `a.txt`."""
 
     regex = r"[\s\S]*"
 
@@ -2118,8 +1836,7 @@ def list_page(root: str, *, after: str, limit: int, serve_hidden: bool) -> tuple
 
 
 def page_html(blob_limit: int, zip_on: bool) -> bytes | None:
-    """static/index.html with the blob limit and the /zip switch written into its meta
-    tags; None when static/ is missing (downloader.py copied alone)."""
+    """static/index.html with the blob limit and /zip switch in its meta tags; None without static/."""
     try:
         with open(os.path.join(STATIC_DIR, "index.html"), encoding="utf-8") as f:
             html = f.read()
@@ -2136,7 +1853,7 @@ def json_response(content: object, status: int = 200, headers: Mapping[str, str]
 
 
 class Service:
-    """What one app serves and how: the settings and what is built from them once."""
+    """The settings of one app, and what is built from them once."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -2159,22 +1876,15 @@ class Service:
     def file_response(self, request: Request, path: str, **options: object) -> DownloadResponse:
         config = self.settings
         return DownloadResponse(
-            path,
-            root=config.root,
-            serve_hidden=config.serve_hidden,
-            cache_control=config.cache_control,
-            chunk_size=config.chunk_size,
-            authorize=file_check(config.authorize, request),
-            rate_limit=config.rate_limit,
-            stall_timeout_s=config.stall_timeout,
-            offload_prefix=config.offload_prefix if config.offload else None,
+            path, root=config.root, serve_hidden=config.serve_hidden, cache_control=config.cache_control,
+            chunk_size=config.chunk_size, authorize=file_check(config.authorize, request), rate_limit=config.rate_limit,
+            stall_timeout_s=config.stall_timeout, offload_prefix=config.offload_prefix if config.offload else None,
             root_is_real=True,  # resolved once by make_settings
             **options,  # type: ignore[arg-type]
         )
 
     async def check_listing(self, request: Request) -> None:
-        """404 with the reason where listing is off; the authorize hook, when set, decides
-        too (called with file=None)."""
+        """404 with the reason where listing is off; else the authorize hook decides (file=None)."""
         if not self.settings.listing_on:
             if self.settings.secret:
                 raise HTTPError(404, "The listing is off: downloads need signed links (DOWNLOADER_SECRET). DOWNLOADER_LISTING=true lists files with signed links")
@@ -2195,10 +1905,8 @@ def service_of(request: Request) -> Service:
 
 
 async def call_authorize(authorize: Callable[..., object], request: Request, info: FileInfo | None) -> None:
-    """Calls the host's `authorize(request, file)` hook: an async one is awaited, a sync
-    one runs in a worker thread (it may block on a database). Only True allows; anything
-    else denies with 403, failing closed. To answer 401, the hook raises
-    HTTPError(401, ..., headers={"WWW-Authenticate": ...})."""
+    """Calls the host's `authorize(request, file)`, a sync one in a worker thread (it may block). Only
+    True allows; anything else is 403, failing closed. For 401, the hook raises HTTPError(401, ...)."""
     if inspect.iscoroutinefunction(authorize) or inspect.iscoroutinefunction(getattr(authorize, "__call__", None)):
         allowed = await authorize(request, info)  # type: ignore[misc]
     else:
@@ -2208,10 +1916,7 @@ async def call_authorize(authorize: Callable[..., object], request: Request, inf
 
 
 def file_check(authorize: Callable[..., object] | None, request: Request) -> Callable[[FileInfo], Awaitable[None]] | None:
-    """DownloadResponse's per-file check: the hook, for this request."""
-    if authorize is None:
-        return None
-    return functools.partial(call_authorize, authorize, request)
+    return None if authorize is None else functools.partial(call_authorize, authorize, request)
 
 
 def check_bearer(request: Request, token: str) -> None:
@@ -2222,8 +1927,7 @@ def check_bearer(request: Request, token: str) -> None:
 
 
 def parse_expiry(ttl: object, expires_at: object, now: float) -> float | None:
-    """The expiry of a new link from `ttl` (seconds, or a duration such as "1h", as the
-    CLI takes) or `expires_at` (RFC 3339 with a zone, or POSIX seconds); None: never."""
+    """A new link's expiry (None: never) from `ttl` (seconds, or "1h") or `expires_at` (RFC 3339 with a zone, or POSIX seconds)."""
     if ttl is not None and expires_at is not None:
         raise HTTPError(400, "give ttl or expires_at, not both")
     try:
@@ -2245,8 +1949,7 @@ def parse_expiry(ttl: object, expires_at: object, now: float) -> float | None:
 
 
 async def read_link_request(request: Request) -> dict[str, object]:
-    """The JSON body of POST /api/links, checked: path (required), ttl or expires_at,
-    max_downloads, name."""
+    """The JSON body of POST /api/links, checked: path (required), ttl or expires_at, max_downloads, name."""
     try:
         body = json.loads(await request.body())
     except ValueError:
@@ -2265,7 +1968,6 @@ async def read_link_request(request: Request) -> dict[str, object]:
 
 
 def link_json(link: Link, prefix: str) -> dict[str, object]:
-    """A catalog entry as the admin API shows it: times in RFC 3339, as /api/files."""
     shown = link.as_json()
     shown["created"] = rfc3339(link.created)
     shown["expires_at"] = None if link.expires_at is None else rfc3339(link.expires_at)
@@ -2320,14 +2022,8 @@ async def list_files(request: Request) -> Response:
         return f"{prefix}/download/{urllib.parse.quote(path)}"
 
     items = [
-        {
-            "name": f.path.rsplit("/", 1)[-1],
-            "path": f.path,
-            "size": f.size,
-            "modified": rfc3339(f.mtime),
-            "content_type": media_type_for(f.path, _MEDIA_TYPES),
-            "url": url(f.path),
-        }
+        {"name": f.path.rsplit("/", 1)[-1], "path": f.path, "size": f.size, "modified": rfc3339(f.mtime),
+         "content_type": media_type_for(f.path, _MEDIA_TYPES), "url": url(f.path)}
         for f in files
     ]
     return json_response({"files": items, "next_cursor": next_cursor})
@@ -2344,15 +2040,12 @@ async def create_link(request: Request) -> Response:
     catalog = service.check_admin(request)
     body = await read_link_request(request)
     path = str(body["path"])
-    options = {
-        "expires_at": parse_expiry(body.get("ttl"), body.get("expires_at"), time.time()),
-        "max_downloads": None if body.get("max_downloads") is None else int(body["max_downloads"]),  # type: ignore[call-overload]
-        "name": body.get("name"),
-    }
+    expires_at = parse_expiry(body.get("ttl"), body.get("expires_at"), time.time())
+    limit = None if body.get("max_downloads") is None else int(body["max_downloads"])  # type: ignore[call-overload]
 
     def add() -> Link:
         check_servable(service.settings, path)
-        return catalog.add(path, **options)  # type: ignore[arg-type]
+        return catalog.add(path, expires_at=expires_at, max_downloads=limit, name=body.get("name"))  # type: ignore[arg-type]
 
     link = await anyio.to_thread.run_sync(add)
     return json_response(link_json(link, request.scope.get("root_path", "")), status=201)
@@ -2420,17 +2113,12 @@ ROUTES = [
     Route("/metrics", metrics_text, methods=["GET"]),
 ]
 
-DOWNLOAD_ROUTES = ("/download/", "/files/", "/zip/")
-"""Route prefixes whose requests are downloads: capped and measured."""
-
-UNLOGGED_ROUTES = ("/healthz", "/metrics")
-"""Probes and scrapes, every few seconds: left out of the access log."""
+DOWNLOAD_ROUTES = ("/download/", "/files/", "/zip/")  # downloads: capped and measured
+UNLOGGED_ROUTES = ("/healthz", "/metrics")  # probes and scrapes, every few seconds: not in the access log
 
 
 class Metrics:
-    """Prometheus metrics of downloads through prometheus_client. With several worker
-    processes (PROMETHEUS_MULTIPROC_DIR set, as `python downloader.py --workers N` does)
-    every process writes its own files and a scrape sums them (multiprocess mode)."""
+    """Prometheus metrics of downloads; with PROMETHEUS_MULTIPROC_DIR (`--workers N`) a scrape sums all workers."""
 
     def __init__(self) -> None:
         import prometheus_client as prom
@@ -2463,10 +2151,8 @@ class Metrics:
 
 
 class Operations:
-    """ASGI middleware around the routes: one JSON access-log line for every request but
-    probes (UNLOGGED_ROUTES), saying how it ended; for downloads also the concurrency cap (503 with Retry-After)
-    and the metrics. It counts the body bytes the app hands to the server, so a partial
-    or aborted transfer logs what was really sent."""
+    """ASGI middleware: a JSON access-log line per request saying how it ended; for downloads the cap (503,
+    Retry-After) and metrics. It counts the bytes handed to the server: an aborted transfer logs what was sent."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
@@ -2528,15 +2214,10 @@ class Operations:
         headers = request_headers(scope)
         client = scope.get("client")
         line = {
-            "time": rfc3339(time.time()),
-            "method": scope.get("method"),
+            "time": rfc3339(time.time()), "method": scope.get("method"),
             "path": scope.get("path"),  # as requested, any mount prefix included
-            "status": status,
-            "bytes": sent,
-            "range": headers.get("range"),
-            "duration_s": round(duration, 6),
-            "client": f"{client[0]}:{client[1]}" if client else None,
-            "user_agent": headers.get("user-agent"),
+            "status": status, "bytes": sent, "range": headers.get("range"), "duration_s": round(duration, 6),
+            "client": f"{client[0]}:{client[1]}" if client else None, "user_agent": headers.get("user-agent"),
         }
         if aborted is not None:
             line["aborted"] = aborted
@@ -2545,7 +2226,6 @@ class Operations:
 
 
 def open_access_log(target: str) -> TextIO | None:
-    """stdout for "-", nothing for "off", else the file, appended to, a line at a time."""
     if target == "off":
         return None
     if target == "-":
@@ -2554,31 +2234,25 @@ def open_access_log(target: str) -> TextIO | None:
 
 
 def root_health(root: str) -> str | None:
-    """None when the root can be listed and read, else the reason it can't."""
     try:
         with os.scandir(root) as it:
             next(it, None)
     except OSError:
         return "the download root is not readable"
-    if not os.access(root, os.R_OK | os.X_OK):
-        return "the download root is not readable"
-    return None
+    return None if os.access(root, os.R_OK | os.X_OK) else "the download root is not readable"
 
 
 def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -> Starlette:
     """The whole service as a Starlette app, mountable under any prefix.
 
-    `root` is the directory served (default: the sample files); every other keyword is a
-    field of Settings (README: Configuration). Raises SettingsError for a bad value."""
+    `root` is the directory served (default: the sample files); every other keyword is a field of
+    Settings (README: Configuration). Raises SettingsError for a bad value."""
     values = dict(settings)
     if root is not None:
         values["root"] = root
     service = Service(make_settings(values))
-    app = Starlette(
-        routes=ROUTES,
-        lifespan=service.lifespan,
-        exception_handlers={HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error},
-    )
+    handlers = {HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error}
+    app = Starlette(routes=ROUTES, lifespan=service.lifespan, exception_handlers=handlers)
     app.add_middleware(Operations, service=service)
     app.state.service = service
     app.state.settings = service.settings
@@ -2589,16 +2263,12 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
 # =============================================================================
 # 9. CLI
 # =============================================================================
-# `python downloader.py [--root DIR] [--host H] [--port P] [--workers N] ...`: flags become
-# DOWNLOADER_* variables (so they override the environment and reach every worker
-# process); everything that can be checked (settings, catalog, access log, the address)
-# is checked before the URL is announced, and a problem is one line naming the flag or
-# variable, exit status 2. Then uvicorn serves `downloader:app` on the bound socket with
-# HTTPProtocol. Also here: the `app` and `HTTPProtocol` that `uvicorn downloader:app
-# --http downloader:HTTPProtocol` imports, built from the environment on first use.
+# `python downloader.py [--root DIR] [--port P] ...`: flags become DOWNLOADER_* variables (reaching
+# every worker); all is checked before the URL is announced (a problem: one line naming the flag or
+# variable, exit 2), then uvicorn serves `downloader:app` on the bound socket. Also the lazily built
+# `app` and `HTTPProtocol` that `uvicorn downloader:app` imports.
 
-SERVER_FLAGS = ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips")
-"""Flags that stand for DOWNLOADER_* variables."""
+SERVER_FLAGS = ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips")  # stand for DOWNLOADER_*
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -2621,8 +2291,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add.add_argument("--max-downloads", type=int, help="completed downloads allowed (default: no limit)")
     add.add_argument("--name", help="the name the file downloads under (default: its own)")
     add.add_argument("--base-url", help="scheme://host:port[/prefix] of the server")
-    revoke = commands.add_parser("revoke", help="revoke an ID")
-    revoke.add_argument("id")
+    commands.add_parser("revoke", help="revoke an ID").add_argument("id")
     commands.add_parser("list", help="list the catalog's IDs")
     return parser.parse_args(argv)
 
@@ -2637,7 +2306,6 @@ class ServerOptions(NamedTuple):
 
 
 def server_options(environ: Mapping[str, str]) -> ServerOptions:
-    """The DOWNLOADER_* variables of the command line (SERVER_VARIABLES), checked."""
 
     def number(name: str, default: int, low: int, high: int) -> int:
         text = environ.get(ENV_PREFIX + name)
@@ -2652,18 +2320,14 @@ def server_options(environ: Mapping[str, str]) -> ServerOptions:
     except ValueError as exc:
         raise SettingsError(ENV_PREFIX + "PROXY_HEADERS", str(exc)) from None
     return ServerOptions(
-        host=environ.get(ENV_PREFIX + "HOST", "127.0.0.1").strip() or "127.0.0.1",
-        port=number("PORT", 8000, 0, 65535),
-        workers=number("WORKERS", 1, 1, 256),
-        grace=number("GRACE", int(GRACE_S), 0, 86400),
-        proxy_headers=proxy_headers,
+        host=environ.get(ENV_PREFIX + "HOST", "127.0.0.1").strip() or "127.0.0.1", port=number("PORT", 8000, 0, 65535),
+        workers=number("WORKERS", 1, 1, 256), grace=number("GRACE", int(GRACE_S), 0, 86400), proxy_headers=proxy_headers,
         forwarded_allow_ips=environ.get(ENV_PREFIX + "FORWARDED_ALLOW_IPS", "127.0.0.1"),
     )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port, bound before anything is announced (OSError
-    when the address is taken, not ours, or no address at all)."""
+    """A listening TCP socket on host:port, bound before anything is announced (else OSError)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -2678,9 +2342,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve, or run one subcommand; returns the exit status: 0, 1 (a subcommand failed),
-    2 (a bad setting, or the address can't be had). After SIGTERM or Ctrl-C the server
-    stops (README: Run it as a sidecar)."""
+    """Serve, or run one subcommand; returns the exit status: 0, 1 (a subcommand failed), 2 (a bad
+    setting, or the address can't be had). SIGTERM or Ctrl-C stops the server (README: Run it as a sidecar)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     flags = {}  # DOWNLOADER_* variable -> the flag that set it, to name in errors
     for name in SERVER_FLAGS:
@@ -2698,8 +2361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:  # (socket.gaierror is one)
             variable = ENV_PREFIX + ("HOST" if isinstance(exc, socket.gaierror) else "PORT")
-            label = flags.get(variable, variable)
-            raise SettingsError(label, f"can't listen on {shown}:{options.port}: {exc.strerror or exc}") from None
+            raise SettingsError(variable, f"can't listen on {shown}:{options.port}: {exc.strerror or exc}") from None
     except SettingsError as exc:
         print(f"downloader: {flags.get(exc.name, exc.name)}: {exc.problem}", file=sys.stderr)
         return 2
@@ -2716,17 +2378,11 @@ def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> in
 
     metrics_dir = None
     if options.workers > 1 and settings.metrics and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        # prometheus_client's multiprocess mode: each worker writes its own files, a scrape sums them
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="downloader-metrics-")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # where "downloader:app" is found
     config = uvicorn.Config(
-        "downloader:app",
-        host=options.host,
-        port=sock.getsockname()[1],
-        workers=options.workers,
-        timeout_graceful_shutdown=options.grace,
-        http="downloader:HTTPProtocol",
-        proxy_headers=options.proxy_headers,
+        "downloader:app", host=options.host, port=sock.getsockname()[1], workers=options.workers,
+        timeout_graceful_shutdown=options.grace, http="downloader:HTTPProtocol", proxy_headers=options.proxy_headers,
         forwarded_allow_ips=options.forwarded_allow_ips,
         access_log=False,  # ours is the access log (JSON, one line per request)
     )
@@ -2749,7 +2405,7 @@ def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> in
 
 
 def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> int:
-    """sign, add, revoke or list; prints the result on stdout, errors as one line on stderr."""
+    """sign, add, revoke or list: the result on stdout, an error as one line on stderr."""
     try:
         ttl = parse_ttl(args.ttl) if getattr(args, "ttl", None) else None
     except ValueError as exc:
@@ -2793,14 +2449,9 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
 
 
 def stall_safe_protocol() -> type:
-    """uvicorn's HTTP protocol plus a kernel write timeout for every connection.
-
-    When a client stops reading, send_body gives up after stall_timeout and the app
-    raises; uvicorn then closes the transport, but a close waits for the write buffer to
-    drain, which a client that reads nothing never lets happen: the socket would stay
-    open for as long as the client does. TCP_USER_TIMEOUT (Linux) makes the kernel reset
-    a connection whose data has stayed unacknowledged, or unsent behind a zero window,
-    for that long, and so frees the socket as well."""
+    """uvicorn's HTTP protocol plus a kernel write timeout for every connection: when a client stops
+    reading, send_body gives up after stall_timeout, but uvicorn's close waits for the write buffer to
+    drain, which that client never lets happen. TCP_USER_TIMEOUT (Linux) resets such a connection."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:  # no httptools: uvicorn's pure-Python h11 protocol
@@ -2823,17 +2474,14 @@ def stall_safe_protocol() -> type:
 
 
 class ShutdownNoise(logging.Filter):
-    """Drops uvicorn's traceback of a request task it cancelled itself at shutdown (past
-    the grace period): the access log already has that download's line, `aborted`."""
+    """Drops uvicorn's traceback of a request it cancelled at shutdown: the access log says `aborted`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 def app_from_env() -> Starlette:
-    """The app `uvicorn downloader:app` serves, from DOWNLOADER_* variables; a bad setting
-    stops start-up with one line on stderr. Our JSON access log, when on, replaces
-    uvicorn's own (one access log)."""
+    """`uvicorn downloader:app`'s app, from DOWNLOADER_* variables; our access log, when on, replaces uvicorn's."""
     try:
         settings = settings_from_env(os.environ)
         built = create_app(**dataclasses.asdict(settings))
@@ -2847,9 +2495,7 @@ def app_from_env() -> Starlette:
 
 
 def __getattr__(name: str) -> object:
-    """`downloader.app` (app_from_env) and `downloader.HTTPProtocol` (stall_safe_protocol),
-    built the first time they are asked for, so importing the module to embed it never
-    reads the environment."""
+    """`app` and `HTTPProtocol`, built when first asked for: importing the module never reads the environment."""
     if name == "HTTPProtocol":
         globals()[name] = built = stall_safe_protocol()
     elif name == "app":
