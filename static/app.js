@@ -8,6 +8,9 @@
 //
 // Settings, read once by main():
 //   <meta name="downloader-blob-limit">  bytes; the server writes its configured value.
+//   ?retry-delays=500,1000,2000          a query parameter for tests: the waits (ms) before
+//                                        retry 1, 2, ... after a network error, instead of
+//                                        RETRY_DELAYS_MS. Bad values are ignored.
 //
 // Names, one rule (fileEntry, saveAs): a file is shown and saved under its listing entry's
 // name, as its listing entry's content_type. The response's Content-Disposition (RFC 6266,
@@ -30,6 +33,8 @@
 export const DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024;
 // Waits before retry 1..5 after a network error; after the fifth failure in a row we give up.
 export const RETRY_DELAYS_MS = [500, 1000, 2000, 4000, 8000];
+const MAX_RETRY_DELAY_MS = 60_000; // ?retry-delays: longest wait accepted
+const MAX_RETRIES = 10; // ?retry-delays: most waits accepted
 const LISTING_PAGE_SIZE = 200;
 const LISTING_MAX_PAGES = 10_000; // a server that never ends the cursor chain
 const UI_INTERVAL_MS = 100; // progress text redraws at most this often
@@ -41,6 +46,16 @@ export function readBlobLimit(doc = document) {
   const raw = doc.querySelector('meta[name="downloader-blob-limit"]')?.content?.trim() ?? "";
   const n = Number(raw);
   return /^\d+$/.test(raw) && Number.isSafeInteger(n) ? n : DEFAULT_BLOB_LIMIT;
+}
+
+/** The retry waits from a query string's retry-delays=ms,ms,...; RETRY_DELAYS_MS when it
+ *  is absent or not 1 to MAX_RETRIES whole numbers of at most MAX_RETRY_DELAY_MS. */
+export function parseRetryDelays(search) {
+  const raw = new URLSearchParams(search).get("retry-delays");
+  if (raw === null) return RETRY_DELAYS_MS;
+  const parts = raw.split(",");
+  const valid = parts.length <= MAX_RETRIES && parts.every((p) => /^\d{1,5}$/.test(p) && Number(p) <= MAX_RETRY_DELAY_MS);
+  return valid ? parts.map(Number) : RETRY_DELAYS_MS;
 }
 
 // ===========================================================================
@@ -417,11 +432,11 @@ async function fetchOnce(job, sink, signal, onProgress) {
 }
 
 /** Fetch job.url into sink until it holds the whole body, resuming after network errors.
- *  Up to RETRY_DELAYS_MS.length retries in a row; bytes received since the last failure
- *  start a new count, since that connection was working. job is updated in place, so a
- *  later call continues where this one stopped. Rejects with an AbortError when signal
- *  aborts, an HttpError for an error status, or the last network error. onRetry gets
- *  {attempt, of, delayMs, error}. */
+ *  Up to delays.length retries in a row, waiting delays[i] ms before retry i + 1; bytes
+ *  received since the last failure start a new count, since that connection was working.
+ *  job is updated in place, so a later call continues where this one stopped. Rejects
+ *  with an AbortError when signal aborts, an HttpError for an error status, or the last
+ *  network error. onRetry gets {attempt, of, delayMs, error}. */
 export async function transfer(job, sink, { signal, onProgress = () => {}, onRetry = () => {}, delays = RETRY_DELAYS_MS }) {
   let failures = 0;
   for (;;) {
@@ -780,6 +795,7 @@ class FileRow {
     try {
       await transfer(this.job, this.sink, {
         signal: this.controller.signal,
+        delays: this.config.delays,
         onProgress: (job, fresh) => {
           this.state.progressed(job.received, job.total, performance.now(), fresh);
           this.draw(fresh);
@@ -846,7 +862,7 @@ class FileRow {
       await this.sink?.abort();
       this.forget();
     }
-    this.state.failed(failureOf(err, this.job, RETRY_DELAYS_MS.length));
+    this.state.failed(failureOf(err, this.job, this.config.delays.length));
     this.draw();
   }
 }
@@ -900,7 +916,7 @@ async function loadListing(config) {
 }
 
 function main() {
-  const config = { blobLimit: readBlobLimit() };
+  const config = { blobLimit: readBlobLimit(), delays: parseRetryDelays(location.search) };
   document.querySelector(".retry-listing")?.addEventListener("click", () => loadListing(config));
   loadListing(config);
 }

@@ -391,6 +391,34 @@ def cut_at(page: sync_api.Page, proxy: CuttableProxy, path: str, percent: float)
     assert status.startswith("Connection lost. Retrying in "), status
 
 
+RECORD_STATUSES = """() => {
+    // Every text a row's status line shows, with the page's clock, as it is set.
+    window.__statuses = [];
+    new MutationObserver((records) => {
+        for (const r of records) {
+            if (!r.target.classList?.contains("status")) continue;
+            const text = [...r.addedNodes].map((n) => n.textContent).join("");
+            window.__statuses.push([r.target.closest("li.file").dataset.path, text, performance.now()]);
+        }
+    }).observe(document.getElementById("files"), {childList: true, subtree: true});
+}"""
+
+
+def record_statuses(page: sync_api.Page) -> Callable[[str], list[tuple[str, float]]]:
+    """Start recording status lines; the function returned gives one row's (text, ms)
+    so far, a text repeated in a row kept once."""
+    page.evaluate(RECORD_STATUSES)
+
+    def statuses(path: str) -> list[tuple[str, float]]:
+        seen: list[tuple[str, float]] = []
+        for where, text, at in page.evaluate("window.__statuses"):
+            if where == path and (not seen or seen[-1][0] != text):
+                seen.append((text, at))
+        return seen
+
+    return statuses
+
+
 # ---------------------------------------------------------------------------
 # Pure functions of app.js, run in the browser
 # ---------------------------------------------------------------------------
@@ -584,6 +612,29 @@ def test_choose_save_method(module_page: sync_api.Page, size: int | None, has_pi
 )
 def test_format_bytes(module_page: sync_api.Page, n: int, text: str) -> None:
     assert call_app(module_page, "formatBytes", n) == text
+
+
+DEFAULT_DELAYS = [500, 1000, 2000, 4000, 8000]
+
+
+@pytest.mark.parametrize(
+    ("search", "delays"),
+    [
+        ("", DEFAULT_DELAYS),
+        ("?retry-delays=100,200", [100, 200]),
+        ("?x=1&retry-delays=0", [0]),
+        ("?retry-delays=60000", [60000]),
+        ("?retry-delays=60001", DEFAULT_DELAYS),
+        ("?retry-delays=" + ",".join(["1"] * 11), DEFAULT_DELAYS),
+        ("?retry-delays=", DEFAULT_DELAYS),
+        ("?retry-delays=100,,200", DEFAULT_DELAYS),
+        ("?retry-delays=+5", DEFAULT_DELAYS),
+        ("?retry-delays=1e3", DEFAULT_DELAYS),
+    ],
+    ids=repr,
+)
+def test_parse_retry_delays(module_page: sync_api.Page, search: str, delays: list[int]) -> None:
+    assert call_app(module_page, "parseRetryDelays", search) == delays
 
 
 RUN_STATE = """async (steps) => {
@@ -856,25 +907,41 @@ def test_missing_file_shows_404_then_retry_works(
         (root / path).write_bytes(files[path])
 
 
+BACKOFF_MS = [100, 200, 300, 400, 500]
+
+
 def test_network_down_past_all_retries_shows_error_then_retry_resumes(
-    page: sync_api.Page, proxy: CuttableProxy, listed: dict[str, bytes], tmp_path: Path
+    browser: sync_api.Browser, proxy: CuttableProxy, listed: dict[str, bytes], tmp_path: Path
 ) -> None:
-    """Five retries (0.5 + 1 + 2 + 4 + 8 s), then an error whose Retry continues."""
-    requests, _ = download_requests(page)
-    proxy.bps = PROXY_BPS
-    page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
-    cut_at(page, proxy, BIG_NAME, 10)
-    started = time.monotonic()
-    status = wait_for_state(page, BIG_NAME, "error", timeout_s=30)
-    assert time.monotonic() - started > 14  # 0.5 + 1 + 2 + 4 + 8 s of backoff, less the first
-    prefix = "Network error: the download failed after 5 retries. Retry continues from "
-    assert status.startswith(prefix), status
-    network(page)
-    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
-        page.get_by_role("button", name=f"Retry download of {BIG_NAME}", exact=True).click()
-        wait_for_state(page, BIG_NAME, "done")
-    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(listed[BIG_NAME])
-    assert requests[-1]["range"].startswith("bytes=") and requests[-1]["range"] != "bytes=0-"
+    """The waits come from ?retry-delays: 1.5 s in all instead of the default 15.5 s."""
+    page = open_page(browser, proxy.url + "/?retry-delays=" + ",".join(map(str, BACKOFF_MS)))
+    try:
+        statuses = record_statuses(page)
+        requests, _ = download_requests(page)
+        proxy.bps = PROXY_BPS
+        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+        cut_at(page, proxy, BIG_NAME, 10)
+        status = wait_for_state(page, BIG_NAME, "error", timeout_s=10)
+        network(page)
+        with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+            page.get_by_role("button", name=f"Retry download of {BIG_NAME}", exact=True).click()
+            wait_for_state(page, BIG_NAME, "done")
+        assert sha256(saved_bytes(info.value, tmp_path)) == sha256(listed[BIG_NAME])
+        start = int(requests[-1]["range"].removeprefix("bytes=").removesuffix("-"))
+        assert requests[-1]["range"] == f"bytes={start}-" and 0 < start < BIG_SIZE
+        held = call_app(page, "formatBytes", start)
+        assert status == f"Network error: the download failed after 5 retries. Retry continues from {held}."
+        seen = statuses(BIG_NAME)
+        first = next(i for i, (text, _) in enumerate(seen) if text.startswith("Connection lost."))
+        attempts = [text.rpartition(" (")[2] for text, _ in seen[first : first + 5]]
+        assert attempts == [f"attempt {n} of 5)…" for n in range(1, 6)]
+        assert seen[first + 5][0] == status
+        times = [at for _, at in seen[first : first + 6]]
+        waits = [later - earlier for earlier, later in zip(times, times[1:])]
+        assert all(waited >= ms - 1 for waited, ms in zip(waits, BACKOFF_MS)), waits  # timers round to 1 ms
+        assert times[-1] - times[0] < 5_000, waits
+    finally:
+        page.context.close()
 
 
 def test_file_picker_path_streams_above_the_blob_limit_and_resumes(
