@@ -277,9 +277,14 @@ export function formatBytes(n) {
   return u === 0 ? `${n} B` : `${n < 10 ? n.toFixed(1) : Math.round(n)} ${UNITS[u]}`;
 }
 
-/** Seconds -> "8 s", "3 min 5 s", "2 h 10 min". */
+/** Seconds -> "0.5 s", "8 s", "3 min 5 s", "2 h 10 min". Rounded up: to a tenth below
+ *  10 s, else to a second, so a wait is never shown shorter than it is. */
 export function formatDuration(seconds) {
   if (!Number.isFinite(seconds) || seconds < 0) return "?";
+  if (seconds < 10) {
+    const tenths = Math.max(0, Math.ceil(seconds * 10 - 1e-9) / 10); // 0.3 * 10 is 3.0000000000000004
+    if (tenths < 10) return `${tenths} s`;
+  }
   const s = Math.ceil(seconds);
   if (s < 60) return `${s} s`;
   if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
@@ -379,10 +384,15 @@ export function newJob(url) {
   return { url, received: 0, total: null, validator: null, filename: null, contentType: "" };
 }
 
-/** One request: from job.received to the end, into sink. Updates job as bytes arrive. */
+/** The byte the next request of `job` starts from: what it holds, when there is a
+ *  validator to send in If-Range; else 0, since resuming could splice two versions. */
+export function resumeOffset(job) {
+  return job.validator ? job.received : 0;
+}
+
+/** One request: from resumeOffset(job) to the end, into sink. Updates job as bytes arrive. */
 async function fetchOnce(job, sink, signal, onProgress) {
-  if (job.received > 0 && !job.validator) {
-    // Nothing to tell whether the file changed: resuming could splice two versions.
+  if (job.received > 0 && resumeOffset(job) === 0) {
     await sink.reset();
     job.received = 0;
   }
@@ -436,7 +446,8 @@ async function fetchOnce(job, sink, signal, onProgress) {
  *  received since the last failure start a new count, since that connection was working.
  *  job is updated in place, so a later call continues where this one stopped. Rejects
  *  with an AbortError when signal aborts, an HttpError for an error status, or the last
- *  network error. onRetry gets {attempt, of, delayMs, error}. */
+ *  network error. onRetry gets {attempt, of, delayMs, from, error}: from is the byte the
+ *  retry will ask for. */
 export async function transfer(job, sink, { signal, onProgress = () => {}, onRetry = () => {}, delays = RETRY_DELAYS_MS }) {
   let failures = 0;
   for (;;) {
@@ -450,7 +461,7 @@ export async function transfer(job, sink, { signal, onProgress = () => {}, onRet
       if (job.received > before) failures = 0;
       if (failures >= delays.length) throw err;
       const delayMs = delays[failures++];
-      onRetry({ attempt: failures, of: delays.length, delayMs, error: err });
+      onRetry({ attempt: failures, of: delays.length, delayMs, from: resumeOffset(job), error: err });
       await sleep(delayMs, signal);
     }
   }
@@ -545,6 +556,7 @@ function httpMessage(status, detail) {
 export class DownloadState {
   status = "idle";
   received = 0;
+  from = 0; // the byte the current request started at
   event = { kind: "idle" }; // what the status line reports: see statusMessage
   samples = []; // [ms, bytes] over the last SPEED_WINDOW_MS, for the speed
   kept = false; // after an error: Retry continues the bytes held
@@ -555,15 +567,17 @@ export class DownloadState {
 
   /** A request goes out for the bytes from `from` on. */
   started(from) {
-    Object.assign(this, { status: "downloading", received: from, samples: [], kept: false });
+    Object.assign(this, { status: "downloading", received: from, from, samples: [], kept: false });
     this.event = from > 0 ? { kind: "resuming", from } : { kind: "downloading" };
   }
 
-  /** Bytes arrived; `fresh` on the first call of each response. */
+  /** Bytes arrived; `fresh` on the first call of each response. A response that asked
+   *  for a later byte but starts at 0 means the file changed (If-Range). */
   progressed(received, total, now, fresh) {
-    if (fresh && this.status === "retrying") {
-      this.status = "downloading";
-      this.event = received > 0 ? { kind: "resumed", at: received } : { kind: "downloading" };
+    if (fresh) {
+      const resumed = this.from > 0 && received > 0;
+      this.event = this.from === 0 ? { kind: "downloading" } : resumed ? { kind: "resumed", at: received } : { kind: "restarted" };
+      Object.assign(this, { status: "downloading", from: received, samples: [] });
     }
     this.received = received;
     if (total !== null) this.total = total;
@@ -571,10 +585,10 @@ export class DownloadState {
     while (this.samples.length > 2 && now - this.samples[0][0] > SPEED_WINDOW_MS) this.samples.shift();
   }
 
-  /** The connection failed; a retry follows after delayMs. */
-  retrying({ attempt, of, delayMs }) {
-    Object.assign(this, { status: "retrying", samples: [] });
-    this.event = { kind: "retrying", attempt, of, delayMs };
+  /** The connection failed; a retry from byte `from` follows after delayMs. */
+  retrying({ attempt, of, delayMs, from }) {
+    Object.assign(this, { status: "retrying", from, samples: [] });
+    this.event = { kind: "retrying", attempt, of, delayMs, from };
   }
 
   finished(savedAs) {
@@ -608,11 +622,11 @@ export class DownloadState {
 
 /** Why a download stopped, as data for DownloadState.failed: {kind: "cancelled"} |
  *  {kind: "http", status, detail} | {kind: "network", retries, from} (from: the byte
- *  Retry continues from, null when nothing is kept) | {kind: "failed", message}. */
+ *  Retry continues at, null when nothing is kept) | {kind: "failed", message}. */
 export function failureOf(err, keptJob, retries) {
   if (err?.name === "AbortError") return { kind: "cancelled" };
   if (err instanceof HttpError) return { kind: "http", status: err.status, detail: err.detail };
-  if (isRetryable(err)) return { kind: "network", retries, from: keptJob ? keptJob.received : null };
+  if (isRetryable(err)) return { kind: "network", retries, from: keptJob ? resumeOffset(keptJob) : null };
   return { kind: "failed", message: err?.message || String(err) };
 }
 
@@ -625,8 +639,12 @@ export function statusMessage(event) {
       return `Resuming from ${formatBytes(event.from)}…`;
     case "resumed":
       return `Resumed at ${formatBytes(event.at)}.`;
-    case "retrying":
-      return `Connection lost. Retrying in ${formatDuration(event.delayMs / 1000)} (attempt ${event.attempt} of ${event.of})…`;
+    case "restarted":
+      return "The file changed on the server: downloading it again from 0 B.";
+    case "retrying": {
+      const { delayMs, from, attempt, of } = event;
+      return `Connection lost. Retrying in ${formatDuration(delayMs / 1000)}, continuing from ${formatBytes(from)} (attempt ${attempt} of ${of})…`;
+    }
     case "saved":
       return `Downloaded “${event.name}”.`;
     case "handed":
@@ -640,7 +658,7 @@ export function statusMessage(event) {
     case "network": {
       const { retries, from } = event;
       if (from === null) return "Network error: could not reach the server.";
-      return `Network error: the download failed after ${retries} retries. Retry continues from ${formatBytes(from)}.`;
+      return `Network error: the download failed after ${retries} ${retries === 1 ? "retry" : "retries"}. Retry continues from ${formatBytes(from)}.`;
     }
     case "failed":
       return `Download failed: ${event.message}`;
@@ -790,7 +808,7 @@ class FileRow {
       this.job = newJob(this.entry.url);
     }
     this.controller = new AbortController();
-    this.state.started(this.job.received);
+    this.state.started(resumeOffset(this.job));
     this.draw();
     try {
       await transfer(this.job, this.sink, {

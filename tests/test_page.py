@@ -614,6 +614,25 @@ def test_format_bytes(module_page: sync_api.Page, n: int, text: str) -> None:
     assert call_app(module_page, "formatBytes", n) == text
 
 
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.5, "0.5 s"),
+        (0.3, "0.3 s"),  # 0.3 * 10 is 3.0000000000000004 in floating point
+        (0.04, "0.1 s"),  # rounded up: never shorter than the wait
+        (1, "1 s"),
+        (1.04, "1.1 s"),
+        (9.99, "10 s"),
+        (10.2, "11 s"),
+        (65, "1 min 5 s"),
+        (7322, "2 h 2 min"),
+        (-1, "?"),
+    ],
+)
+def test_format_duration(module_page: sync_api.Page, seconds: float, text: str) -> None:
+    assert call_app(module_page, "formatDuration", seconds) == text
+
+
 DEFAULT_DELAYS = [500, 1000, 2000, 4000, 8000]
 
 
@@ -650,14 +669,26 @@ STATE_CASES = {
     "dropped-and-resumed": [
         (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
         (("progressed", 0, 1000, 0, True), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
-        (("progressed", 400, 1000, 1000, False), ("downloading", "Downloading…", True, "40% · 400 B of 1000 B · 400 B/s · 2 s left")),
+        (("progressed", 400, 1000, 1000, False), ("downloading", "Downloading…", True, "40% · 400 B of 1000 B · 400 B/s · 1.5 s left")),
         (
-            ("retrying", {"attempt": 1, "of": 5, "delayMs": 500}),
-            ("retrying", "Connection lost. Retrying in 1 s (attempt 1 of 5)…", True, "40% · 400 B of 1000 B"),
+            ("retrying", {"attempt": 1, "of": 5, "delayMs": 500, "from": 400}),
+            ("retrying", "Connection lost. Retrying in 0.5 s, continuing from 400 B (attempt 1 of 5)…", True, "40% · 400 B of 1000 B"),
         ),
         (("progressed", 400, 1000, 2000, True), ("downloading", "Resumed at 400 B.", True, "40% · 400 B of 1000 B")),
         (("progressed", 1000, 1000, 2500, False), ("downloading", "Resumed at 400 B.", True, "100% · 1000 B of 1000 B · 1.2 KiB/s · 0 s left")),
         (("finished", "a.bin"), ("done", "Downloaded “a.bin”.", True, "100% · 1000 B")),
+    ],
+    "dropped-at-0-bytes": [
+        (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
+        (
+            ("retrying", {"attempt": 1, "of": 2, "delayMs": 500, "from": 0}),
+            ("retrying", "Connection lost. Retrying in 0.5 s, continuing from 0 B (attempt 1 of 2)…", True, "0% · 0 B of 1000 B"),
+        ),
+        (
+            ("failed", {"kind": "network", "retries": 2, "from": 0}),
+            ("error", "Network error: the download failed after 2 retries. Retry continues from 0 B.", True, "0% · 0 B of 1000 B"),
+        ),
+        (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
     ],
     "network-error-kept": [
         (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
@@ -667,6 +698,10 @@ STATE_CASES = {
             ("error", "Network error: the download failed after 5 retries. Retry continues from 300 B.", True, "30% · 300 B of 1000 B"),
         ),
         (("started", 300), ("downloading", "Resuming from 300 B…", True, "30% · 300 B of 1000 B")),
+    ],
+    "file-changed": [
+        (("started", 300), ("downloading", "Resuming from 300 B…", True, "30% · 300 B of 1000 B")),
+        (("progressed", 0, 1200, 0, True), ("downloading", "The file changed on the server: downloading it again from 0 B.", True, "0% · 0 B of 1.2 KiB")),
     ],
     "refused-cancelled-handed": [
         (
@@ -827,6 +862,7 @@ def test_dropped_connection_resumes_with_range_and_if_range(
     page: sync_api.Page, proxy: CuttableProxy, listed: dict[str, bytes], tmp_path: Path
 ) -> None:
     """RFC 9110 §14.2, §13.1.5: continue with Range: bytes=N- and the first response's ETag."""
+    statuses = record_statuses(page)
     requests, responses = download_requests(page)
     proxy.bps = PROXY_BPS
     with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
@@ -845,13 +881,19 @@ def test_dropped_connection_resumes_with_range_and_if_range(
     assert resumed[-1]["if-range"] == responses[0].headers["etag"]
     assert responses[-1].status == 206
     assert responses[-1].headers["content-range"] == f"bytes {start}-{BIG_SIZE - 1}/{BIG_SIZE}"
+    held = call_app(page, "formatBytes", start)
+    seen = [text for text, _ in statuses(BIG_NAME)]
+    assert seen[:2] == ["Downloading…", f"Connection lost. Retrying in 0.5 s, continuing from {held} (attempt 1 of 5)…"]
+    assert seen[-2:] == [f"Resumed at {held}.", f"Downloaded “{BIG_NAME}”."]
+    assert all(f"continuing from {held} (attempt " in text for text in seen[2:-2]), seen  # more retries, if the outage outlasted the first
 
 
 def test_file_changed_during_outage_restarts_from_zero(
     page: sync_api.Page, proxy: CuttableProxy, root: Path, files: dict[str, bytes], tmp_path: Path
 ) -> None:
-    """If-Range with the old ETag gets a 200 for a changed file: the page starts over."""
+    """RFC 9110 §13.1.5: If-Range with the old ETag gets a 200 for a changed file."""
     path = "changing.bin"
+    statuses = record_statuses(page)
     requests, responses = download_requests(page)
     proxy.bps = PROXY_BPS / 2
     new_content = os.urandom(len(files[path]) + 1000)
@@ -867,6 +909,10 @@ def test_file_changed_during_outage_restarts_from_zero(
         (root / path).write_bytes(files[path])
     assert [r.status for r in responses if r.status != 200] == []
     assert "range" in requests[-1] and "if-range" in requests[-1]
+    assert [text for text, _ in statuses(path)][-2:] == [
+        "The file changed on the server: downloading it again from 0 B.",
+        f"Downloaded “{path}”.",
+    ]
 
 
 def test_cancel_then_retry_with_keyboard(page: sync_api.Page, listed: dict[str, bytes], tmp_path: Path) -> None:
@@ -907,6 +953,34 @@ def test_missing_file_shows_404_then_retry_works(
         (root / path).write_bytes(files[path])
 
 
+def test_drop_before_the_first_byte_continues_from_0_b(
+    browser: sync_api.Browser, server: str, listed: dict[str, bytes], tmp_path: Path
+) -> None:
+    page = open_page(browser, server + "/?retry-delays=500,100")
+    try:
+        statuses = record_statuses(page)
+        requests, _ = download_requests(page)
+        network(page, offline=True)
+        page.get_by_role("button", name="Download notes.txt", exact=True).click()
+        wait_for_state(page, "notes.txt", "error", timeout_s=10)
+        network(page)
+        with page.expect_download(timeout=10_000) as info:
+            page.get_by_role("button", name="Retry download of notes.txt", exact=True).click()
+            wait_for_state(page, "notes.txt", "done", timeout_s=10)
+        assert saved_bytes(info.value, tmp_path) == listed["notes.txt"]
+        assert [text for text, _ in statuses("notes.txt")] == [
+            "Downloading…",
+            "Connection lost. Retrying in 0.5 s, continuing from 0 B (attempt 1 of 2)…",
+            "Connection lost. Retrying in 0.1 s, continuing from 0 B (attempt 2 of 2)…",
+            "Network error: the download failed after 2 retries. Retry continues from 0 B.",
+            "Downloading…",
+            "Downloaded “notes.txt”.",
+        ]
+        assert requests and all("range" not in h for h in requests), requests
+    finally:
+        page.context.close()
+
+
 BACKOFF_MS = [100, 200, 300, 400, 500]
 
 
@@ -933,9 +1007,13 @@ def test_network_down_past_all_retries_shows_error_then_retry_resumes(
         assert status == f"Network error: the download failed after 5 retries. Retry continues from {held}."
         seen = statuses(BIG_NAME)
         first = next(i for i, (text, _) in enumerate(seen) if text.startswith("Connection lost."))
-        attempts = [text.rpartition(" (")[2] for text, _ in seen[first : first + 5]]
-        assert attempts == [f"attempt {n} of 5)…" for n in range(1, 6)]
-        assert seen[first + 5][0] == status
+        assert [text for text, _ in seen[first : first + 6]] == [
+            *(
+                f"Connection lost. Retrying in {ms / 1000:g} s, continuing from {held} (attempt {n} of 5)…"
+                for n, ms in enumerate(BACKOFF_MS, 1)
+            ),
+            status,
+        ]
         times = [at for _, at in seen[first : first + 6]]
         waits = [later - earlier for earlier, later in zip(times, times[1:])]
         assert all(waited >= ms - 1 for waited, ms in zip(waits, BACKOFF_MS)), waits  # timers round to 1 ms
