@@ -40,6 +40,7 @@ const LISTING_MAX_PAGES = 10_000; // a server that never ends the cursor chain
 const UI_INTERVAL_MS = 100; // progress text redraws at most this often
 const SPEED_WINDOW_MS = 3000; // speed = bytes over the last few seconds
 const REVOKE_DELAY_MS = 10_000; // keep the blob URL until the browser has taken it
+const MAX_DETAIL_CHARS = 300; // of a server's error detail shown in a row
 
 /** The blob limit from <meta name="downloader-blob-limit">, or DEFAULT_BLOB_LIMIT. */
 export function readBlobLimit(doc = document) {
@@ -362,10 +363,11 @@ function sleep(ms, signal) {
   });
 }
 
+/** The "detail" of a JSON error body ({"detail": "..."}); "" when the body is not that. */
 async function errorDetail(response) {
   try {
     const body = await response.json();
-    return typeof body?.detail === "string" ? body.detail : "";
+    return typeof body?.detail === "string" ? body.detail.trim().slice(0, MAX_DETAIL_CHARS) : "";
   } catch {
     return "";
   }
@@ -468,10 +470,17 @@ export async function transfer(job, sink, { signal, onProgress = () => {}, onRet
 }
 
 /** Above the blob limit the browser downloads the file itself, and an error would only
- *  show in its download list. So a HEAD first. */
+ *  show in its download list. So a HEAD first; when that is refused, a GET for the JSON
+ *  detail a HEAD cannot carry, aborted at once should the file be there after all. */
 async function checkDownloadable(url) {
-  const response = await overNetwork(fetch(url, { method: "HEAD", cache: "no-store" }));
-  if (!response.ok) throw new HttpError(response.status, "");
+  const head = await overNetwork(fetch(url, { method: "HEAD", cache: "no-store" }));
+  if (head.ok) return;
+  const controller = new AbortController();
+  const response = await fetch(url, { cache: "no-store", signal: controller.signal }).catch(() => null);
+  const refused = response !== null && !response.ok;
+  const detail = refused ? await errorDetail(response) : "";
+  controller.abort();
+  throw new HttpError(refused ? response.status : head.status, detail);
 }
 
 // ===========================================================================
@@ -534,18 +543,20 @@ function clickLink(href, filename) {
 // 7. Download state (pure)
 // ===========================================================================
 
-function httpMessage(status, detail) {
+/** "Not allowed" and "gone" say what the server said, when it said it in JSON. */
+export function httpMessage(status, detail) {
+  const said = detail ? detail.replace(/[.\s]+$/, "") : "";
   switch (status) {
     case 404:
       return "File not found (404): it may have been moved or deleted.";
     case 403:
-      return "Not allowed to download this file (403).";
+      return `${said || "Not allowed to download this file"} (403).`;
     case 410:
-      return "This link has expired (410).";
+      return `${said || "This download link no longer works"} (410).`;
     case 416:
       return "The server could not resume this file (416). Retry starts over.";
     default:
-      return `The server answered ${status}${detail ? `: ${detail}` : ""}.`;
+      return `The server answered ${status}${said ? `: ${said}` : ""}.`;
   }
 }
 

@@ -9,7 +9,8 @@ throttle and finishes it even while "offline". So the proxy paces those download
 and cut() resets the live connection, which the page sees as a TypeError mid-body.
 
 Chromium has showSaveFilePicker, and the pages keep it unless a test says otherwise: a file
-up to the blob limit must download without it.
+up to the blob limit must download without it. Where a test rewrites a response in the
+browser (page.route), its docstring says which and why.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,6 +64,7 @@ PROXY_BPS = 10_000_000  # pacing of downloads that get cut: the cut lands mid-bo
 SERVER_START_S = 20
 DOWNLOAD_S = 60
 LINKS = {"link-in": "deep.txt"}  # symlink -> its target, both in the root
+ADMIN_TOKEN = "page-test-admin-token"
 # Tests of the hand-over to the browser's downloader remove the File System Access API,
 # which would otherwise take files above the blob limit.
 NO_FILE_PICKER = "delete window.showSaveFilePicker; delete Window.prototype.showSaveFilePicker;"
@@ -249,6 +252,23 @@ def mounted_server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 
 @pytest.fixture(scope="module")
+def gated_server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Signed links (a secret, the listing switched on), the ID catalog with its admin API,
+    and a 1 MiB blob limit: a server that refuses links with 403 and 410 itself."""
+    here = tmp_path_factory.mktemp("gated")
+    env = {
+        "DOWNLOADER_ROOT": str(root),
+        "DOWNLOADER_SECRET": "page-test-signing-key",
+        "DOWNLOADER_LISTING": "true",
+        "DOWNLOADER_CATALOG": str(here / "links.sqlite"),
+        "DOWNLOADER_ADMIN_TOKEN": ADMIN_TOKEN,
+        "DOWNLOADER_BLOB_LIMIT": str(SMALL_BLOB_LIMIT),
+    }
+    with run_server(["downloader:app"], env, here / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[sync_api.Browser]:
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -259,13 +279,20 @@ def browser() -> Iterator[sync_api.Browser]:
 
 
 def open_page(
-    browser: sync_api.Browser, url: str, init_script: str = "", **context_args: object
+    browser: sync_api.Browser,
+    url: str,
+    init_script: str = "",
+    setup: Callable[[sync_api.Page], None] | None = None,
+    **context_args: object,
 ) -> sync_api.Page:
-    """A new context and page at url, listing loaded; init_script runs before app.js."""
+    """A new context and page at url, listing loaded; init_script runs before app.js and
+    setup(page) before the page loads (routes)."""
     context = browser.new_context(accept_downloads=True, **context_args)
     if init_script:
         context.add_init_script(init_script)
     page = context.new_page()
+    if setup is not None:
+        setup(page)
     page.goto(url)
     page.wait_for_selector("body[data-listing]", timeout=10_000)
     assert page.get_attribute("body", "data-listing") == "ready", page.inner_text("body")
@@ -417,6 +444,19 @@ def record_statuses(page: sync_api.Page) -> Callable[[str], list[tuple[str, floa
         return seen
 
     return statuses
+
+
+def admin(base: str, method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    """A call to the admin API of gated_server; its JSON answer ({} for none)."""
+    request = urllib.request.Request(
+        base + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data = response.read()
+    return json.loads(data) if data else {}
 
 
 # ---------------------------------------------------------------------------
@@ -656,6 +696,22 @@ def test_parse_retry_delays(module_page: sync_api.Page, search: str, delays: lis
     assert call_app(module_page, "parseRetryDelays", search) == delays
 
 
+@pytest.mark.parametrize(
+    ("status", "detail", "message"),
+    [
+        (410, "This download link has been used up", "This download link has been used up (410)."),
+        (410, "This download link was revoked.", "This download link was revoked (410)."),
+        (410, "", "This download link no longer works (410)."),
+        (403, "This link has expired", "This link has expired (403)."),
+        (403, "", "Not allowed to download this file (403)."),
+        (404, "Not Found", "File not found (404): it may have been moved or deleted."),
+        (500, "Internal Server Error", "The server answered 500: Internal Server Error."),
+    ],
+)
+def test_http_message(module_page: sync_api.Page, status: int, detail: str, message: str) -> None:
+    assert call_app(module_page, "httpMessage", status, detail) == message
+
+
 RUN_STATE = """async (steps) => {
     const app = await import(new URL('static/app.js', document.baseURI));
     const state = new app.DownloadState(1000);
@@ -706,7 +762,7 @@ STATE_CASES = {
     "refused-cancelled-handed": [
         (
             ("failed", {"kind": "http", "status": 410, "detail": "This download link has been used up"}),
-            ("error", "This link has expired (410).", False, "0% · 0 B of 1000 B"),
+            ("error", "This download link has been used up (410).", False, "0% · 0 B of 1000 B"),
         ),
         (("failed", {"kind": "network", "retries": 5, "from": None}), ("error", "Network error: could not reach the server.", False, "0% · 0 B of 1000 B")),
         (("failed", {"kind": "failed", "message": "disk full"}), ("error", "Download failed: disk full", False, "0% · 0 B of 1000 B")),
@@ -951,6 +1007,49 @@ def test_missing_file_shows_404_then_retry_works(
         assert saved_bytes(info.value, tmp_path) == files[path]
     finally:
         (root / path).write_bytes(files[path])
+
+
+def test_refusals_show_the_servers_detail(browser: sync_api.Browser, gated_server: str, files: dict[str, bytes]) -> None:
+    """The listing is rewritten in the browser so that its rows point at links this server
+    refuses: a used-up and a revoked catalog link, a tampered signature. The 410 that is
+    not JSON, as a proxy in front might send, is faked by a route."""
+    used_up = admin(gated_server, "POST", "/api/links", {"path": "notes.txt", "max_downloads": 1})
+    with urllib.request.urlopen(gated_server + str(used_up["url"]), timeout=10) as response:
+        assert response.read() == files["notes.txt"]
+    revoked = admin(gated_server, "POST", "/api/links", {"path": BIG_NAME})
+    admin(gated_server, "DELETE", f"/api/links/{revoked['id']}")
+    catalog_urls = {"notes.txt": used_up["url"], BIG_NAME: revoked["url"]}
+
+    def setup(page: sync_api.Page) -> None:
+        def listing(route: sync_api.Route) -> None:
+            response = route.fetch()
+            body = response.json()
+            for item in body["files"]:
+                if item["path"] in catalog_urls:
+                    item["url"] = catalog_urls[item["path"]]
+                elif item["path"] == "sub/a b.txt":
+                    item["url"] = item["url"].replace("signature=", "signature=0")
+            route.fulfill(response=response, json=body)
+
+        def not_json(route: sync_api.Route) -> None:
+            route.fulfill(status=410, content_type="text/html", body="<h1>Gone</h1>")
+
+        page.route(lambda url: "/api/files" in url, listing)
+        page.route(lambda url: "/download/gone.txt" in url, not_json)
+
+    page = open_page(browser, gated_server + "/", init_script=NO_FILE_PICKER, setup=setup)
+    try:
+        expected = {
+            "notes.txt": "This download link has been used up (410).",
+            BIG_NAME: "This download link was revoked (410).",  # above the 1 MiB limit: HEAD, then GET
+            "sub/a b.txt": "Invalid link signature (403).",
+            "gone.txt": "This download link no longer works (410).",
+        }
+        for path in expected:
+            page.get_by_role("button", name=f"Download {path.rsplit('/', 1)[-1]}", exact=True).click()
+        assert {path: wait_for_state(page, path, "error", timeout_s=10) for path in expected} == expected
+    finally:
+        page.context.close()
 
 
 def test_drop_before_the_first_byte_continues_from_0_b(
