@@ -1,8 +1,9 @@
-// downloader page: lists the files and downloads them with progress, cancel and resume.
+// downloader page: lists the files by folder and downloads them with progress, cancel and
+// resume.
 //
-// Sections: 1. Settings  2. Header values (pure)  3. Files and names (pure)
+// Sections: 1. Settings  2. Header values (pure)  3. Files, names, folders (pure)
 // 4. Formatting (pure)  5. Transfer with resume  6. Sinks  7. Download state (pure)
-// 8. File rows: view and controller  9. Listing and start-up.
+// 8. File rows: view and controller  9. Folders, filter, listing and start-up.
 // The pure functions and DownloadState are exported so tests/test_page.py can check them
 // in the real browser.
 //
@@ -14,7 +15,8 @@
 //
 // Names, one rule (fileEntry, saveAs): a file is shown and saved under its listing entry's
 // name, as its listing entry's content_type. The response's Content-Disposition (RFC 6266,
-// 8187) and Content-Type, then the URL, only stand in for what an entry lacks.
+// 8187) and Content-Type, then the URL, only stand in for what an entry lacks. Rows show
+// names; the folder a row sits in shows the rest of its path.
 //
 // How a file is saved (chooseSaveMethod):
 //   "blob"   size known and at most the blob limit: fetch + reader, chunks in memory, one
@@ -221,7 +223,7 @@ export function ifRangeValidator(etag, lastModified) {
 }
 
 // ===========================================================================
-// 3. Files and names (pure)
+// 3. Files, names, folders (pure)
 // ===========================================================================
 
 /** An item of GET api/files as the page uses it: {path, folder, name, type, size,
@@ -261,6 +263,14 @@ export function chooseSaveMethod({ size, blobLimit, hasFilePicker }) {
   return known ? "native" : "blob";
 }
 
+/** Whether a path matches the filter box: every word of the query, case-insensitively,
+ *  somewhere in the path (which ends with the name). An empty query matches everything. */
+export function matchesFilter(path, query) {
+  const fold = (s) => String(s).normalize("NFC").toLowerCase();
+  const haystack = fold(path);
+  return fold(query).split(/\s+/).filter(Boolean).every((word) => haystack.includes(word));
+}
+
 // ===========================================================================
 // 4. Formatting (pure)
 // ===========================================================================
@@ -296,6 +306,10 @@ function formatDate(iso) {
   const d = new Date(iso);
   if (iso === null || Number.isNaN(d.getTime())) return "";
   return d.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+function countFiles(n) {
+  return `${n} ${n === 1 ? "file" : "files"}`;
 }
 
 // ===========================================================================
@@ -727,8 +741,7 @@ class FileRowView {
 
   constructor(entry, { onDownload, onCancel }) {
     const name = entry.name ?? entry.path;
-    const folder = entry.folder && `in ${entry.folder}/`;
-    const meta = [formatBytes(entry.size ?? NaN), formatDate(entry.modified), folder].filter(Boolean).join(" · ");
+    const meta = [formatBytes(entry.size ?? NaN), formatDate(entry.modified)].filter(Boolean).join(" · ");
     const button = (cls, text, label) => el("button", { type: "button", class: cls, "aria-label": label, textContent: text });
     this.downloadButton = button("download", "Download", `Download ${name}`);
     this.cancelButton = button("cancel", "Cancel", `Cancel download of ${name}`);
@@ -897,8 +910,176 @@ class FileRow {
 }
 
 // ===========================================================================
-// 9. Listing and start-up
+// 9. Folders, filter, listing and start-up
 // ===========================================================================
+
+let folderIds = 0;
+
+/** One folder of the tree: a toggle button (aria-expanded) with the folder's name, its
+ *  file count and size, then its subfolders and its files. The root has no heading:
+ *  its lists go straight into #files. */
+class Folder {
+  children = new Map(); // name -> Folder
+  rows = [];
+  count = 0; // files here and below
+  bytes = 0;
+  matches = 0; // of them, those the filter shows
+
+  constructor(path) {
+    this.path = path;
+    this.folders = el("ul", { class: "folders" });
+    this.files = el("ul", { class: "files" });
+    if (path === "") {
+      this.node = el("div", { class: "folder-body" }, [this.folders, this.files]);
+      return;
+    }
+    const id = `folder-${++folderIds}`;
+    this.toggle = el("button", { type: "button", class: "folder-toggle", "aria-expanded": "true", "aria-controls": id, "aria-label": `Folder ${path}` }, [
+      el("span", { class: "folder-name", textContent: path.slice(path.lastIndexOf("/") + 1), title: path }),
+    ]);
+    this.meta = el("span", { class: "folder-meta" });
+    const head = el("div", { class: "folder-head" }, [this.toggle, this.meta]);
+    this.body = el("div", { class: "folder-body", id }, [this.folders, this.files]);
+    this.node = el("li", { class: "folder", "data-folder": path }, [head, this.body]);
+    this.toggle.addEventListener("click", () => this.setExpanded(!this.expanded));
+  }
+
+  get expanded() {
+    return this.toggle?.getAttribute("aria-expanded") !== "false";
+  }
+
+  setExpanded(open) {
+    if (!this.toggle) return;
+    this.toggle.setAttribute("aria-expanded", String(open));
+    this.body.hidden = !open;
+  }
+
+  drawMeta() {
+    if (this.meta) this.meta.textContent = `${countFiles(this.count)} · ${formatBytes(this.bytes)}`;
+  }
+}
+
+/** The tree of folders and rows in #files, the filter box and the summary. Files
+ *  arrive in path order; each goes into its folder, made on demand. */
+class Listing {
+  constructor(config) {
+    this.config = config;
+    this.container = document.getElementById("files");
+    this.summary = document.getElementById("summary");
+    this.filterBox = document.getElementById("filter");
+    this.filterBox?.addEventListener("input", () => this.applyFilter());
+    this.clear();
+  }
+
+  clear() {
+    this.root = new Folder("");
+    this.container.replaceChildren(this.root.node);
+    this.loading = true;
+    this.summary.textContent = "Loading files…";
+  }
+
+  get query() {
+    return this.filterBox?.value.trim() ?? "";
+  }
+
+  /** The folder at `path`, and every one above it, made when missing. */
+  folder(path) {
+    let folder = this.root;
+    if (path === "") return folder;
+    for (const name of path.split("/")) {
+      let child = folder.children.get(name);
+      if (!child) {
+        child = new Folder(folder.path ? `${folder.path}/${name}` : name);
+        folder.children.set(name, child);
+        folder.folders.append(child.node);
+      }
+      folder = child;
+    }
+    return folder;
+  }
+
+  /** The folder and those above it, innermost first. */
+  lineage(folder) {
+    const chain = [this.root];
+    let node = this.root;
+    for (const name of folder.path ? folder.path.split("/") : []) {
+      node = node.children.get(name);
+      chain.push(node);
+    }
+    return chain.reverse();
+  }
+
+  add(item) {
+    const row = new FileRow(item, this.config);
+    const folder = this.folder(row.entry.folder);
+    folder.rows.push(row);
+    folder.files.append(row.node);
+    const shown = matchesFilter(row.entry.path, this.query);
+    row.node.hidden = !shown;
+    for (const f of this.lineage(folder)) {
+      f.count++;
+      f.bytes += row.entry.size ?? 0;
+      if (shown) f.matches++;
+      f.drawMeta();
+      this.showFolder(f);
+    }
+    if (this.query) this.drawSummary();
+  }
+
+  /** Hide a folder with no match; open one with matches while a filter is typed. */
+  showFolder(folder) {
+    if (folder === this.root) return;
+    folder.node.hidden = folder.matches === 0;
+    if (this.query && folder.matches > 0) folder.setExpanded(true);
+  }
+
+  applyFilter() {
+    const query = this.query;
+    const visit = (folder) => {
+      folder.matches = 0;
+      for (const row of folder.rows) {
+        row.node.hidden = !matchesFilter(row.entry.path, query);
+        if (!row.node.hidden) folder.matches++;
+      }
+      for (const child of folder.children.values()) folder.matches += visit(child);
+      this.showFolder(folder);
+      return folder.matches;
+    };
+    visit(this.root);
+    this.drawSummary();
+  }
+
+  drawSummary() {
+    const { count, bytes, matches } = this.root;
+    const query = this.query;
+    if (query) {
+      this.summary.textContent = matches ? `${matches} of ${countFiles(count)} match “${query}”.` : `No file matches “${query}”.`;
+    } else if (this.loading) {
+      this.summary.textContent = "Loading files…";
+    } else {
+      this.summary.textContent = count === 0 ? "No files to download." : `${countFiles(count)}, ${formatBytes(bytes)} in all.`;
+    }
+  }
+
+  async load() {
+    const errorBox = document.getElementById("listing-error");
+    this.clear();
+    errorBox.hidden = true;
+    try {
+      for await (const item of listFiles()) this.add(item);
+      this.loading = false;
+      this.drawSummary();
+      document.body.dataset.listing = "ready";
+    } catch (err) {
+      this.loading = false;
+      const count = this.root.count;
+      this.summary.textContent = count ? `${countFiles(count)} loaded before an error.` : "";
+      errorBox.querySelector(".listing-error-text").textContent = `Could not load the file list: ${err.message || err}`;
+      errorBox.hidden = false;
+      document.body.dataset.listing = "error";
+    }
+  }
+}
 
 /** Yield every file of GET api/files, following next_cursor until it is null. */
 export async function* listFiles(baseURI = document.baseURI) {
@@ -918,36 +1099,11 @@ export async function* listFiles(baseURI = document.baseURI) {
   }
 }
 
-async function loadListing(config) {
-  const list = document.getElementById("files");
-  const summary = document.getElementById("summary");
-  const errorBox = document.getElementById("listing-error");
-  list.replaceChildren();
-  errorBox.hidden = true;
-  summary.textContent = "Loading files…";
-  let count = 0;
-  let bytes = 0;
-  try {
-    for await (const file of listFiles()) {
-      list.append(new FileRow(file, config).node);
-      count++;
-      bytes += file.size ?? 0;
-    }
-    summary.textContent =
-      count === 0 ? "No files to download." : `${count} ${count === 1 ? "file" : "files"}, ${formatBytes(bytes)} in all.`;
-    document.body.dataset.listing = "ready";
-  } catch (err) {
-    summary.textContent = count ? `${count} files loaded before an error.` : "";
-    errorBox.querySelector(".listing-error-text").textContent = `Could not load the file list: ${err.message || err}`;
-    errorBox.hidden = false;
-    document.body.dataset.listing = "error";
-  }
-}
-
 function main() {
   const config = { blobLimit: readBlobLimit(), delays: parseRetryDelays(location.search) };
-  document.querySelector(".retry-listing")?.addEventListener("click", () => loadListing(config));
-  loadListing(config);
+  const listing = new Listing(config);
+  document.querySelector(".retry-listing")?.addEventListener("click", () => listing.load());
+  listing.load();
 }
 
 if (typeof document !== "undefined" && document.getElementById("files")) main();

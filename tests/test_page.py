@@ -63,6 +63,7 @@ THROUGHPUT_BPS = 20_000_000  # 30 MiB in about 1.6 s: progress is visible, tests
 PROXY_BPS = 10_000_000  # pacing of downloads that get cut: the cut lands mid-body
 SERVER_START_S = 20
 DOWNLOAD_S = 60
+DEEP = "sub/déjà vu #2"  # a nested folder whose name needs percent-encoding in a URL
 LINKS = {"link-in": "deep.txt"}  # symlink -> its target, both in the root
 ADMIN_TOKEN = "page-test-admin-token"
 # Tests of the hand-over to the browser's downloader remove the File System Access API,
@@ -203,6 +204,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         BIG_NAME: os.urandom(BIG_SIZE),
         "notes.txt": b"plain notes\n" * 100,
         "sub/a b.txt": b"0123456789",
+        f"{DEEP}/inner.txt": b"inner\n",
         "changing.bin": os.urandom(8 * 1024 * 1024),
         "gone.txt": b"soon deleted\n",
         "deep.txt": b"the target of link-in\n",
@@ -444,6 +446,10 @@ def record_statuses(page: sync_api.Page) -> Callable[[str], list[tuple[str, floa
         return seen
 
     return statuses
+
+
+def visible_rows(page: sync_api.Page) -> list[str]:
+    return page.eval_on_selector_all("li.file", "rows => rows.filter(r => r.checkVisibility()).map(r => r.dataset.path)")
 
 
 def admin(base: str, method: str, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
@@ -697,6 +703,23 @@ def test_parse_retry_delays(module_page: sync_api.Page, search: str, delays: lis
 
 
 @pytest.mark.parametrize(
+    ("path", "query", "matches"),
+    [
+        ("notes.txt", "", True),
+        ("notes.txt", "NOTES", True),
+        ("sub/a b.txt", "sub", True),  # the folder is part of what is searched
+        ("sub/a b.txt", "  txt   sub ", True),  # every word, in any order
+        ("sub/a b.txt", "sub notes", False),
+        ("sub/déjà vu #2/inner.txt", "DÉJÀ", True),
+        ("sub/de\u0301ja\u0300.txt", "déjà", True),  # decomposed accents match composed ones
+        ("notes.txt", "zzz", False),
+    ],
+)
+def test_matches_filter(module_page: sync_api.Page, path: str, query: str, matches: bool) -> None:
+    assert call_app(module_page, "matchesFilter", path, query) is matches
+
+
+@pytest.mark.parametrize(
     ("status", "detail", "message"),
     [
         (410, "This download link has been used up", "This download link has been used up (410)."),
@@ -781,7 +804,7 @@ def test_download_state(module_page: sync_api.Page, case: str) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Listing, layout, accessibility
+# Listing, folders, filter, layout, accessibility
 # ---------------------------------------------------------------------------
 
 
@@ -796,6 +819,78 @@ def test_listing_shows_every_file_with_named_controls(page: sync_api.Page, liste
         label = f"Download progress of {name}"
         assert page.get_by_role("progressbar", name=label, exact=True, include_hidden=True).count() == 1
     assert page.locator(".status").count() == len(paths)
+
+
+def test_rows_are_grouped_by_folder_and_show_names(page: sync_api.Page, listed: dict[str, bytes]) -> None:
+    rows = page.eval_on_selector_all(
+        "li.file",
+        """rows => rows.map(r => [r.dataset.path, r.parentElement.closest("li.folder")?.dataset.folder ?? "",
+                                  r.querySelector(".file-name").textContent, r.querySelector(".file-meta").textContent])""",
+    )
+    assert [path for path, *_ in rows] == [f"{DEEP}/inner.txt", "sub/a b.txt", *sorted(p for p in listed if "/" not in p)]
+    for path, folder, name, meta in rows:
+        assert (folder, name) == (path.rpartition("/")[0], path.rpartition("/")[2])
+        size, date = meta.split(" · ")  # size and date, no path
+        assert size == call_app(page, "formatBytes", len(listed[path])) and date, meta
+    folders = page.eval_on_selector_all(
+        "li.folder",
+        """fs => fs.map(f => [f.dataset.folder, f.parentElement.closest("li.folder")?.dataset.folder ?? "",
+                              f.querySelector(".folder-name").textContent, f.querySelector(".folder-meta").textContent])""",
+    )
+    assert folders == [["sub", "", "sub", "2 files · 16 B"], [DEEP, "sub", "déjà vu #2", "1 file · 6 B"]]
+
+
+def test_folders_fold_and_unfold_from_the_keyboard(browser: sync_api.Browser, server: str) -> None:
+    page = open_page(browser, server + "/")
+    try:
+        toggle = page.get_by_role("button", name="Folder sub", exact=True)
+        inside = [row(page, "sub/a b.txt"), row(page, f"{DEEP}/inner.txt")]
+        region = page.locator(f"#{toggle.get_attribute('aria-controls')}")
+        assert region.locator("li.file").count() == 2
+        page.get_by_role("searchbox", name="Filter files", exact=True).focus()
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Folder sub"
+        assert toggle.get_attribute("aria-expanded") == "true" and all(r.is_visible() for r in inside)
+        page.keyboard.press("Enter")
+        assert toggle.get_attribute("aria-expanded") == "false"
+        assert region.is_hidden() and all(r.is_hidden() for r in inside)
+        assert row(page, "notes.txt").is_visible()
+        page.keyboard.press("Space")
+        assert toggle.get_attribute("aria-expanded") == "true" and all(r.is_visible() for r in inside)
+        nested = page.get_by_role("button", name=f"Folder {DEEP}", exact=True)
+        nested.focus()
+        page.keyboard.press("Enter")
+        assert nested.get_attribute("aria-expanded") == "false"
+        assert inside[1].is_hidden() and inside[0].is_visible()
+    finally:
+        page.context.close()
+
+
+def test_filter_box_filters_rows_as_you_type(page: sync_api.Page, listed: dict[str, bytes]) -> None:
+    box = page.get_by_role("searchbox", name="Filter files", exact=True)
+    summary = page.locator("#summary")
+    visible_folders = lambda: page.eval_on_selector_all(  # noqa: E731
+        "li.folder", "fs => fs.filter(f => f.checkVisibility()).map(f => f.dataset.folder)"
+    )
+    everything = visible_rows(page)
+    page.get_by_role("button", name="Folder sub", exact=True).click()  # folded
+    box.press_sequentially("inn")
+    assert visible_rows(page) == [f"{DEEP}/inner.txt"]
+    assert visible_folders() == ["sub", DEEP]
+    assert page.get_by_role("button", name="Folder sub", exact=True).get_attribute("aria-expanded") == "true"
+    assert summary.inner_text() == f"1 of {len(listed)} files match “inn”."
+    box.fill("")
+    box.press_sequentially("TXT sub")
+    assert visible_rows(page) == [f"{DEEP}/inner.txt", "sub/a b.txt"]
+    box.press_sequentially("z")
+    assert visible_rows(page) == [] and visible_folders() == []
+    assert summary.inner_text() == "No file matches “TXT subz”."
+    box.fill("")
+    box.press_sequentially(".txt")
+    assert visible_rows(page) == [f"{DEEP}/inner.txt", "sub/a b.txt", "deep.txt", "gone.txt", "notes.txt"]
+    box.fill("")
+    assert visible_rows(page) == everything
+    assert summary.inner_text().startswith(f"{len(listed)} files, ")
 
 
 def test_blob_limit_comes_from_the_meta_tag(module_page: sync_api.Page) -> None:
@@ -828,6 +923,7 @@ def test_layout_fits_phone_width_in_both_color_schemes(browser: sync_api.Browser
     backgrounds = {}
     for scheme in ("light", "dark"):
         page = open_page(browser, server + "/", viewport={"width": 360, "height": 740}, color_scheme=scheme)
+        assert page.locator(f'li.folder[data-folder="{DEEP}"]').is_visible()  # the deepest, widest head
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{scheme}: page is {overflow}px wider than a phone screen"
         backgrounds[scheme] = page.evaluate("getComputedStyle(document.body).backgroundColor")
