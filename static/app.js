@@ -9,6 +9,8 @@
 //
 // Settings, read once by main():
 //   <meta name="downloader-blob-limit">  bytes; the server writes its configured value.
+//   <meta name="downloader-zip">         the server writes "on" when it serves /zip: each
+//                                        folder then gets a ZIP link. Anything else: off.
 //   ?retry-delays=500,1000,2000          a query parameter for tests: the waits (ms) before
 //                                        retry 1, 2, ... after a network error, instead of
 //                                        RETRY_DELAYS_MS. Bad values are ignored.
@@ -27,6 +29,7 @@
 //            writes to disk and shows its own progress.
 // "fs" and "blob" share transfer(), which continues after a dropped connection with
 // Range: bytes=N- and If-Range (RFC 9110 §14.2, §13.1.5), so the saved file stays exact.
+// A folder's ZIP is always a plain link: the server builds it while it sends it.
 
 // ===========================================================================
 // 1. Settings
@@ -49,6 +52,11 @@ export function readBlobLimit(doc = document) {
   const raw = doc.querySelector('meta[name="downloader-blob-limit"]')?.content?.trim() ?? "";
   const n = Number(raw);
   return /^\d+$/.test(raw) && Number.isSafeInteger(n) ? n : DEFAULT_BLOB_LIMIT;
+}
+
+/** Whether the server serves /zip: <meta name="downloader-zip" content="on">, exactly. */
+export function readZipEnabled(doc = document) {
+  return doc.querySelector('meta[name="downloader-zip"]')?.getAttribute("content") === "on";
 }
 
 /** The retry waits from a query string's retry-delays=ms,ms,...; RETRY_DELAYS_MS when it
@@ -269,6 +277,12 @@ export function matchesFilter(path, query) {
   const fold = (s) => String(s).normalize("NFC").toLowerCase();
   const haystack = fold(path);
   return fold(query).split(/\s+/).filter(Boolean).every((word) => haystack.includes(word));
+}
+
+/** The URL of a folder's ZIP, relative to the page: "zip/" for the root, "zip/a/b" for
+ *  the folder a/b, each segment percent-encoded. */
+export function zipUrl(folder) {
+  return folder ? `zip/${folder.split("/").map(encodeURIComponent).join("/")}` : "zip/";
 }
 
 // ===========================================================================
@@ -916,8 +930,8 @@ class FileRow {
 let folderIds = 0;
 
 /** One folder of the tree: a toggle button (aria-expanded) with the folder's name, its
- *  file count and size, then its subfolders and its files. The root has no heading:
- *  its lists go straight into #files. */
+ *  file count and size, an optional ZIP link, then its subfolders and its files. The
+ *  root has no heading: its lists go straight into #files. */
 class Folder {
   children = new Map(); // name -> Folder
   rows = [];
@@ -925,7 +939,7 @@ class Folder {
   bytes = 0;
   matches = 0; // of them, those the filter shows
 
-  constructor(path) {
+  constructor(path, config) {
     this.path = path;
     this.folders = el("ul", { class: "folders" });
     this.files = el("ul", { class: "files" });
@@ -939,6 +953,9 @@ class Folder {
     ]);
     this.meta = el("span", { class: "folder-meta" });
     const head = el("div", { class: "folder-head" }, [this.toggle, this.meta]);
+    if (config.zip) {
+      head.append(el("a", { class: "zip", href: zipUrl(path), download: "", textContent: "Download ZIP", "aria-label": `Download ZIP of folder ${path}` }));
+    }
     this.body = el("div", { class: "folder-body", id }, [this.folders, this.files]);
     this.node = el("li", { class: "folder", "data-folder": path }, [head, this.body]);
     this.toggle.addEventListener("click", () => this.setExpanded(!this.expanded));
@@ -959,22 +976,24 @@ class Folder {
   }
 }
 
-/** The tree of folders and rows in #files, the filter box and the summary. Files
- *  arrive in path order; each goes into its folder, made on demand. */
+/** The tree of folders and rows in #files, the filter box, the summary and the ZIP link
+ *  of the root. Files arrive in path order; each goes into its folder, made on demand. */
 class Listing {
   constructor(config) {
     this.config = config;
     this.container = document.getElementById("files");
     this.summary = document.getElementById("summary");
     this.filterBox = document.getElementById("filter");
+    this.zipAll = document.getElementById("zip-all");
     this.filterBox?.addEventListener("input", () => this.applyFilter());
     this.clear();
   }
 
   clear() {
-    this.root = new Folder("");
+    this.root = new Folder("", this.config);
     this.container.replaceChildren(this.root.node);
     this.loading = true;
+    if (this.zipAll) this.zipAll.hidden = true;
     this.summary.textContent = "Loading files…";
   }
 
@@ -989,7 +1008,7 @@ class Listing {
     for (const name of path.split("/")) {
       let child = folder.children.get(name);
       if (!child) {
-        child = new Folder(folder.path ? `${folder.path}/${name}` : name);
+        child = new Folder(folder.path ? `${folder.path}/${name}` : name, this.config);
         folder.children.set(name, child);
         folder.folders.append(child.node);
       }
@@ -1069,6 +1088,7 @@ class Listing {
       for await (const item of listFiles()) this.add(item);
       this.loading = false;
       this.drawSummary();
+      if (this.zipAll) this.zipAll.hidden = !(this.config.zip && this.root.count > 0);
       document.body.dataset.listing = "ready";
     } catch (err) {
       this.loading = false;
@@ -1100,7 +1120,7 @@ export async function* listFiles(baseURI = document.baseURI) {
 }
 
 function main() {
-  const config = { blobLimit: readBlobLimit(), delays: parseRetryDelays(location.search) };
+  const config = { blobLimit: readBlobLimit(), zip: readZipEnabled(), delays: parseRetryDelays(location.search) };
   const listing = new Listing(config);
   document.querySelector(".retry-listing")?.addEventListener("click", () => listing.load());
   listing.load();

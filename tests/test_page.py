@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -465,6 +466,13 @@ def admin(base: str, method: str, path: str, body: dict[str, object] | None = No
     return json.loads(data) if data else {}
 
 
+def zip_members(download: sync_api.Download, tmp_path: Path) -> dict[str, bytes]:
+    target = tmp_path / "zips" / download.suggested_filename
+    download.save_as(target)
+    with zipfile.ZipFile(target) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
 # ---------------------------------------------------------------------------
 # Pure functions of app.js, run in the browser
 # ---------------------------------------------------------------------------
@@ -720,6 +728,38 @@ def test_matches_filter(module_page: sync_api.Page, path: str, query: str, match
 
 
 @pytest.mark.parametrize(
+    ("folder", "url"),
+    [("", "zip/"), ("sub", "zip/sub"), (DEEP, "zip/sub/d%C3%A9j%C3%A0%20vu%20%232"), ("a?/b%", "zip/a%3F/b%25")],
+)
+def test_zip_url(module_page: sync_api.Page, folder: str, url: str) -> None:
+    assert call_app(module_page, "zipUrl", folder) == url
+
+
+@pytest.mark.parametrize(
+    ("head", "enabled"),
+    [
+        ('<meta name="downloader-zip" content="on">', True),
+        ('<meta name="downloader-zip" content="">', False),
+        ('<meta name="downloader-zip" content="off">', False),
+        ('<meta name="downloader-zip" content="ON">', False),
+        ('<meta name="downloader-zip" content=" on">', False),
+        ('<meta name="downloader-zip">', False),
+        ("", False),
+    ],
+)
+def test_read_zip_enabled(module_page: sync_api.Page, head: str, enabled: bool) -> None:
+    """Anything but content="on" is off."""
+    got = module_page.evaluate(
+        """async (head) => {
+            const app = await import(new URL('static/app.js', document.baseURI));
+            return app.readZipEnabled(new DOMParser().parseFromString(`<head>${head}</head>`, "text/html"));
+        }""",
+        head,
+    )
+    assert got is enabled
+
+
+@pytest.mark.parametrize(
     ("status", "detail", "message"),
     [
         (410, "This download link has been used up", "This download link has been used up (410)."),
@@ -849,6 +889,12 @@ def test_folders_fold_and_unfold_from_the_keyboard(browser: sync_api.Browser, se
         assert region.locator("li.file").count() == 2
         page.get_by_role("searchbox", name="Filter files", exact=True).focus()
         page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.textContent") == "Download all as ZIP"
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Folder sub"
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Download ZIP of folder sub"
+        page.keyboard.press("Shift+Tab")
         assert page.evaluate("document.activeElement.getAttribute('aria-label')") == "Folder sub"
         assert toggle.get_attribute("aria-expanded") == "true" and all(r.is_visible() for r in inside)
         page.keyboard.press("Enter")
@@ -923,12 +969,59 @@ def test_layout_fits_phone_width_in_both_color_schemes(browser: sync_api.Browser
     backgrounds = {}
     for scheme in ("light", "dark"):
         page = open_page(browser, server + "/", viewport={"width": 360, "height": 740}, color_scheme=scheme)
-        assert page.locator(f'li.folder[data-folder="{DEEP}"]').is_visible()  # the deepest, widest head
+        assert page.locator(f'li.folder[data-folder="{DEEP}"] a.zip').is_visible()  # the deepest, widest head
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{scheme}: page is {overflow}px wider than a phone screen"
         backgrounds[scheme] = page.evaluate("getComputedStyle(document.body).backgroundColor")
         page.context.close()
     assert backgrounds["light"] != backgrounds["dark"]
+
+
+# ---------------------------------------------------------------------------
+# Folder ZIPs
+# ---------------------------------------------------------------------------
+
+
+def test_zip_links_download_each_folder_when_the_server_serves_zip(
+    browser: sync_api.Browser, server: str, listed: dict[str, bytes], tmp_path: Path
+) -> None:
+    page = open_page(browser, server + "/")
+    try:
+        assert page.get_attribute('meta[name="downloader-zip"]', "content") == "on"
+        links = page.eval_on_selector_all(
+            "a.zip", "as => as.map(a => [a.getAttribute('aria-label') ?? a.textContent, a.getAttribute('href'), a.href, a.hasAttribute('download')])"
+        )
+        deep_href = "zip/sub/d%C3%A9j%C3%A0%20vu%20%232"
+        assert links == [
+            ["Download all as ZIP", "zip/", f"{server}/zip/", True],
+            ["Download ZIP of folder sub", "zip/sub", f"{server}/zip/sub", True],
+            [f"Download ZIP of folder {DEEP}", deep_href, f"{server}/{deep_href}", True],
+        ]
+        expected = {
+            "Download all as ZIP": ("/zip/", listed),
+            "Download ZIP of folder sub": ("/zip/sub", {p.removeprefix("sub/"): c for p, c in listed.items() if p.startswith("sub/")}),
+            f"Download ZIP of folder {DEEP}": (f"/{deep_href}", {"inner.txt": listed[f"{DEEP}/inner.txt"]}),
+        }
+        for label, (url, members) in expected.items():
+            with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+                page.get_by_role("link", name=label, exact=True).click()
+            assert info.value.url == server + url
+            assert zip_members(info.value, tmp_path) == members
+        assert info.value.suggested_filename == "déjà vu #2.zip"
+    finally:
+        page.context.close()
+
+
+def test_no_zip_links_unless_the_server_says_on(browser: sync_api.Browser, gated_server: str) -> None:
+    """A server with signed links does not serve /zip."""
+    page = open_page(browser, gated_server + "/", init_script=NO_FILE_PICKER)
+    try:
+        assert page.get_attribute('meta[name="downloader-zip"]', "content") == "off"
+        assert page.locator("li.folder").count() == 2
+        assert page.locator(".folder a.zip").count() == 0
+        assert page.locator("#zip-all").is_hidden()
+    finally:
+        page.context.close()
 
 
 # ---------------------------------------------------------------------------
