@@ -1044,7 +1044,7 @@ def test_download_shows_progress_and_saves_exact_file_under_its_name(
             if value is not None:
                 values.append(value)
             if state == "downloading" and value is not None and 30 < value < 70 and not shot.exists():
-                page.screenshot(path=shot)
+                page.screenshot(path=shot, full_page=True)
             texts.append(row(page, BIG_NAME).locator(".progress-text").inner_text())
             return state in ("done", "error")
 
