@@ -21,7 +21,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -34,8 +33,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import PROJECT as REPO
+from helpers import Server, free_port, wait_for
+
 CHROMIUM = Path("/usr/bin/chromium")
-REPO = Path(__file__).resolve().parents[1]
 
 sync_api = pytest.importorskip(
     "playwright.sync_api",
@@ -96,50 +97,14 @@ FAKE_FILE_PICKER = """
 # ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"server did not listen on {port} within {SERVER_START_S} s:\n{log.read_text(errors='replace')}")
-
-
 @contextmanager
-def run_server(args: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
-    """uvicorn in a subprocess on a free port, settings only from `env`; yields its base
-    URL, stops it by PID and prints its log (pytest shows it when a test fails)."""
+def run_server(target: str, env: dict[str, str], log: Path) -> Iterator[str]:
+    """uvicorn serving `target` (module:app) on a free port, settings only from `env`
+    (helpers.Server: its log is printed when the block fails); yields its base URL."""
     port = free_port()
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("DOWNLOADER_")}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", *args, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**inherited, "PYTHONPATH": str(REPO), **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, proc, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        print(f"--- server log ({log}) ---\n{log.read_text(errors='replace')[-4000:]}")
+    command = [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port)]
+    with Server(command, log, env={"PYTHONPATH": str(REPO), **env}, port=port, health=None, timeout=SERVER_START_S) as server:
+        yield server.url
 
 
 class CuttableProxy:
@@ -233,7 +198,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> P
 def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_BLOB_LIMIT": str(BLOB_LIMIT)}
-    with run_server(["downloader:app"], env, log) as url:
+    with run_server("downloader:app", env, log) as url:
         yield url
 
 
@@ -250,7 +215,7 @@ def mounted_server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "app = Starlette(routes=[Mount('/files', app=service)])\n"
     )
     env = {"PAGE_TEST_ROOT": str(root), "PYTHONPATH": f"{here}{os.pathsep}{REPO}"}
-    with run_server(["host_app:app"], env, here / "server.log") as url:
+    with run_server("host_app:app", env, here / "server.log") as url:
         yield url
 
 
@@ -267,7 +232,7 @@ def gated_server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "DOWNLOADER_ADMIN_TOKEN": ADMIN_TOKEN,
         "DOWNLOADER_BLOB_LIMIT": str(SMALL_BLOB_LIMIT),
     }
-    with run_server(["downloader:app"], env, here / "server.log") as url:
+    with run_server("downloader:app", env, here / "server.log") as url:
         yield url
 
 
@@ -348,30 +313,10 @@ def row_state(page: sync_api.Page, path: str) -> tuple[str, float | None, str]:
     )
 
 
-def wait_until(what: str, condition: Callable[[], object], timeout_s: float = DOWNLOAD_S) -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(0.02)
-    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def wait_for_state(page: sync_api.Page, path: str, state: str, timeout_s: float = DOWNLOAD_S) -> str:
     """Wait until the row reaches `state`; returns its status text."""
-    last: list[tuple[str, float | None, str]] = []
-
-    def reached() -> bool:
-        last[:] = [row_state(page, path)]
-        return last[0][0] == state
-
-    deadline = time.monotonic() + timeout_s
-    while not reached():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{path}: wanted data-state={state}, still {last[0]}")
-        time.sleep(0.02)
-    return last[0][2]
+    status = wait_for(lambda: (row := row_state(page, path))[0] == state and [row[2]], timeout_s, f"{path} to reach data-state={state}")
+    return status[0]
 
 
 def network(page: sync_api.Page, *, offline: bool = False, bps: float = -1) -> None:
@@ -415,7 +360,7 @@ def download_requests(page: sync_api.Page) -> tuple[list[dict[str, str]], list[s
 
 def cut_at(page: sync_api.Page, proxy: CuttableProxy, path: str, percent: float) -> None:
     """Wait for `percent` progress on `path`, drop the network, wait for the page to retry."""
-    wait_until(f"{percent} % progress", lambda: (row_state(page, path)[1] or 0) >= percent)
+    wait_for(lambda: (row_state(page, path)[1] or 0) >= percent, DOWNLOAD_S, f"{percent} % progress")
     drop_network(page, proxy)
     status = wait_for_state(page, path, "retrying", timeout_s=10)
     assert status.startswith("Connection lost. Retrying in "), status
@@ -951,7 +896,7 @@ def test_listing_follows_next_cursor(browser: sync_api.Browser, tmp_path: Path) 
     names = [f"file-{i:03}.txt" for i in range(450)]
     for name in names:
         (many / name).write_text(name)
-    with run_server(["downloader:app"], {"DOWNLOADER_ROOT": str(many)}, tmp_path / "server.log") as base:
+    with run_server("downloader:app", {"DOWNLOADER_ROOT": str(many)}, tmp_path / "server.log") as base:
         page = open_page(browser, base + "/")
         try:
             paths = page.eval_on_selector_all("li.file", "rows => rows.map(r => r.dataset.path)")
@@ -1048,7 +993,7 @@ def test_download_shows_progress_and_saves_exact_file_under_its_name(
             texts.append(row(page, BIG_NAME).locator(".progress-text").inner_text())
             return state in ("done", "error")
 
-        wait_until("the download to end", finished)
+        wait_for(finished, DOWNLOAD_S, "the download to end")
     assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
     download = info.value
     assert download.suggested_filename == BIG_NAME
@@ -1164,7 +1109,7 @@ def test_cancel_then_retry_with_keyboard(page: sync_api.Page, listed: dict[str, 
     network(page, bps=THROUGHPUT_BPS / 4)
     page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).focus()
     page.keyboard.press("Enter")
-    wait_until("some progress", lambda: (row_state(page, BIG_NAME)[1] or 0) > 1)
+    wait_for(lambda: (row_state(page, BIG_NAME)[1] or 0) > 1, DOWNLOAD_S, "some progress")
     focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
     assert focused == f"Cancel download of {BIG_NAME}", "focus should move to Cancel"
     page.keyboard.press("Enter")
