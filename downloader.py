@@ -119,6 +119,9 @@ MAX_ZIP_FILES = 100_000  # more files than this in one folder and /zip answers 4
 DEFAULT_LIST_LIMIT = 100  # files per /api/files page unless `limit` asks for others, up to MAX_LIST_LIMIT
 MAX_LIST_LIMIT = 1000
 LISTING_LINK_TTL_S = 3600  # with a secret and the listing switched on, the listing's links are signed for an hour
+MAX_TTL_S = 100 * 365 * 86400  # the longest lifetime a catalog or signed link may be given (a century)
+MAX_EXPIRES_AT = 253402300799  # 9999-12-31T23:59:59Z: the latest expiry RFC 3339 can write
+MAX_DOWNLOADS_CAP = 1_000_000_000  # the largest max_downloads a catalog link may have
 CATALOG_BUSY_TIMEOUT_S = 10.0  # how long a catalog call waits for another writer's lock on the SQLite file
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)  # of downloader_download_seconds
 
@@ -357,7 +360,10 @@ def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] =
         except ValueError as exc:
             raise SettingsError(label(name), str(exc)) from None
     if "root" not in checked:
-        checked["root"] = _check_root(DEFAULT_ROOT)
+        try:
+            checked["root"] = _check_root(DEFAULT_ROOT)
+        except ValueError:  # downloader.py copied alone: no sample files beside it
+            raise SettingsError(label("root"), f"not set, and the default {DEFAULT_ROOT!r} (the sample files) is not a directory") from None
     return Settings(**checked)  # type: ignore[arg-type]
 
 
@@ -407,14 +413,19 @@ class OpenFile(NamedTuple):
     info: FileInfo
 
 
+def _is_utf8(name: str) -> bool:
+    return not any("\ud800" <= char <= "\udfff" for char in name)  # only surrogates (PEP 383: undecodable bytes) fail
+
+
 def split_url_path(path: str) -> list[str]:
     """The segments of a decoded URL path relative to the route, or HTTPError: 400 for a NUL byte (and a
     backslash where it is the OS separator); 404 for an empty path, empty segments (`a//b`) and `.` or
-    `..`: a URL that names a file has one spelling. Any other character is part of a POSIX file name."""
+    `..` (a URL that names a file has one spelling), and for a name that is not UTF-8, which no URL
+    names (a path from the CLI may hold one). Any other character is part of a POSIX file name."""
     if "\x00" in path or (os.sep != "/" and os.sep in path):
         raise HTTPError(400, "Malformed path")
     segments = path.split("/")
-    if any(segment in ("", ".", "..") for segment in segments):
+    if any(segment in ("", ".", "..") for segment in segments) or not _is_utf8(path):
         raise not_found()
     return segments
 
@@ -662,10 +673,6 @@ def resolve_folder(root: str, url_path: str, *, serve_hidden: bool = False) -> s
     if relative_under_root(root, real, serve_hidden=serve_hidden) == "" or not os.path.isdir(real):
         raise not_found()
     return folder
-
-
-def _is_utf8(name: str) -> bool:
-    return not any("\ud800" <= char <= "\udfff" for char in name)  # only surrogates (PEP 383: undecodable bytes) fail
 
 
 # =============================================================================
@@ -1355,11 +1362,52 @@ def verify_link(path: str, query: Mapping[str, str], keys: Sequence[str], now: f
 
 
 def parse_ttl(text: str) -> int:
-    """Seconds in '90', '45s', '30m', '1h' or '7d'; ValueError otherwise."""
-    match = re.fullmatch(r"(\d+)([smhd]?)", text.strip())
-    if not match or int(match.group(1)) <= 0:
-        raise ValueError(f"bad duration {text!r}: use a positive number with s, m, h or d, like 1h")
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    """Seconds in '90', '45s', '30m', '1h' or '7d' (ASCII digits, up to MAX_TTL_S); ValueError otherwise."""
+    match = re.fullmatch(r"([0-9]{1,12})([smhd]?)", text.strip())
+    seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)] if match else 0
+    if not 0 < seconds <= MAX_TTL_S:
+        raise ValueError(f"bad duration {text!r}: use a positive number with s, m, h or d, like 1h (at most {MAX_TTL_S} s)")
+    return seconds
+
+
+def _number(field: str, value: object, low: float, high: float) -> float:
+    """A finite JSON number from `low` to `high`; ValueError naming `field` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:  # NaN fails too
+        raise ValueError(f"{field} must be a number from {low} to {high}")
+    return value
+
+
+def link_options(
+    *, ttl: object = None, expires_at: object = None, max_downloads: object = None, name: object = None, now: float
+) -> tuple[float | None, int | None, str | None]:
+    """The checked expiry, download limit and name of a new catalog link, in the one vocabulary of the CLI, the
+    admin API and Catalog.add: `ttl` in seconds or a duration ("1h"), or `expires_at` in RFC 3339 (with a zone)
+    or POSIX seconds; `max_downloads` a whole number; `name` a printable file name. ValueError names the field."""
+    if ttl is not None and expires_at is not None:
+        raise ValueError("give ttl or expires_at, not both")
+    expiry = None
+    if isinstance(ttl, str):
+        try:
+            expiry = now + parse_ttl(ttl)
+        except ValueError:
+            raise ValueError("ttl must be seconds or a duration such as 45s, 30m, 1h or 7d") from None
+    elif ttl is not None:
+        expiry = now + _number("ttl", ttl, 1, MAX_TTL_S)
+    elif isinstance(expires_at, str):
+        try:
+            when = datetime.datetime.fromisoformat(expires_at)
+        except ValueError:
+            when = None
+        if when is None or when.tzinfo is None:
+            raise ValueError("expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z")
+        expiry = _number("expires_at", when.timestamp(), 0, MAX_EXPIRES_AT)
+    elif expires_at is not None:
+        expiry = _number("expires_at", expires_at, 0, MAX_EXPIRES_AT)
+    if max_downloads is not None and (type(max_downloads) is not int or not 1 <= max_downloads <= MAX_DOWNLOADS_CAP):
+        raise ValueError(f"max_downloads must be a whole number from 1 to {MAX_DOWNLOADS_CAP}")
+    if name is not None and (not isinstance(name, str) or not name.isprintable() or "/" in name or name in ("", ".", "..")):
+        raise ValueError("name must be a file name: printable, without /")
+    return expiry, max_downloads, name  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1388,11 +1436,16 @@ class Catalog:
         expires_at REAL, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0,
         revoked INTEGER NOT NULL DEFAULT 0)"""
 
+    COLUMNS = {"id", "path", "name", "created", "expires_at", "max_downloads", "downloads", "revoked"}
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Opens the catalog, creating it when missing; ValueError for an SQLite file that holds another `links`."""
         self.path = os.fspath(path)
         with contextlib.closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(self.SCHEMA)
+            if {row[1] for row in db.execute("PRAGMA table_info(links)")} != self.COLUMNS:
+                raise ValueError(f"{self.path!r} holds a links table that is not a downloader catalog")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=CATALOG_BUSY_TIMEOUT_S, isolation_level=None)
@@ -1400,9 +1453,8 @@ class Catalog:
         return db
 
     def add(self, path: str, *, expires_at: float | None = None, max_downloads: int | None = None, name: str | None = None) -> Link:
-        """A new random ID (UUID4) for the file at `path` (relative to the root)."""
-        if max_downloads is not None and max_downloads < 1:
-            raise ValueError("max_downloads must be 1 or more")
+        """A new random ID (UUID4) for the file at `path` (relative to the root); ValueError as link_options."""
+        expires_at, max_downloads, name = link_options(expires_at=expires_at, max_downloads=max_downloads, name=name, now=0)
         link = Link(str(uuid.uuid4()), path, name, time.time(), expires_at, max_downloads, 0, False)
         with contextlib.closing(self._connect()) as db:
             db.execute(
@@ -1496,6 +1548,7 @@ def disposition_for(name: str, disposition: str, requested: Mapping[str, str]) -
 
 
 VALIDATOR_HEADERS = ("etag", "last-modified")
+REPRESENTATION_HEADERS = (b"content-", b"etag", b"last-modified", b"accept-ranges")
 
 
 class ErrorResponse(Response):
@@ -1531,11 +1584,15 @@ class Download(Response):
         self.status_code = 200  # until the request (and the file) decide
         self.raw_headers = _raw((headers or {}).items())
         self.background = background
+        self.sent_headers: list[tuple[bytes, bytes]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.respond(scope, receive, send)
         finally:
+            if self.sent_headers is not None:  # from now on `headers` are those sent, as with FileResponse
+                self.raw_headers = self.sent_headers
+                self.__dict__.pop("_headers", None)
             if self.background is not None:
                 with anyio.CancelScope(shield=True):  # a cleanup runs even when the client left
                     await self.background()
@@ -1545,11 +1602,16 @@ class Download(Response):
 
     def start(self, status: int, headers: Iterable[tuple[str, str]]) -> Message:
         self.status_code = status
-        return {"type": "http.response.start", "status": status, "headers": with_extra(headers, self.raw_headers)}
+        self.sent_headers = with_extra(headers, self.raw_headers)
+        return {"type": "http.response.start", "status": status, "headers": self.sent_headers}
 
     async def send_error(self, exc: HTTPError, scope: Scope, receive: Receive, send: Send) -> None:
-        self.status_code = exc.status
-        await error_response(exc)(scope, receive, send)
+        """The error as JSON, with the host's headers but those that describe a representation."""
+        response = error_response(exc)
+        extra = [(name, value) for name, value in self.raw_headers if not name.startswith(REPRESENTATION_HEADERS)]
+        response.raw_headers = [pair for pair in response.raw_headers if pair[0] not in {n for n, _ in extra}] + extra
+        self.status_code, self.sent_headers = exc.status, response.raw_headers
+        await response(scope, receive, send)
 
 
 class DownloadResponse(Download):
@@ -1562,13 +1624,14 @@ class DownloadResponse(Download):
     gets the same headers and no body. `filename` (default: the last segment of `path`) goes into
     Content-Disposition with `disposition` ("attachment" or "inline"); `media_type` defaults to one
     guessed from it; `headers`, `background` and `status_code` as in Download. `authorize`, given the
-    FileInfo, may raise HTTPError; `gate` is called before the file's last byte, False aborts (hold_last_byte)."""
+    FileInfo (None when there is no such file, so that a refused client can't tell), may raise HTTPError;
+    `gate` is called before the file's last byte, False aborts (hold_last_byte)."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, serve_hidden: bool = False,
         filename: str | None = None, media_type: str | None = None, disposition: str = "attachment",
         cache_control: str = DEFAULT_CACHE_CONTROL, chunk_size: int = CHUNK_SIZE, headers: Mapping[str, str] | None = None,
-        background: BackgroundTask | None = None, authorize: Callable[[FileInfo], Awaitable[None]] | None = None,
+        background: BackgroundTask | None = None, authorize: Callable[[FileInfo | None], Awaitable[None]] | None = None,
         gate: Gate | None = None, rate_limit: int | None = None, stall_timeout_s: float | None = None,
         offload_prefix: str | None = None, root_is_real: bool = False,
     ) -> None:
@@ -1593,6 +1656,11 @@ class DownloadResponse(Download):
         try:
             opened = await self.open()
         except HTTPError as exc:
+            if exc.status == 404 and self.authorize is not None:
+                try:  # a client the hook refuses gets that refusal for a missing file too: no probing
+                    await self.authorize(None)
+                except HTTPError as refusal:
+                    exc = refusal
             await self.send_error(exc, scope, receive, send)
             return
         if self.offload_prefix is not None:
@@ -1852,12 +1920,20 @@ def json_response(content: object, status: int = 200, headers: Mapping[str, str]
     return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store", **(headers or {})})
 
 
+def open_catalog(path: str, label: str) -> Catalog:
+    """The catalog at `path`; SettingsError (named `label`) for a file that can't be one."""
+    try:
+        return Catalog(path)
+    except (ValueError, sqlite3.Error) as exc:
+        raise SettingsError(label, str(exc)) from None
+
+
 class Service:
     """The settings of one app, and what is built from them once."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.catalog = Catalog(settings.catalog) if settings.catalog else None
+        self.catalog = open_catalog(settings.catalog, "catalog") if settings.catalog else None
         self.metrics = Metrics() if settings.metrics else None
         self.log = open_access_log(settings.access_log)
         # /zip has no signature or per-file hook check: it exists only where anyone may list.
@@ -1915,7 +1991,7 @@ async def call_authorize(authorize: Callable[..., object], request: Request, inf
         raise HTTPError(403, "Forbidden")
 
 
-def file_check(authorize: Callable[..., object] | None, request: Request) -> Callable[[FileInfo], Awaitable[None]] | None:
+def file_check(authorize: Callable[..., object] | None, request: Request) -> Callable[[FileInfo | None], Awaitable[None]] | None:
     return None if authorize is None else functools.partial(call_authorize, authorize, request)
 
 
@@ -1926,32 +2002,15 @@ def check_bearer(request: Request, token: str) -> None:
         raise HTTPError(401, "A valid bearer token is required", headers={"WWW-Authenticate": 'Bearer realm="downloader"'})
 
 
-def parse_expiry(ttl: object, expires_at: object, now: float) -> float | None:
-    """A new link's expiry (None: never) from `ttl` (seconds, or "1h") or `expires_at` (RFC 3339 with a zone, or POSIX seconds)."""
-    if ttl is not None and expires_at is not None:
-        raise HTTPError(400, "give ttl or expires_at, not both")
-    try:
-        if isinstance(ttl, str):
-            return now + parse_ttl(ttl)
-        if isinstance(expires_at, str):
-            when = datetime.datetime.fromisoformat(expires_at)
-            if when.tzinfo is None:
-                raise ValueError(expires_at)
-            return when.timestamp()
-    except ValueError:
-        if ttl is not None:
-            raise HTTPError(400, "ttl must be seconds or a duration such as 45s, 30m, 1h or 7d") from None
-        raise HTTPError(400, "expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z") from None
-    for field, value, low in (("ttl", ttl, 1), ("expires_at", expires_at, 0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low):
-            raise HTTPError(400, f"{field} must be a number of at least {low}")
-    return now + ttl if isinstance(ttl, (int, float)) else expires_at  # type: ignore[return-value]
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
-async def read_link_request(request: Request) -> dict[str, object]:
-    """The JSON body of POST /api/links, checked: path (required), ttl or expires_at, max_downloads, name."""
+async def read_link_request(request: Request, now: float) -> tuple[str, dict[str, object]]:
+    """The file and the Catalog.add options of a POST /api/links body: path (required), ttl or expires_at,
+    max_downloads, name (link_options); 400 naming the field."""
     try:
-        body = json.loads(await request.body())
+        body = json.loads(await request.body(), parse_constant=_no_constant)  # no NaN or Infinity
     except ValueError:
         raise HTTPError(400, "The body must be JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("path"), str):
@@ -1959,12 +2018,11 @@ async def read_link_request(request: Request) -> dict[str, object]:
     unknown = set(body) - {"path", "ttl", "expires_at", "max_downloads", "name"}
     if unknown:
         raise HTTPError(400, f"unknown fields: {', '.join(sorted(unknown))}")
-    limit = body.get("max_downloads")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 1):
-        raise HTTPError(400, "max_downloads must be a number of at least 1")
-    if body.get("name") is not None and (not isinstance(body["name"], str) or not body["name"] or "/" in body["name"]):
-        raise HTTPError(400, "name must be a file name")
-    return body
+    try:
+        expires_at, max_downloads, name = link_options(**{k: v for k, v in body.items() if k != "path"}, now=now)
+    except ValueError as exc:
+        raise HTTPError(400, str(exc)) from None
+    return body["path"], {"expires_at": expires_at, "max_downloads": max_downloads, "name": name}
 
 
 def link_json(link: Link, prefix: str) -> dict[str, object]:
@@ -2038,14 +2096,11 @@ async def list_links(request: Request) -> Response:
 async def create_link(request: Request) -> Response:
     service = service_of(request)
     catalog = service.check_admin(request)
-    body = await read_link_request(request)
-    path = str(body["path"])
-    expires_at = parse_expiry(body.get("ttl"), body.get("expires_at"), time.time())
-    limit = None if body.get("max_downloads") is None else int(body["max_downloads"])  # type: ignore[call-overload]
+    path, options = await read_link_request(request, time.time())
 
     def add() -> Link:
         check_servable(service.settings, path)
-        return catalog.add(path, expires_at=expires_at, max_downloads=limit, name=body.get("name"))  # type: ignore[arg-type]
+        return catalog.add(path, **options)  # type: ignore[arg-type]
 
     link = await anyio.to_thread.run_sync(add)
     return json_response(link_json(link, request.scope.get("root_path", "")), status=201)
@@ -2195,9 +2250,11 @@ class Operations:
         except TransferAborted as exc:
             aborted = str(exc)
             raise
-        except BaseException as exc:
-            # the server cancelled it (shutdown past the grace period), or a bug
-            aborted = "the server shut down" if isinstance(exc, asyncio.CancelledError) else f"server error: {type(exc).__name__}"
+        except asyncio.CancelledError:
+            aborted = "the server shut down"  # past the grace period
+            raise
+        except Exception as exc:  # a bug: Starlette answers 500 when nothing was sent yet
+            status, aborted = status or 500, f"server error: {type(exc).__name__}"
             raise
         finally:
             self.active -= is_download
@@ -2269,6 +2326,11 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
 # `app` and `HTTPProtocol` that `uvicorn downloader:app` imports.
 
 SERVER_FLAGS = ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips")  # stand for DOWNLOADER_*
+
+
+def as_variable(name: str) -> str:
+    """The DOWNLOADER_* variable of a create_app keyword in an error (others stay as they are)."""
+    return ENV_PREFIX + name.upper() if name in SETTING_RULES else name
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -2363,7 +2425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             variable = ENV_PREFIX + ("HOST" if isinstance(exc, socket.gaierror) else "PORT")
             raise SettingsError(variable, f"can't listen on {shown}:{options.port}: {exc.strerror or exc}") from None
     except SettingsError as exc:
-        print(f"downloader: {flags.get(exc.name, exc.name)}: {exc.problem}", file=sys.stderr)
+        variable = as_variable(exc.name)
+        print(f"downloader: {flags.get(variable, variable)}: {exc.problem}", file=sys.stderr)
         return 2
     port = sock.getsockname()[1]
     where = f"http://{shown}:{port}/" if settings.listing_on else f"http://{shown}:{port}/download/PATH"
@@ -2423,7 +2486,7 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
         return 0
     if settings.catalog is None:
         raise SettingsError(ENV_PREFIX + "CATALOG", f"not set; {args.command} needs the catalog file")
-    catalog = Catalog(settings.catalog)
+    catalog = open_catalog(settings.catalog, ENV_PREFIX + "CATALOG")
     if args.command == "add":
         expires_at = None if ttl is None else time.time() + ttl
         try:
@@ -2486,7 +2549,7 @@ def app_from_env() -> Starlette:
         settings = settings_from_env(os.environ)
         built = create_app(**dataclasses.asdict(settings))
     except SettingsError as exc:
-        print(f"downloader: {exc}", file=sys.stderr)
+        print(f"downloader: {as_variable(exc.name)}: {exc.problem}", file=sys.stderr)
         raise SystemExit(2) from None
     if settings.access_log != "off":
         logging.getLogger("uvicorn.access").disabled = True

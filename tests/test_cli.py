@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,16 @@ def test_a_catalog_that_is_not_sqlite_stops_start_up(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr.startswith(f"downloader: DOWNLOADER_CATALOG: '{tmp_path / 'catalog.db'}' can't be opened as a SQLite catalog (")
     assert result.stderr.count("\n") == 1
+
+
+def test_a_sqlite_file_that_is_not_a_catalog_stops_start_up(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE links (x)")
+    for args in (["--port", "0"], ["list"]):
+        result = run_cli(*args, DOWNLOADER_CATALOG=str(other))
+        wanted = f"downloader: DOWNLOADER_CATALOG: '{other}' holds a links table that is not a downloader catalog\n"
+        assert (args, result.returncode, result.stdout, result.stderr) == (args, 2, "", wanted)
 
 
 def test_a_port_in_use_is_one_line_before_anything_is_announced() -> None:

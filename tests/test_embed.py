@@ -34,7 +34,7 @@ from starlette.routing import Mount, Route
 
 from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_request, need
 from downloader import DownloadResponse, create_app, http_date, make_etag, stream_download
-from helpers import MIB, Server, failed, parse_byteranges, uvicorn_server, wait_for
+from helpers import MIB, Server, clean_env, failed, parse_byteranges, uvicorn_server, wait_for
 
 SAMPLES = PROJECT / "static" / "downloads"
 TOKEN = "t"
@@ -1148,9 +1148,13 @@ async def test_download_response_headers_and_status_code_follow_the_response_con
     assert (status, body, response.status_code) == (206, b"0123", 206)
     assert (headers["x-extra"], headers["x-later"], headers["cache-control"]) == ("1", "2", "private")
     assert headers["set-cookie"].startswith("seen=yes")
-    missing = DownloadResponse(root / "nope.txt")
-    status, _, _ = await asgi_request(missing, b"/")
-    assert (status, missing.status_code) == (404, 404)
+    assert dict(response.headers) == headers  # once sent, `headers` are those sent, as FileResponse's
+    missing = DownloadResponse(root / "nope.txt", headers={"X-Extra": "1", "Content-Type": "application/pdf"})
+    status, headers, body = await asgi_request(missing, b"/")
+    assert (status, missing.status_code, headers["x-extra"], headers["content-type"]) == (404, 404, "1", "application/json")
+    unsatisfiable = DownloadResponse(root / "ten.txt", headers={"X-Extra": "1"})
+    status, headers, _ = await asgi_request(unsatisfiable, b"/", headers=[(b"range", b"bytes=99-")])
+    assert (status, headers["x-extra"], headers["content-range"]) == (416, "1", "bytes */10")
     generated = stream_download([b"abc"], "a.txt", headers={"X-Extra": "g"})
     generated.headers["X-Later"] = "h"
     status, headers, body = await asgi_request(generated, b"/", headers=[(b"if-none-match", b"*")])
@@ -1221,3 +1225,8 @@ def test_module_copied_alone_serves_everything_but_the_page(root: Path, tmp_path
                 conn.close()
                 assert (command[-3], path, response.status) == (command[-3], path, status)
             assert json.loads(body) == {"detail": "The download page is not installed: static/ is missing beside downloader.py"}
+    # and without a root: the default sample files aren't there either
+    for command in ([sys.executable, "downloader.py"], [sys.executable, "-m", "uvicorn", "downloader:app"]):
+        result = subprocess.run(command, cwd=alone, env=clean_env(PYTHONPATH=""), capture_output=True, text=True, timeout=30)
+        wanted = f"DOWNLOADER_ROOT: not set, and the default '{alone / 'static' / 'downloads'}' (the sample files) is not a directory"
+        assert (result.returncode, f"downloader: {wanted}\n" in result.stderr, "Traceback" in result.stderr) == (2, True, False)

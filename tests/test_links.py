@@ -567,7 +567,10 @@ CLI_ERRORS = [
     ("add-missing-file", ["add", "missing.txt"], 1, "downloader: cannot add 'missing.txt': Not Found (no file under {root} by that path)\n"),
     ("add-outside-root", ["add", "../secret.txt"], 1, "downloader: cannot add '../secret.txt': Not Found (no file under {root} by that path)\n"),
     ("add-hidden-file", ["add", ".hidden"], 1, "downloader: cannot add '.hidden': Not Found (no file under {root} by that path)\n"),
-    ("add-zero-limit", ["add", "ten.txt", "--max-downloads", "0"], 1, "downloader: cannot add 'ten.txt': max_downloads must be 1 or more\n"),
+    ("add-zero-limit", ["add", "ten.txt", "--max-downloads", "0"], 1, "downloader: cannot add 'ten.txt': max_downloads must be a whole number from 1 to 1000000000\n"),
+    ("add-huge-limit", ["add", "ten.txt", "--max-downloads", "99999999999999999999999"], 1, "downloader: cannot add 'ten.txt': max_downloads must be a whole number from 1 to 1000000000\n"),
+    ("add-bad-name", ["add", "ten.txt", "--name", "a/b"], 1, "downloader: cannot add 'ten.txt': name must be a file name: printable, without /\n"),
+    ("add-not-utf8", ["add", "bad\udcffname.txt"], 1, "downloader: cannot add 'bad\\udcffname.txt': Not Found (no file under {root} by that path)\n"),
     ("revoke-unknown", ["revoke", "nope"], 1, "downloader: unknown ID nope\n"),
 ]
 
@@ -579,9 +582,10 @@ def test_cli_catalog_errors(root: Path, db: Path, args: list[str], status: int, 
     assert Catalog(db).list() == []
 
 
-@pytest.mark.parametrize("path", ["nope.txt", "../secret.txt", ".hidden", "sub"])
+@pytest.mark.parametrize("path", ["nope.txt", "../secret.txt", ".hidden", "sub", "not-utf8-\udcff.txt"])
 def test_cli_sign_refuses_what_download_would_not_serve(root: Path, path: str) -> None:
     """Issue "No surprises" #12: `add` checked the file, `sign` printed a URL for anything."""
+    (root / "not-utf8-\udcff.txt").write_bytes(b"a file no URL can name")
     result = run_cli("sign", path, DOWNLOADER_SECRET=KEY, DOWNLOADER_ROOT=str(root))
     wanted = f"downloader: cannot sign {path!r}: Not Found (no file under {root.resolve()} by that path)\n"
     assert (result.returncode, result.stdout, result.stderr) == (1, "", wanted)
@@ -732,22 +736,37 @@ async def test_admin_api_is_404_unless_configured(root: Path, db: Path, settings
 
 
 BAD_LINK_REQUESTS = [
-    # (id, body as bytes, status, detail)
+    # (id, body as bytes, status, detail); nothing is stored (issue "No surprises" review: 500s stored links)
     ("not-json", b"path=ten.txt", 400, "The body must be JSON"),
+    ("json-nan", b'{"path": "ten.txt", "ttl": NaN}', 400, "The body must be JSON"),
+    ("json-infinity", b'{"path": "ten.txt", "ttl": Infinity}', 400, "The body must be JSON"),
     ("json-list", b'["ten.txt"]', 400, "path (a string) is required"),
     ("no-path", b"{}", 400, "path (a string) is required"),
     ("path-not-string", b'{"path": 1}', 400, "path (a string) is required"),
     ("unknown-field", b'{"path": "ten.txt", "owner": "x"}', 400, "unknown fields: owner"),
-    ("ttl-zero", b'{"path": "ten.txt", "ttl": 0}', 400, "ttl must be a number of at least 1"),
+    ("ttl-zero", b'{"path": "ten.txt", "ttl": 0}', 400, "ttl must be a number from 1 to 3153600000"),
+    ("ttl-huge", b'{"path": "ten.txt", "ttl": 1e400}', 400, "ttl must be a number from 1 to 3153600000"),
+    ("ttl-too-long", b'{"path": "ten.txt", "ttl": 99999999999999999999}', 400, "ttl must be a number from 1 to 3153600000"),
+    ("ttl-list", b'{"path": "ten.txt", "ttl": [1]}', 400, "ttl must be a number from 1 to 3153600000"),
     ("ttl-bad-string", b'{"path": "ten.txt", "ttl": "soon"}', 400, "ttl must be seconds or a duration such as 45s, 30m, 1h or 7d"),
-    ("ttl-list", b'{"path": "ten.txt", "ttl": [1]}', 400, "ttl must be a number of at least 1"),
+    ("ttl-huge-string", b'{"path": "ten.txt", "ttl": "99999999999999999999d"}', 400, "ttl must be seconds or a duration such as 45s, 30m, 1h or 7d"),
+    ("ttl-fullwidth-digit", '{"path": "ten.txt", "ttl": "\uff11h"}'.encode(), 400, "ttl must be seconds or a duration such as 45s, 30m, 1h or 7d"),
+    ("expires-huge", b'{"path": "ten.txt", "expires_at": 1e300}', 400, "expires_at must be a number from 0 to 253402300799"),
+    ("expires-negative", b'{"path": "ten.txt", "expires_at": -1}', 400, "expires_at must be a number from 0 to 253402300799"),
     ("expires-bad-string", b'{"path": "ten.txt", "expires_at": "tomorrow"}', 400, "expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z"),
     ("expires-no-zone", b'{"path": "ten.txt", "expires_at": "2030-01-01T00:00:00"}', 400, "expires_at must be an RFC 3339 time such as 2026-12-01T00:00:00Z"),
-    ("max-zero", b'{"path": "ten.txt", "max_downloads": 0}', 400, "max_downloads must be a number of at least 1"),
-    ("max-bool", b'{"path": "ten.txt", "max_downloads": true}', 400, "max_downloads must be a number of at least 1"),
+    ("max-zero", b'{"path": "ten.txt", "max_downloads": 0}', 400, "max_downloads must be a whole number from 1 to 1000000000"),
+    ("max-bool", b'{"path": "ten.txt", "max_downloads": true}', 400, "max_downloads must be a whole number from 1 to 1000000000"),
+    ("max-fraction", b'{"path": "ten.txt", "max_downloads": 1.5}', 400, "max_downloads must be a whole number from 1 to 1000000000"),
+    ("max-huge", b'{"path": "ten.txt", "max_downloads": 99999999999999999999999}', 400, "max_downloads must be a whole number from 1 to 1000000000"),
     ("ttl-and-expires", b'{"path": "ten.txt", "ttl": 60, "expires_at": 4102444800}', 400, "give ttl or expires_at, not both"),
-    ("name-with-slash", b'{"path": "ten.txt", "name": "a/b.txt"}', 400, "name must be a file name"),
-    ("name-empty", b'{"path": "ten.txt", "name": ""}', 400, "name must be a file name"),
+    ("name-with-slash", b'{"path": "ten.txt", "name": "a/b.txt"}', 400, "name must be a file name: printable, without /"),
+    ("name-empty", b'{"path": "ten.txt", "name": ""}', 400, "name must be a file name: printable, without /"),
+    ("name-dot-dot", b'{"path": "ten.txt", "name": ".."}', 400, "name must be a file name: printable, without /"),
+    ("name-nul", b'{"path": "ten.txt", "name": "a\\u0000b"}', 400, "name must be a file name: printable, without /"),
+    ("name-line-feed", b'{"path": "ten.txt", "name": "a\\nb"}', 400, "name must be a file name: printable, without /"),
+    ("name-lone-surrogate", b'{"path": "ten.txt", "name": "\\ud800"}', 400, "name must be a file name: printable, without /"),
+    ("path-lone-surrogate", b'{"path": "\\udcfften.txt"}', 404, "Not Found"),
     ("missing-file", b'{"path": "missing.txt"}', 404, "Not Found"),
     ("outside-root", b'{"path": "../secret.txt"}', 404, "Not Found"),
     ("symlink-out", b'{"path": "link-out"}', 404, "Not Found"),
@@ -859,7 +878,8 @@ async def test_hook_sees_the_request_and_the_resolved_file(root: Path, kind: str
     seen: list[tuple[str, str, int, str, str]] = []
 
     def record(request, file) -> bool:
-        seen.append((request.url.path, file.name, file.size, file.path, request.headers.get("x-user", "")))
+        shown = (file.name, file.size, file.path) if file is not None else (None, None, None)
+        seen.append((request.url.path, *shown, request.headers.get("x-user", "")))
         return request.headers.get("x-user") == "alice"
 
     async def async_record(request, file) -> bool:
@@ -869,15 +889,20 @@ async def test_hook_sees_the_request_and_the_resolved_file(root: Path, kind: str
         inner = await c.get("/download/sub/inner.txt", headers={"X-User": "alice"})
         via_link = await c.get("/download/link-in", headers={"X-User": "bob"})
         missing = await c.get("/download/missing.txt", headers={"X-User": "alice"})
+        missing_refused = await c.get("/download/missing.txt", headers={"X-User": "bob"})
     assert (inner.status_code, inner.content) == (200, b"inner")
     assert (via_link.status_code, via_link.json()) == (403, {"detail": "Forbidden"})
     assert (missing.status_code, missing.json()) == (404, {"detail": "Not Found"})
+    # a refused client gets the refusal for a missing file too, so it can't probe what exists
+    assert (missing_refused.status_code, missing_refused.json()) == (403, {"detail": "Forbidden"})
     real = os.path.realpath(root)
-    # the symlink keeps its own name, its path is what it resolves to; a missing file never
-    # reaches the hook
+    # the symlink keeps its own name, its path is what it resolves to; a missing file reaches
+    # the hook as None
     assert seen == [
         ("/download/sub/inner.txt", "inner.txt", 5, os.path.join(real, "sub", "inner.txt"), "alice"),
         ("/download/link-in", "link-in", 10, os.path.join(real, "ten.txt"), "bob"),
+        ("/download/missing.txt", None, None, None, "alice"),
+        ("/download/missing.txt", None, None, None, "bob"),
     ]
 
 

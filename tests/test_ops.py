@@ -177,6 +177,22 @@ def test_access_log_line_for_a_ranged_download(procs: Processes, root: Path, tmp
     }
 
 
+@pytest.mark.anyio
+async def test_access_log_says_500_when_a_bug_answers_it(root: Path, tmp_path: Path) -> None:
+    """A hook that raises is a bug: Starlette answers 500, and the log says so (not status 0)."""
+    access = tmp_path / "access.log"
+
+    def broken(request, file) -> bool:
+        raise KeyError("the host's bug")
+
+    app = downloader.create_app(root, authorize=broken, access_log=str(access))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t") as c:
+        response = await c.get("/download/ten.txt")
+    assert (response.status_code, response.json()) == (500, {"detail": "Internal Server Error"})
+    [line] = [json.loads(text) for text in access.read_text().splitlines()]
+    assert (line["path"], line["status"], line["aborted"]) == ("/download/ten.txt", 500, "server error: KeyError")
+
+
 def test_access_log_line_for_a_download_the_client_abandons(procs: Processes, root: Path, tmp_path: Path) -> None:
     size = 64 * MIB
     write_file(root / "big.bin", size)
