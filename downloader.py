@@ -927,14 +927,16 @@ _ATTR_CHAR_PUNCTUATION = "!#$&+-.^_`|~"
 
 
 def ascii_filename(name: str) -> str:
-    """The ASCII `filename=`: accents dropped (é -> e); other non-ASCII, controls, `"`, `\\`, `%` (decoded by some) -> `_`."""
+    """The ASCII `filename=`: accents dropped (é -> e); other non-ASCII, controls, `"`, `%` (decoded by some) and
+    separators -> `_`; so are dot-dots, which NFKD can make of other characters (`．．／` -> `../`)."""
     kept = (char for char in unicodedata.normalize("NFKD", name) if not unicodedata.combining(char))
-    return "".join(char if " " <= char <= "~" and char not in '"\\%' else "_" for char in kept) or "download"
+    fallback = "".join(char if " " <= char <= "~" and char not in '"\\%/' else "_" for char in kept)
+    return re.sub(r"\.\.+", lambda dots: "_" * len(dots.group()), fallback) or "download"
 
 
 def utf8_filename(name: str) -> str:
-    """`filename=` as UTF-8 bytes, one str character each (headers travel as latin-1); controls, `"`, `\\` become `_`."""
-    safe = "".join("_" if char in '"\\' or not char.isprintable() else char for char in name)
+    """`filename=` as UTF-8 bytes, one str character each (headers travel as latin-1); controls, `"`, `\\`, `/` become `_`."""
+    safe = "".join("_" if char in '"\\/' or not char.isprintable() else char for char in name)
     return safe.encode("utf-8", "surrogatepass").decode("latin-1")
 
 
@@ -1895,6 +1897,22 @@ def list_limit(text: str | None) -> int:
     return int(text)
 
 
+def root_health(root: str) -> str | None:
+    try:
+        with os.scandir(root) as it:
+            next(it, None)
+    except OSError:
+        return "the download root is not readable"
+    return None if os.access(root, os.R_OK | os.X_OK) else "the download root is not readable"
+
+
+def readable_root(root: str) -> str:
+    """The root, or 503 as /healthz says when it can't be read: an empty listing or archive would lie."""
+    if root_health(root) is not None:
+        raise HTTPError(503, "The download root is not readable", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return root
+
+
 def list_page(root: str, *, after: str, limit: int, serve_hidden: bool) -> tuple[list[ListedFile], str | None]:
     """One page of walk_files and the cursor of the next (None on the last page)."""
     files = list(itertools.islice(walk_files(root, after=after, serve_hidden=serve_hidden), limit + 1))
@@ -2059,7 +2077,7 @@ async def zip_folder(request: Request) -> Response:
         raise not_found()
     config = service.settings
     folder = request.path_params["folder"]
-    return await anyio.to_thread.run_sync(lambda: folder_zip(config, resolve_folder(config.root, folder, serve_hidden=config.serve_hidden)))
+    return await anyio.to_thread.run_sync(lambda: folder_zip(config, resolve_folder(readable_root(config.root), folder, serve_hidden=config.serve_hidden)))
 
 
 async def list_files(request: Request) -> Response:
@@ -2069,7 +2087,7 @@ async def list_files(request: Request) -> Response:
     limit = list_limit(request.query_params.get("limit"))
     after = decode_cursor(request.query_params.get("cursor", ""))
     files, next_cursor = await anyio.to_thread.run_sync(
-        lambda: list_page(config.root, after=after, limit=limit, serve_hidden=config.serve_hidden)
+        lambda: list_page(readable_root(config.root), after=after, limit=limit, serve_hidden=config.serve_hidden)
     )
     prefix = request.scope.get("root_path", "")
     now = time.time()
@@ -2169,7 +2187,9 @@ ROUTES = [
 ]
 
 DOWNLOAD_ROUTES = ("/download/", "/files/", "/zip/")  # downloads: capped and measured
-UNLOGGED_ROUTES = ("/healthz", "/metrics")  # probes and scrapes, every few seconds: not in the access log
+UNLOGGED_ROUTES = ("/healthz", "/metrics")
+JSON_LINE_BREAKS = re.compile("[\x80-\x9f\u2028\u2029]")  # json.dumps leaves C1 controls and U+2028/9 raw: escaped,
+# so that no client-chosen path can break a log line for a reader that splits on them  # probes and scrapes, every few seconds: not in the access log
 
 
 class Metrics:
@@ -2278,7 +2298,7 @@ class Operations:
         }
         if aborted is not None:
             line["aborted"] = aborted
-        self.log.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.log.write(JSON_LINE_BREAKS.sub(lambda c: f"\\u{ord(c.group()):04x}", json.dumps(line, ensure_ascii=False)) + "\n")
         self.log.flush()
 
 
@@ -2288,15 +2308,6 @@ def open_access_log(target: str) -> TextIO | None:
     if target == "-":
         return sys.stdout
     return open(target, "a", buffering=1, encoding="utf-8")
-
-
-def root_health(root: str) -> str | None:
-    try:
-        with os.scandir(root) as it:
-            next(it, None)
-    except OSError:
-        return "the download root is not readable"
-    return None if os.access(root, os.R_OK | os.X_OK) else "the download root is not readable"
 
 
 def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -> Starlette:
@@ -2310,6 +2321,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     service = Service(make_settings(values))
     handlers = {HTTPError: http_error, StarletteHTTPException: http_error, Exception: server_error}
     app = Starlette(routes=ROUTES, lifespan=service.lifespan, exception_handlers=handlers)
+    app.router.redirect_slashes = False  # its 307 is built from the client's Host header: /download is a 404
     app.add_middleware(Operations, service=service)
     app.state.service = service
     app.state.settings = service.settings
@@ -2536,11 +2548,16 @@ def stall_safe_protocol() -> type:
     return HTTPProtocol
 
 
-class ShutdownNoise(logging.Filter):
-    """Drops uvicorn's traceback of a request it cancelled at shutdown: the access log says `aborted`."""
+class AbortNoise(logging.Filter):
+    """uvicorn logs a traceback for every request that ends in an exception. A request it cancelled at
+    shutdown is dropped, and an aborted transfer (stall, a file that shrank) shortened to one line: both
+    are expected outcomes, and the access log says `aborted` and why."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TransferAborted):
+            record.msg, record.args, record.exc_info = "Download aborted: %s", (exc,), None
+        return not isinstance(exc, asyncio.CancelledError)
 
 
 def app_from_env() -> Starlette:
@@ -2553,7 +2570,7 @@ def app_from_env() -> Starlette:
         raise SystemExit(2) from None
     if settings.access_log != "off":
         logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("uvicorn.error").addFilter(ShutdownNoise())
+    logging.getLogger("uvicorn.error").addFilter(AbortNoise())
     return built
 
 

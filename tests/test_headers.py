@@ -63,10 +63,24 @@ def test_utf8_fallback_is_safe_and_decodes_to_the_name_for_plain_names(name: str
     raw = header.encode("latin-1")  # travels as bytes: the UTF-8 of the name
     assert b"\r" not in raw and b"\n" not in raw and all(b >= 0x20 for b in raw)
     fallback = raw.split(b'filename="', 1)[1].split(b'"', 1)[0].decode("utf-8")
-    if name.isprintable() and '"' not in name and "\\" not in name:
+    if name.isprintable() and not any(char in name for char in '"\\/'):
         assert fallback == name
     star = decode_filename_star(header)
     assert (star if star is not None else fallback) == name
+
+
+@given(st.text(min_size=1, max_size=40) | st.sampled_from(["．．／etc／passwd", "..", "../../x", "a/b", "ａ＼ｂ", "...", "x..y"]))
+def test_no_fallback_holds_a_separator_or_a_dot_dot(name: str) -> None:
+    """Issue "Hardening" #10: NFKD turns `．．／etc／passwd` into `../etc/passwd`; no fallback may."""
+    for utf8_fallback in (False, True):
+        header = downloader.content_disposition(name, utf8_fallback=utf8_fallback)
+        fallback = header.encode("latin-1").split(b'filename="', 1)[1].split(b'"', 1)[0]
+        assert b"/" not in fallback and b"\\" not in fallback
+        if not utf8_fallback:
+            assert b".." not in fallback
+        star = decode_filename_star(header)
+        assert (star if star is not None else fallback.decode("utf-8")) == name  # the exact name, in filename*
+    assert downloader.ascii_filename("．．／etc／passwd") == "___etc_passwd"
 
 
 @pytest.mark.anyio

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import datetime
+import json
 import os
+import tempfile
 import re
 import subprocess
 import threading
@@ -20,6 +21,8 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -955,3 +958,46 @@ async def test_small_file_whose_last_download_was_taken_meanwhile_is_410(root: P
     async with asgi_client(app) as c:
         response = await c.get(f"/files/{link.id}")
     assert (response.status_code, response.json()) == (410, {"detail": "This download link has been used up"})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("tail", ["%0A", "%0D%0A", "%0a", "%20"])
+async def test_a_signed_link_with_a_trailing_line_feed_is_no_alias(root: Path, tail: str) -> None:
+    """Issue "Hardening" #3: the route took `.*` up to a line feed, so `name%0A` verified and served `name`."""
+    url = sign_url("ten.txt", secret=KEY, expires_in=60)
+    path, _, query = url.partition("?")
+    status, _, body = await asgi_get(create_app(root, secret=KEY), f"{path}{tail}?{query}")
+    assert (status, json.loads(body)) == (403, {"detail": "Invalid link signature"})
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20) | st.sampled_from(["1h", "7d", "0", "１h", "2030-01-01T00:00:00Z", "2030-01-01", "\ud800", "..", "a/b"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5,
+)
+LINK_BODIES = st.fixed_dictionaries(
+    {"path": st.sampled_from(["ten.txt", "sub/inner.txt", "missing.txt", "../secret.txt", "\udcff.txt"]) | JSON_VALUES},
+    optional={key: JSON_VALUES for key in ("ttl", "expires_at", "max_downloads", "name", "other")},
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=LINK_BODIES)
+def test_admin_api_fuzzed_never_fails_and_stores_only_valid_links(root: Path, tmp_path: Path, body: dict) -> None:
+    """Issue "Hardening" #9: 400 naming the field or 404, or 201 and a link that lists as valid JSON."""
+    db = Path(tempfile.mkdtemp(dir=tmp_path)) / "links.db"
+
+    async def check() -> None:
+        async with asgi_client(create_app(root, catalog=db, admin_token=TOKEN)) as admin:
+            raw = json.dumps(body, allow_nan=False).encode("utf-8", "surrogatepass")
+            created = await admin.post("/api/links", content=raw, headers={**AUTH, "Content-Type": "application/json"})
+            listed = await admin.get("/api/links", headers=AUTH)
+        assert created.status_code in (201, 400, 404), created.text
+        assert listed.status_code == 200
+        links = json.loads(listed.content, parse_constant=lambda name: pytest.fail(f"{name} in the answer"))["links"]
+        assert len(links) == (created.status_code == 201)
+        if links:
+            assert links[0]["path"] == body["path"] and 1 <= (links[0]["max_downloads"] or 1) <= downloader.MAX_DOWNLOADS_CAP
+
+    anyio.run(check)

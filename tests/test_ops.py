@@ -178,6 +178,22 @@ def test_access_log_line_for_a_ranged_download(procs: Processes, root: Path, tmp
 
 
 @pytest.mark.anyio
+async def test_access_log_escapes_what_could_break_a_line(root: Path, tmp_path: Path) -> None:
+    """Issue "Hardening" #10: U+0085, U+2028 and U+2029 are line breaks to some readers."""
+    access = tmp_path / "access.log"
+    app = downloader.create_app(root, access_log=str(access))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/download/a%C2%85b%E2%80%A8c%E2%80%A9d%0Ae.txt", headers={"User-Agent": "x\u2028y".encode()})
+    assert response.status_code == 404
+    raw = access.read_bytes()
+    assert raw.count(b"\n") == 1 and raw.endswith(b"\n")
+    assert not any(ch in raw.decode("utf-8") for ch in "\x85\u2028\u2029")
+    line = json.loads(raw)
+    assert line["path"] == "/download/a\x85b\u2028c\u2029d\ne.txt"
+    assert line["user_agent"] == "x\u2028y".encode().decode("latin-1")  # header bytes, read as latin-1
+
+
+@pytest.mark.anyio
 async def test_access_log_says_500_when_a_bug_answers_it(root: Path, tmp_path: Path) -> None:
     """A hook that raises is a bug: Starlette answers 500, and the log says so (not status 0)."""
     access = tmp_path / "access.log"

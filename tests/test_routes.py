@@ -30,6 +30,24 @@ async def test_unknown_route_is_json_404(client) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/download", "/zip", "/files", "/api/files/", "/healthz/"])
+async def test_no_redirect_built_from_the_host_header(client, path: str) -> None:
+    """Issue "Hardening" #10: Starlette's slash redirect was a 307 to the client's Host."""
+    response = await client.get(path, headers={"Host": "evil.example"}, follow_redirects=False)
+    assert (response.status_code, response.json(), "location" in response.headers) == (404, {"detail": "Not Found"}, False)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("route", ["/api/files", "/zip/", "/zip/sub"])
+async def test_an_unreadable_root_lists_nothing_but_says_503(client, root: Path, route: str) -> None:
+    """Issue "Hardening" #10: not an empty listing or an empty archive, as if the root had no files."""
+    root.rename(root.with_name("gone"))
+    response = await client.get(route)
+    assert (response.status_code, response.json()) == (503, {"detail": "The download root is not readable"})
+    assert response.headers["retry-after"] == "5"
+
+
+@pytest.mark.anyio
 async def test_head_of_missing_file_has_no_body(client) -> None:
     response = await client.head("/download/missing.txt")
     assert (response.status_code, response.content) == (404, b"")
