@@ -598,30 +598,29 @@ class ListedFile(NamedTuple):
     mtime: float
 
 
-def _listed_dir(entry: os.DirEntry[str], root: str, serve_hidden: bool, ancestors: frozenset[str]) -> str | None:
-    """The real path of a folder to walk into: not outside the root, hidden there, or an ancestor."""
-    try:
-        if not entry.is_dir():
-            return None
-        real = entry.path  # the walk visits real directories, so a plain folder's path is real
-        if entry.is_symlink():
-            real = os.path.realpath(entry.path, strict=True)
-            relative_under_root(root, real, serve_hidden=serve_hidden)
-    except (OSError, ValueError, HTTPError):
-        return None
-    return None if real in ancestors else real
+DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
+TARGET_FLAGS = (O_PATH or os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)) | os.O_CLOEXEC  # what a link names, opened for fstat
 
 
-def _listed_file(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.stat_result | None:
-    """The stat of an entry to list: a regular file that open_under_root would serve, else None."""
+def _real_path(fd: int, path: str) -> str:
+    """The real path of an open descriptor: on Linux of the very file it holds, elsewhere of `path`."""
+    return os.readlink(f"/proc/self/fd/{fd}") if PINNED_OPEN else os.path.realpath(path, strict=True)
+
+
+def _entry_stat(entry: os.DirEntry[str], dir_fd: int, directory: str, root: str, serve_hidden: bool) -> tuple[os.stat_result, str] | None:
+    """The stat and real path of what a directory entry names, a link followed, when it lies inside the root and
+    is not hidden there; else None. Read through the directory's descriptor: a link swapped in is judged by where it
+    leads, never by its name."""
     try:
         if not entry.is_symlink():
-            st = entry.stat(follow_symlinks=False)
-            return st if stat.S_ISREG(st.st_mode) else None
-        real = os.path.realpath(entry.path, strict=True)
-        relative_under_root(root, real, serve_hidden=serve_hidden)
-        st = os.stat(real)
-        return st if stat.S_ISREG(st.st_mode) else None
+            return entry.stat(follow_symlinks=False), os.path.join(directory, entry.name)  # an entry of a checked folder
+        fd = os.open(entry.name, TARGET_FLAGS, dir_fd=dir_fd)
+        try:
+            real = _real_path(fd, os.path.join(directory, entry.name))
+            relative_under_root(root, real, serve_hidden=serve_hidden)
+            return os.fstat(fd), real
+        finally:
+            os.close(fd)
     except (OSError, ValueError, HTTPError):
         return None
 
@@ -629,35 +628,60 @@ def _listed_file(entry: os.DirEntry[str], root: str, serve_hidden: bool) -> os.s
 def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
     """Every file /download serves under the real directory `root` (or its subfolder `folder`), by its /download
     path, in path order, after `after`: listed if and only if served, except names that are not UTF-8 (no URL
-    names them) and links to an ancestor (an endless walk). Subtrees before `after` are skipped unread. Blocking."""
+    names them) and links to an ancestor (an endless walk). Subtrees before `after` are skipped unread. Each
+    folder is read through a descriptor whose real path was checked (Linux), so a folder swapped for a link out of
+    the root mid-walk lists nothing from outside. Blocking."""
 
-    def visit(directory: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
-        # `directory` is a real path; `ancestors`, the real paths of the folders above it.
+    def enter(dir_fd: int | None, name: str, parent: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
         try:
-            with os.scandir(directory) as it:
-                entries = list(it)
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
         except OSError:
             return
+        try:
+            real = _real_path(fd, os.path.join(parent, name))
+            relative_under_root(root, real, serve_hidden=serve_hidden)
+            if real in ancestors:
+                return  # a link back to an ancestor, the root included
+            yield from visit(fd, real, prefix, ancestors | {real})
+        except (OSError, HTTPError):
+            return
+        finally:
+            os.close(fd)
+
+    def visit(dir_fd: int, directory: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
+        with os.scandir(dir_fd) as it:
+            entries = [e for e in it if (serve_hidden or not e.name.startswith(".")) and _is_utf8(e.name)]
         keyed = []
         for entry in entries:
-            if (not serve_hidden and entry.name.startswith(".")) or not _is_utf8(entry.name):
-                continue
-            real_dir = _listed_dir(entry, root, serve_hidden, ancestors)
-            # A folder sorts as "name/" so that this walk yields paths in string order.
-            keyed.append((prefix + entry.name + ("/" if real_dir else ""), real_dir, entry))
+            found = _entry_stat(entry, dir_fd, directory, root, serve_hidden)
+            if found is not None and (stat.S_ISDIR(found[0].st_mode) or stat.S_ISREG(found[0].st_mode)):
+                is_dir = stat.S_ISDIR(found[0].st_mode)
+                # A folder sorts as "name/" so that this walk yields paths in string order.
+                keyed.append((prefix + entry.name + ("/" if is_dir else ""), is_dir, entry.name, found[0]))
         keyed.sort(key=lambda k: k[0])
-        for key, real_dir, entry in keyed:
-            if real_dir:
-                if key > after or after.startswith(key):
-                    yield from visit(real_dir, key, ancestors | {real_dir})
-            elif key > after and (st := _listed_file(entry, root, serve_hidden)) is not None:
+        for key, is_dir, name, st in keyed:
+            if not is_dir and key > after:
                 yield ListedFile(key, st.st_size, st.st_mtime)
+            elif is_dir and (key > after or after.startswith(key)):
+                yield from enter(dir_fd, name, directory, key, ancestors)
 
-    if not folder:
-        return visit(root, "", frozenset({root}))
-    segments = folder.split("/")
-    ancestors = [os.path.realpath(os.path.join(root, *segments[:depth])) for depth in range(len(segments) + 1)]
-    return visit(ancestors[-1], folder + "/", frozenset(ancestors))
+    def start() -> Iterator[ListedFile]:
+        fds = [os.open(root, DIR_FLAGS)]
+        try:
+            ancestors, directory = {root}, root
+            for segment in folder.split("/") if folder else []:
+                fds.append(os.open(segment, DIR_FLAGS, dir_fd=fds[-1]))
+                directory = _real_path(fds[-1], os.path.join(directory, segment))
+                relative_under_root(root, directory, serve_hidden=serve_hidden)
+                ancestors.add(directory)
+            yield from visit(fds[-1], directory, folder + "/" if folder else "", frozenset(ancestors))
+        except (OSError, HTTPError):
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    return start()
 
 
 def resolve_folder(root: str, url_path: str, *, serve_hidden: bool = False) -> str:

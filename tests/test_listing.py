@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -169,6 +171,7 @@ async def test_links_to_folders_inside_are_listed_and_served_loops_are_not_walke
     (root / "sub" / "deeper" / "leaf.txt").write_bytes(b"leaf")
     (root / "alias").symlink_to(root / "sub")  # a folder elsewhere inside the root
     (root / "sub" / "deeper" / "up").symlink_to(root / "sub")  # a loop back to an ancestor
+    (root / "sub" / "top").symlink_to(root)  # and back to the root
     (root / "hidden-alias").symlink_to(root / ".dotdir")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=downloader.create_app(root)), base_url="http://t") as c:
         items, _ = await all_pages(c, "/api/files", 3)
@@ -309,3 +312,35 @@ def test_walk_files_skips_subtrees_before_the_cursor(root: Path) -> None:
     assert [f.path for f in downloader.walk_files(real, after="sub/inner.txt")] == ["ten.txt"]
     listed = {f.path: f for f in downloader.walk_files(real)}
     assert (listed["ten.txt"].size, listed["ten.txt"].mtime) == (10, OLD_MTIME)
+
+
+def test_a_folder_swapped_for_a_link_out_mid_walk_lists_nothing_from_outside(tmp_path: Path) -> None:
+    """Issue "Hardening" #4: a walk by path followed `swap` wherever it led at scandir time."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "outside-secret.txt").write_bytes(b"never listed")
+    root = tmp_path / "root"
+    (root / "swap").mkdir(parents=True)
+    for i in range(50):
+        (root / "swap" / f"inside-{i:02}.txt").write_bytes(b"in")
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.rename(root / "swap", root / ".parked")
+            os.symlink(outside, root / "swap")
+            os.unlink(root / "swap")
+            os.rename(root / ".parked", root / "swap")
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    seen_inside, deadline = 0, time.monotonic() + 4
+    try:
+        while time.monotonic() < deadline:
+            paths = [f.path for f in downloader.walk_files(str(root.resolve()))]
+            assert not any("outside" in path for path in paths), paths
+            seen_inside += bool(paths)
+    finally:
+        stop.set()
+        swapper.join()
+    assert seen_inside > 0  # the walk did run into the folder while it was swapped back and forth
