@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import bisect
 import calendar
 import contextlib
 import ctypes
@@ -53,6 +54,7 @@ import sqlite3
 import stat
 import sys
 import tempfile
+import threading
 import time
 import unicodedata
 import urllib.parse
@@ -118,6 +120,7 @@ DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024  # the page keeps files up to this size i
 MAX_ZIP_FILES = 100_000  # more files than this in one folder and /zip answers 413
 DEFAULT_LIST_LIMIT = 100  # files per /api/files page unless `limit` asks for others, up to MAX_LIST_LIMIT
 MAX_LIST_LIMIT = 1000
+LISTING_CACHE_NAMES = 300_000  # names of recently listed folders kept sorted for paging (about 60 bytes each)
 LISTING_LINK_TTL_S = 3600  # with a secret and the listing switched on, the listing's links are signed for an hour
 MAX_TTL_S = 100 * 365 * 86400  # the longest lifetime a catalog or signed link may be given (a century)
 MAX_EXPIRES_AT = 253402300799  # 9999-12-31T23:59:59Z: the latest expiry RFC 3339 can write
@@ -414,7 +417,12 @@ class OpenFile(NamedTuple):
 
 
 def _is_utf8(name: str) -> bool:
-    return not any("\ud800" <= char <= "\udfff" for char in name)  # only surrogates (PEP 383: undecodable bytes) fail
+    """False for a name holding surrogates (PEP 383: bytes that are not UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def split_url_path(path: str) -> list[str]:
@@ -607,30 +615,72 @@ def _real_path(fd: int, path: str) -> str:
     return os.readlink(f"/proc/self/fd/{fd}") if PINNED_OPEN else os.path.realpath(path, strict=True)
 
 
-def _entry_stat(entry: os.DirEntry[str], dir_fd: int, directory: str, root: str, serve_hidden: bool) -> tuple[os.stat_result, str] | None:
-    """The stat and real path of what a directory entry names, a link followed, when it lies inside the root and
-    is not hidden there; else None. Read through the directory's descriptor: a link swapped in is judged by where it
-    leads, never by its name."""
+def _entry_stat(name: str, is_link: bool, dir_fd: int, directory: str, root: str, serve_hidden: bool) -> os.stat_result | None:
+    """The stat of what a folder's entry names, a link followed when it leads inside the root and not to a hidden
+    file there; else None. Read through the folder's descriptor: a link swapped in is judged by where it leads."""
     try:
-        if not entry.is_symlink():
-            return entry.stat(follow_symlinks=False), os.path.join(directory, entry.name)  # an entry of a checked folder
-        fd = os.open(entry.name, TARGET_FLAGS, dir_fd=dir_fd)
+        if not is_link:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)  # an entry of a checked folder
+        fd = os.open(name, TARGET_FLAGS, dir_fd=dir_fd)
         try:
-            real = _real_path(fd, os.path.join(directory, entry.name))
-            relative_under_root(root, real, serve_hidden=serve_hidden)
-            return os.fstat(fd), real
+            relative_under_root(root, _real_path(fd, os.path.join(directory, name)), serve_hidden=serve_hidden)
+            return os.fstat(fd)
         finally:
             os.close(fd)
     except (OSError, ValueError, HTTPError):
         return None
 
 
+class FolderNames:
+    """The sorted names of recently listed folders, so that a page of a big folder costs a bisect and a stat per
+    file, not a scan and a sort (whitenoise's idea: do the work once). Keyed by the folder's device, inode and
+    nanosecond mtime, which any entry added, removed or renamed changes; a folder's links are sorted by what they
+    led to then, and checked again when listed. At most LISTING_CACHE_NAMES names, least recently used out first."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.folders: dict[tuple[object, ...], tuple[list[str], frozenset[str]]] = {}
+        self.size = 0
+
+    def sorted(self, dir_fd: int, directory: str, root: str, serve_hidden: bool) -> tuple[list[str], frozenset[str]]:
+        """The folder's servable names, each folder's with a trailing "/", in string order; and the names of links."""
+        st = os.fstat(dir_fd)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, root, serve_hidden)
+        with self.lock:
+            if (found := self.folders.pop(key, None)) is not None:
+                self.folders[key] = found  # most recently used now
+                return found
+            with os.scandir(dir_fd) as it:
+                entries = [(e.name, e.is_symlink(), e.is_dir(follow_symlinks=False)) for e in it]
+            names, links = [], set()
+            for name, is_link, is_dir in entries:
+                if (not serve_hidden and name.startswith(".")) or not _is_utf8(name):
+                    continue
+                if is_link:
+                    target = _entry_stat(name, True, dir_fd, directory, root, serve_hidden)
+                    if target is None or not (stat.S_ISDIR(target.st_mode) or stat.S_ISREG(target.st_mode)):
+                        continue
+                    is_dir = stat.S_ISDIR(target.st_mode)
+                    links.add(name)
+                names.append(name + "/" if is_dir else name)  # a folder sorts as "name/": the walk is in path order
+            found = sorted(names), frozenset(links)
+            if len(names) < LISTING_CACHE_NAMES:
+                self.folders[key] = found
+                self.size += len(names) + 1  # an empty folder counts too: the number of keys is bounded
+                while self.size > LISTING_CACHE_NAMES:
+                    self.size -= len(self.folders.pop(next(iter(self.folders)))[0]) + 1
+            return found
+
+
+FOLDER_NAMES = FolderNames()
+
+
 def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bool = False) -> Iterator[ListedFile]:
     """Every file /download serves under the real directory `root` (or its subfolder `folder`), by its /download
     path, in path order, after `after`: listed if and only if served, except names that are not UTF-8 (no URL
-    names them) and links to an ancestor (an endless walk). Subtrees before `after` are skipped unread. Each
-    folder is read through a descriptor whose real path was checked (Linux), so a folder swapped for a link out of
-    the root mid-walk lists nothing from outside. Blocking."""
+    names them) and links to an ancestor (an endless walk). Subtrees before `after` are skipped unread, and a
+    folder's names come from FolderNames. Each folder is read through a descriptor whose real path was checked
+    (Linux), so a folder swapped for a link out of the root mid-walk lists nothing from outside. Blocking."""
 
     def enter(dir_fd: int | None, name: str, parent: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
         try:
@@ -649,21 +699,16 @@ def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bo
             os.close(fd)
 
     def visit(dir_fd: int, directory: str, prefix: str, ancestors: frozenset[str]) -> Iterator[ListedFile]:
-        with os.scandir(dir_fd) as it:
-            entries = [e for e in it if (serve_hidden or not e.name.startswith(".")) and _is_utf8(e.name)]
-        keyed = []
-        for entry in entries:
-            found = _entry_stat(entry, dir_fd, directory, root, serve_hidden)
-            if found is not None and (stat.S_ISDIR(found[0].st_mode) or stat.S_ISREG(found[0].st_mode)):
-                is_dir = stat.S_ISDIR(found[0].st_mode)
-                # A folder sorts as "name/" so that this walk yields paths in string order.
-                keyed.append((prefix + entry.name + ("/" if is_dir else ""), is_dir, entry.name, found[0]))
-        keyed.sort(key=lambda k: k[0])
-        for key, is_dir, name, st in keyed:
-            if not is_dir and key > after:
-                yield ListedFile(key, st.st_size, st.st_mtime)
-            elif is_dir and (key > after or after.startswith(key)):
+        names, links = FOLDER_NAMES.sorted(dir_fd, directory, root, serve_hidden)
+        start = bisect.bisect_left(names, after[len(prefix) :].split("/", 1)[0]) if after.startswith(prefix) else 0
+        for entry in itertools.islice(names, start, None):
+            name, key = entry.rstrip("/"), prefix + entry
+            if entry.endswith("/") and (key > after or after.startswith(key)):
                 yield from enter(dir_fd, name, directory, key, ancestors)
+            elif not entry.endswith("/") and key > after:
+                st = _entry_stat(name, name in links, dir_fd, directory, root, serve_hidden)
+                if st is not None and stat.S_ISREG(st.st_mode):
+                    yield ListedFile(key, st.st_size, st.st_mtime)
 
     def start() -> Iterator[ListedFile]:
         fds = [os.open(root, DIR_FLAGS)]

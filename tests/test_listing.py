@@ -344,3 +344,27 @@ def test_a_folder_swapped_for_a_link_out_mid_walk_lists_nothing_from_outside(tmp
         stop.set()
         swapper.join()
     assert seen_inside > 0  # the walk did run into the folder while it was swapped back and forth
+
+
+def test_a_folder_kept_sorted_sees_every_change_at_once(tmp_path: Path) -> None:
+    """The sorted names of a folder are kept between pages (issue "Hardening" #7): any entry added, removed or
+    renamed changes the folder's mtime, and so the listing; sizes are read afresh."""
+    root = tmp_path / "kept"
+    root.mkdir()
+    for name in ("b.txt", "d.txt"):
+        (root / name).write_bytes(b"x")
+    real = str(root.resolve())
+
+    def listed() -> list[tuple[str, int]]:
+        return [(f.path, f.size) for f in downloader.walk_files(real)]
+
+    assert listed() == [("b.txt", 1), ("d.txt", 1)]
+    (root / "a.txt").write_bytes(b"new")
+    (root / "d.txt").rename(root / "c.txt")
+    (root / "b.txt").write_bytes(b"longer now")
+    assert listed() == [("a.txt", 3), ("b.txt", 10), ("c.txt", 1)]
+    (root / "a.txt").unlink()
+    (root / "sub").mkdir()
+    (root / "sub" / "z.txt").write_bytes(b"z")
+    assert listed() == [("b.txt", 10), ("c.txt", 1), ("sub/z.txt", 1)]
+    assert [f.path for f in downloader.walk_files(real, after="b.txt")] == ["c.txt", "sub/z.txt"]
