@@ -120,6 +120,7 @@ DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024  # the page keeps files up to this size i
 MAX_ZIP_FILES = 100_000  # more files than this in one folder and /zip answers 413
 DEFAULT_LIST_LIMIT = 100  # files per /api/files page unless `limit` asks for others, up to MAX_LIST_LIMIT
 MAX_LIST_LIMIT = 1000
+FOLDER_STILL_S = 2.0  # a folder is kept sorted only once unchanged this long: mtimes may tick in whole seconds
 LISTING_CACHE_NAMES = 300_000  # names of recently listed folders kept sorted for paging (about 60 bytes each)
 LISTING_LINK_TTL_S = 3600  # with a secret and the listing switched on, the listing's links are signed for an hour
 MAX_TTL_S = 100 * 365 * 86400  # the longest lifetime a catalog or signed link may be given (a century)
@@ -664,7 +665,9 @@ class FolderNames:
                     links.add(name)
                 names.append(name + "/" if is_dir else name)  # a folder sorts as "name/": the walk is in path order
             found = sorted(names), frozenset(links)
-            if len(names) < LISTING_CACHE_NAMES:
+            # Like git's racy index: a folder changed within the last seconds may change again within the same
+            # mtime tick (coarse on some file systems), unseen; it is read anew until it has been still a while.
+            if len(names) < LISTING_CACHE_NAMES and time.time() - st.st_mtime > FOLDER_STILL_S:
                 self.folders[key] = found
                 self.size += len(names) + 1  # an empty folder counts too: the number of keys is bounded
                 while self.size > LISTING_CACHE_NAMES:

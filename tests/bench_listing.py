@@ -29,6 +29,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as base:
         for i in range(args.files):
             (Path(base) / f"f{i:07}.txt").touch()
+        time.sleep(downloader.FOLDER_STILL_S)  # a folder is kept sorted once it has been still that long
         app = downloader.create_app(base, access_log="off")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
 

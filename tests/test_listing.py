@@ -346,25 +346,31 @@ def test_a_folder_swapped_for_a_link_out_mid_walk_lists_nothing_from_outside(tmp
     assert seen_inside > 0  # the walk did run into the folder while it was swapped back and forth
 
 
-def test_a_folder_kept_sorted_sees_every_change_at_once(tmp_path: Path) -> None:
+def test_a_folder_kept_sorted_sees_every_change_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sorted names of a folder are kept between pages (issue "Hardening" #7): any entry added, removed or
-    renamed changes the folder's mtime, and so the listing; sizes are read afresh."""
+    renamed changes the folder's mtime, and so the listing; a folder changed in the last seconds is read anew
+    (its mtime may not tick again); sizes are read afresh."""
     root = tmp_path / "kept"
     root.mkdir()
     for name in ("b.txt", "d.txt"):
         (root / name).write_bytes(b"x")
     real = str(root.resolve())
+    reads = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: reads.append(path) or real_scandir(path))
 
-    def listed() -> list[tuple[str, int]]:
+    def listed(still: int | None = None) -> list[tuple[str, int]]:
+        if still is not None:  # the folder last changed `still` seconds ago
+            os.utime(root, (time.time() - still, time.time() - still))
         return [(f.path, f.size) for f in downloader.walk_files(real)]
 
-    assert listed() == [("b.txt", 1), ("d.txt", 1)]
+    assert listed(still=60) == [("b.txt", 1), ("d.txt", 1)]
+    assert (listed(), len(reads)) == ([("b.txt", 1), ("d.txt", 1)], 1)  # kept: read once
     (root / "a.txt").write_bytes(b"new")
     (root / "d.txt").rename(root / "c.txt")
     (root / "b.txt").write_bytes(b"longer now")
     assert listed() == [("a.txt", 3), ("b.txt", 10), ("c.txt", 1)]
+    assert listed() == [("a.txt", 3), ("b.txt", 10), ("c.txt", 1)] and len(reads) == 3  # just changed: read anew
     (root / "a.txt").unlink()
-    (root / "sub").mkdir()
-    (root / "sub" / "z.txt").write_bytes(b"z")
-    assert listed() == [("b.txt", 10), ("c.txt", 1), ("sub/z.txt", 1)]
-    assert [f.path for f in downloader.walk_files(real, after="b.txt")] == ["c.txt", "sub/z.txt"]
+    assert listed(still=30) == [("b.txt", 10), ("c.txt", 1)]
+    assert [f.path for f in downloader.walk_files(real, after="b.txt")] == ["c.txt"] and len(reads) == 4
