@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI
@@ -32,6 +33,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
+import downloader
 from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_request, need
 from downloader import DownloadResponse, create_app, http_date, make_etag, stream_download
 from helpers import MIB, Server, clean_env, failed, parse_byteranges, uvicorn_server, wait_for
@@ -1230,3 +1232,78 @@ def test_module_copied_alone_serves_everything_but_the_page(root: Path, tmp_path
         result = subprocess.run(command, cwd=alone, env=clean_env(PYTHONPATH=""), capture_output=True, text=True, timeout=30)
         wanted = f"DOWNLOADER_ROOT: not set, and the default '{alone / 'static' / 'downloads'}' (the sample files) is not a directory"
         assert (result.returncode, f"downloader: {wanted}\n" in result.stderr, "Traceback" in result.stderr) == (2, True, False)
+
+
+# =============================================================================
+# /zip as a CPU sink (issue "Hardening" #8)
+# =============================================================================
+
+
+@pytest.mark.anyio
+async def test_zip_of_many_tiny_files_goes_out_in_few_messages(root: Path) -> None:
+    """zipstream yields a few small pieces per entry; each was a thread hop and a send."""
+    many = root / "many"
+    many.mkdir()
+    for i in range(2000):
+        (many / f"t{i:04}.txt").write_bytes(b"tiny")
+    status, headers, body, messages = await zip_messages(create_app(root), b"/zip/many")
+    assert (status, int(headers["content-length"])) == (200, len(body))
+    assert len(zip_contents(body)) == 2000
+    assert len(messages) <= len(body) // downloader.CHUNK_SIZE + 2  # about one per CHUNK_SIZE, not 6,000
+
+
+@pytest.mark.anyio
+async def test_zip_over_the_limit_is_refused_before_any_entry_is_made(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipstream
+
+    monkeypatch.setattr(downloader, "MAX_ZIP_FILES", 3)
+    monkeypatch.setattr(zipstream, "ZipStream", lambda *a, **k: pytest.fail("an archive was started"))
+    async with asgi_client(create_app(root)) as c:
+        response = await c.get("/zip/")
+    assert (response.status_code, response.json()) == (413, {"detail": "The folder holds more than 3 files"})
+
+
+@pytest.mark.anyio
+async def test_zip_archives_at_once_are_capped_per_process(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(downloader, "MAX_ACTIVE_ZIPS", 1)
+    app = create_app(root)
+    started, release = anyio.Event(), anyio.Event()
+
+    async def slow_client_send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            started.set()
+            await release.wait()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(zip_messages, app, b"/zip/", slow_client_send)
+        await started.wait()  # one archive is being sent to a client that doesn't read
+        status, headers, body, _ = await zip_messages(app, b"/zip/sub")
+        assert (status, json.loads(body), headers["retry-after"]) == (503, {"detail": "Too many archives in progress"}, "5")
+        release.set()
+    status, _, body, _ = await zip_messages(app, b"/zip/sub")  # the first one done: its slot is free again
+    assert (status, zip_contents(body)) == (200, {"inner.txt": b"inner"})
+
+
+async def zip_messages(app, target: bytes, on_send=None) -> tuple[int, dict[str, str], bytes, list[dict]]:
+    """One GET through the ASGI app: status, headers, body and the body messages, as the server got them."""
+    messages: list[dict] = []
+
+    async def receive() -> dict:
+        if not messages:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+        if on_send is not None:
+            await on_send(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": target.decode(), "raw_path": target, "root_path": "", "query_string": b"", "headers": [],
+        "client": ("127.0.0.1", 1), "server": ("t", 80),
+    }
+    await app(scope, receive, send)
+    start, body_messages = messages[0], [m for m in messages[1:] if m.get("body")]
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, b"".join(m.get("body", b"") for m in messages[1:]), body_messages
