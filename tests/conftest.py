@@ -121,7 +121,16 @@ async def asgi_request(app, target: bytes, method: str = "GET", headers: list[tu
     """Calls the ASGI app with the request target's path exactly as given (percent escapes
     and `..` included), decoded once as uvicorn does, and its query string; httpx would
     normalise the path before the app saw it."""
+    status, got, body, _ = await asgi_exchange(app, target, method, headers)
+    return status, got, body
+
+
+async def asgi_exchange(app, target: bytes, method: str = "GET", headers: list[tuple[bytes, bytes]] | None = None, on_send=None) -> tuple[int, dict[str, str], bytes, list[dict]]:
+    """asgi_request, plus the body messages as the server got them; `on_send(message)` is
+    awaited after each (a slow client, say)."""
     from urllib.parse import unquote
+
+    import anyio
 
     raw_path, _, query = target.partition(b"?")
     scope = {
@@ -139,14 +148,15 @@ async def asgi_request(app, target: bytes, method: str = "GET", headers: list[tu
         if not request_sent:
             request_sent = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        import anyio
         await anyio.sleep_forever()
 
     async def send(message: dict) -> None:
         messages.append(message)
+        if on_send is not None:
+            await on_send(message)
 
     await app(scope, receive, send)
     start = messages[0]
     body = b"".join(m.get("body", b"") for m in messages[1:])
     got = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]}
-    return start["status"], got, body
+    return start["status"], got, body, [m for m in messages[1:] if m.get("body")]

@@ -34,7 +34,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 import downloader
-from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_request, need
+from conftest import OLD_MTIME, PROJECT, SECRET, TEN, UNICODE_NAME, asgi_exchange, asgi_request, need
 from downloader import DownloadResponse, create_app, http_date, make_etag, stream_download
 from helpers import MIB, Server, clean_env, failed, parse_byteranges, uvicorn_server, wait_for
 
@@ -1246,7 +1246,7 @@ async def test_zip_of_many_tiny_files_goes_out_in_few_messages(root: Path) -> No
     many.mkdir()
     for i in range(2000):
         (many / f"t{i:04}.txt").write_bytes(b"tiny")
-    status, headers, body, messages = await zip_messages(create_app(root), b"/zip/many")
+    status, headers, body, messages = await asgi_exchange(create_app(root), b"/zip/many")
     assert (status, int(headers["content-length"])) == (200, len(body))
     assert len(zip_contents(body)) == 2000
     assert len(messages) <= len(body) // downloader.CHUNK_SIZE + 2  # about one per CHUNK_SIZE, not 6,000
@@ -1275,35 +1275,10 @@ async def test_zip_archives_at_once_are_capped_per_process(root: Path, monkeypat
             await release.wait()
 
     async with anyio.create_task_group() as group:
-        group.start_soon(zip_messages, app, b"/zip/", slow_client_send)
+        group.start_soon(lambda: asgi_exchange(app, b"/zip/", on_send=slow_client_send))
         await started.wait()  # one archive is being sent to a client that doesn't read
-        status, headers, body, _ = await zip_messages(app, b"/zip/sub")
+        status, headers, body, _ = await asgi_exchange(app, b"/zip/sub")
         assert (status, json.loads(body), headers["retry-after"]) == (503, {"detail": "Too many archives in progress"}, "5")
         release.set()
-    status, _, body, _ = await zip_messages(app, b"/zip/sub")  # the first one done: its slot is free again
+    status, _, body, _ = await asgi_exchange(app, b"/zip/sub")  # the first one done: its slot is free again
     assert (status, zip_contents(body)) == (200, {"inner.txt": b"inner"})
-
-
-async def zip_messages(app, target: bytes, on_send=None) -> tuple[int, dict[str, str], bytes, list[dict]]:
-    """One GET through the ASGI app: status, headers, body and the body messages, as the server got them."""
-    messages: list[dict] = []
-
-    async def receive() -> dict:
-        if not messages:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep_forever()
-
-    async def send(message: dict) -> None:
-        messages.append(message)
-        if on_send is not None:
-            await on_send(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-        "path": target.decode(), "raw_path": target, "root_path": "", "query_string": b"", "headers": [],
-        "client": ("127.0.0.1", 1), "server": ("t", 80),
-    }
-    await app(scope, receive, send)
-    start, body_messages = messages[0], [m for m in messages[1:] if m.get("body")]
-    headers = {k.decode(): v.decode() for k, v in start["headers"]}
-    return start["status"], headers, b"".join(m.get("body", b"") for m in messages[1:]), body_messages
