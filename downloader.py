@@ -2024,9 +2024,9 @@ def page_html(blob_limit: int, zip_on: bool) -> bytes | None:
     return html.encode("utf-8")
 
 
-def json_response(content: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+def json_response(content: object, status: int = 200) -> Response:
     body = json.dumps(content, ensure_ascii=False).encode("utf-8")
-    return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store", **(headers or {})})
+    return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
 def open_catalog(path: str, label: str) -> Catalog:
@@ -2430,7 +2430,6 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     app.router.redirect_slashes = False  # its 307 is built from the client's Host header: /download is a 404
     app.add_middleware(Operations, service=service)
     app.state.service = service
-    app.state.settings = service.settings
     app.state.catalog = service.catalog
     return app
 
