@@ -6,14 +6,15 @@ Usage:
     --quick      smaller files (128 MiB / 32 MiB), fewer aborts and shorter runs: a smoke
                  test, under a minute on a quiet 2-CPU machine
     --json FILE  also write every figure (and the machine and plan) to FILE
-    --servers    comma-separated, in run order; default ours,starlette,aiohttp,nginx,ours-granian
+    --servers    comma-separated, in run order; default ours,ours-zerocopy,starlette,aiohttp,nginx,ours-granian
                  ("granian" is accepted for "ours-granian")
     --no-wrk     use the Python keep-alive client even when /usr/bin/wrk is installed
 
 Install the extra servers first: pip install -r tests/requirements-bench.txt
 
 Servers:
-    ours          uvicorn downloader:app (cwd = repo root, DOWNLOADER_ROOT = fixture dir)
+    ours          uvicorn downloader:app, the portable path (cwd = repo root, DOWNLOADER_ROOT = fixture dir)
+    ours-zerocopy python downloader.py: uvicorn with downloader:HTTPProtocol, the zero-copy path
     starlette     the baseline: a Starlette FileResponse endpoint under uvicorn
     aiohttp       an aiohttp web.FileResponse endpoint (skipped when aiohttp is missing)
     nginx         /usr/sbin/nginx with sendfile on (skipped when nginx is missing)
@@ -318,8 +319,13 @@ def uvicorn_argv(target: str, port: int, *extra: str) -> list[str]:
 
 
 def spec_ours(tmp: Path, root: Path, port: int) -> ServerSpec | str:
-    env = os.environ | {"DOWNLOADER_ROOT": str(root)}
+    env = os.environ | {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off"}
     return ServerSpec(uvicorn_argv("downloader:app", port), REPO, env)
+
+
+def spec_ours_zerocopy(tmp: Path, root: Path, port: int) -> ServerSpec | str:
+    env = os.environ | {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_PORT": str(port), "DOWNLOADER_HOST": HOST, "DOWNLOADER_ACCESS_LOG": "off"}
+    return ServerSpec([sys.executable, "downloader.py"], REPO, env)
 
 
 def spec_starlette(tmp: Path, root: Path, port: int) -> ServerSpec | str:
@@ -361,6 +367,7 @@ def spec_ours_granian(tmp: Path, root: Path, port: int) -> ServerSpec | str:
 
 SERVERS: dict[str, Callable[[Path, Path, int], ServerSpec | str]] = {
     "ours": spec_ours,
+    "ours-zerocopy": spec_ours_zerocopy,
     "starlette": spec_starlette,
     "aiohttp": spec_aiohttp,
     "nginx": spec_nginx,

@@ -82,10 +82,16 @@ def need(program: str) -> str:
     return path
 
 
-@pytest.fixture
+SERVER_PATHS = {
+    "portable": [],  # uvicorn's own protocol: FileChunks, what any ASGI server gets
+    "zerocopy": ["--http", "downloader:HTTPProtocol"],  # ours, as `python downloader.py` runs it: sendfile
+}
+
+
+@pytest.fixture(params=list(SERVER_PATHS))
 def live_server(root: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A real uvicorn on the `root` fixture; its log is printed when the test fails."""
-    server = uvicorn_server(root, tmp_path / "server.log")
+    """A real uvicorn on the `root` fixture, once with each streaming path; its log is printed when the test fails."""
+    server = uvicorn_server(root, tmp_path / "server.log", args=SERVER_PATHS[request.param])
     try:
         yield server
     finally:

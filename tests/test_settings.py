@@ -12,7 +12,7 @@ import downloader
 def test_defaults_serve_the_sample_files() -> None:
     settings = downloader.settings_from_env({})
     assert settings.root == str((Path(downloader.__file__).parent / "static" / "downloads").resolve())
-    assert (settings.chunk_size, settings.cache_control, settings.serve_hidden) == (512 * 1024, "no-cache", False)
+    assert (settings.chunk_size, settings.cache_control, settings.serve_hidden) == (downloader.CHUNK_SIZE, "no-cache", False)
 
 
 def test_env_values_are_parsed(tmp_path: Path) -> None:

@@ -96,21 +96,21 @@ def test_fifo_does_not_hang(live_server) -> None:
     conn.close()
 
 
-# FileChunks directly: the iterator and its ownership of the fd.
+# FileChunks directly: fixed-size reads of one range, and a short read.
 
 @pytest.mark.anyio
-async def test_file_chunks_reads_pieces_in_chunks(tmp_path: Path) -> None:
+async def test_file_chunks_reads_a_range_in_fixed_chunks(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(bytes(range(100)))
     fd = os.open(path, os.O_RDONLY)
-    pieces = [b"<", downloader.ByteRange(10, 35), b">", downloader.ByteRange(90, 100)]
-    chunks = downloader.FileChunks(fd, pieces, chunk_size=10)
-    got = [chunk async for chunk in chunks]
-    assert got == [b"<", bytes(range(10, 20)), bytes(range(20, 30)), bytes(range(30, 35)), b">", bytes(range(90, 100))]
-    await chunks.aclose()
-    await chunks.aclose()  # twice is safe
-    with pytest.raises(OSError):
-        os.fstat(fd)
+    try:
+        chunks = downloader.FileChunks(fd, downloader.ByteRange(10, 35), chunk_size=10)
+        assert not chunks.done
+        assert [chunk async for chunk in chunks] == [bytes(range(10, 20)), bytes(range(20, 30)), bytes(range(30, 35))]
+        assert chunks.done
+        assert [chunk async for chunk in downloader.FileChunks(fd, downloader.ByteRange(5, 5))] == []
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.anyio
@@ -118,11 +118,13 @@ async def test_file_chunks_raises_on_a_short_read(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 50)
     fd = os.open(path, os.O_RDONLY)
-    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, 100)], chunk_size=40)
-    assert await chunks.__anext__() == b"x" * 40
-    with pytest.raises(downloader.TransferAborted):
-        await chunks.__anext__()
-    await chunks.aclose()
+    try:
+        chunks = downloader.FileChunks(fd, downloader.ByteRange(0, 100), chunk_size=40)
+        assert await chunks.__anext__() == b"x" * 40
+        with pytest.raises(downloader.TransferAborted, match="shrank"):
+            await chunks.__anext__()
+    finally:
+        os.close(fd)
 
 
 # Under granian, a second ASGI server (no pathsend: see downloader.py, section 5).
@@ -172,37 +174,9 @@ def test_under_granian_many_files_at_once_are_each_exact(granian_server: int, ro
     conn.close()
 
 
-# How FileChunks reads: the chunk schedule, the shared budget, and cache misses.
+# How the portable path reads: from the page cache in the event loop, a miss in a thread.
 
 KIB = 1024
-
-
-async def chunk_sizes(path: Path, chunk_size: int) -> list[int]:
-    fd = os.open(path, os.O_RDONLY)
-    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, path.stat().st_size)], chunk_size=chunk_size)
-    try:
-        return [len(chunk) async for chunk in chunks]
-    finally:
-        await chunks.aclose()
-
-
-@pytest.mark.anyio
-async def test_a_lone_download_reads_chunks_that_double_up_to_chunk_size(tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(os.urandom(2 * MIB))
-    monkeypatch.setattr(downloader.FileChunks, "running", 0)
-    sizes = await chunk_sizes(path, 512 * KIB)
-    assert [s // KIB for s in sizes] == [64, 128, 256, 512, 512, 512, 64]
-
-
-@pytest.mark.anyio
-async def test_many_downloads_share_the_read_budget(tmp_path: Path, monkeypatch) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(os.urandom(256 * KIB))
-    monkeypatch.setattr(downloader.FileChunks, "running", 31)  # 31 others: each gets 512 KiB / 32
-    sizes = await chunk_sizes(path, 512 * KIB)
-    assert sizes == [downloader.MIN_CHUNK_SIZE] * (256 * KIB // downloader.MIN_CHUNK_SIZE)
-    assert downloader.FileChunks.running == 31  # closed again
 
 
 def counting_threads(monkeypatch) -> list[object]:
@@ -239,54 +213,54 @@ def page_cache(monkeypatch, cached: Callable[[int], bool]) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     ("cached", "threads"),
-    [(lambda offset: True, 0), (lambda offset: False, 5), (lambda offset: offset < 192 * KIB, 3)],
+    [(lambda offset: True, 0), (lambda offset: False, 4), (lambda offset: offset < 512 * KIB, 2)],
     ids=["all-cached", "all-missed", "cached-then-missed"],
 )
 async def test_cached_data_is_read_without_a_thread_and_a_miss_with_one(tmp_path: Path, monkeypatch, cached, threads: int) -> None:
     if not downloader.RWF_NOWAIT:
         pytest.skip("preadv with RWF_NOWAIT is Linux-only")
     path = tmp_path / "f"
-    data = os.urandom(1 * MIB)  # read as 64 + 128 + 256 + 512 + 64 KiB, at 0, 64, 192, 448, 960 KiB
+    data = os.urandom(1 * MIB)  # read as 4 chunks of 256 KiB
     path.write_bytes(data)
     page_cache(monkeypatch, cached)
     calls = counting_threads(monkeypatch)
     fd = os.open(path, os.O_RDONLY)
-    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
     try:
+        chunks = downloader.FileChunks(fd, downloader.ByteRange(0, len(data)), chunk_size=256 * KIB)
         assert b"".join([c async for c in chunks]) == data
     finally:
-        await chunks.aclose()
+        os.close(fd)
     assert calls.count(os.pread) == threads
 
 
-def test_read_cached_on_the_real_page_cache_returns_the_bytes_or_nothing(tmp_path: Path) -> None:
-    """Whatever the kernel's cache holds right now, read_cached never returns wrong bytes."""
-    if not downloader.RWF_NOWAIT:
-        pytest.skip("preadv with RWF_NOWAIT is Linux-only")
+@pytest.mark.anyio
+async def test_read_chunk_on_the_real_page_cache_returns_the_bytes(tmp_path: Path) -> None:
+    """Whatever the kernel's cache holds right now (in the loop or by a thread), the bytes are right."""
     path = tmp_path / "f"
     data = os.urandom(256 * KIB)
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
     try:
         for offset, size in ((0, 64 * KIB), (100, 1000), (200 * KIB, 56 * KIB), (250 * KIB, 64 * KIB)):
-            assert downloader.read_cached(fd, size, offset) in (data[offset : offset + size], None)
+            assert await downloader.read_chunk(fd, size, offset) == data[offset : offset + size]
     finally:
         os.close(fd)
 
 
 @pytest.mark.anyio
 async def test_a_file_system_without_rwf_nowait_falls_back_to_threads(tmp_path: Path, monkeypatch) -> None:
-    import errno
-
-    def unsupported(fd: int, size: int, offset: int) -> bytes:
+    def unsupported(fd: int, buffers: list, offset: int, flags: int = 0) -> int:
         raise OSError(errno.EOPNOTSUPP, "not supported")
 
     path = tmp_path / "f"
     data = os.urandom(300 * KIB)
     path.write_bytes(data)
-    monkeypatch.setattr(downloader, "read_cached", unsupported)
+    monkeypatch.setattr(os, "preadv", unsupported)
     calls = counting_threads(monkeypatch)
     fd = os.open(path, os.O_RDONLY)
-    chunks = downloader.FileChunks(fd, [downloader.ByteRange(0, len(data))])
-    assert b"".join([c async for c in chunks]) == data
-    assert calls.count(os.pread) == 3  # 64 + 128 + 108 KiB: every read in a thread
+    try:
+        chunks = downloader.FileChunks(fd, downloader.ByteRange(0, len(data)), chunk_size=128 * KIB)
+        assert b"".join([c async for c in chunks]) == data
+    finally:
+        os.close(fd)
+    assert calls.count(os.pread) == 3  # 128 + 128 + 44 KiB: every read in a thread
