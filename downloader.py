@@ -2423,6 +2423,7 @@ class Operations:
                 complete = not message.get("more_body", False)
             elif message["type"] == ZEROCOPY:
                 sent += message["count"]
+                complete = not message.get("more_body", False)
 
         self.active += is_download
         self.service.in_flight += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -102,15 +103,23 @@ def get(port: int, target: str, headers: dict[str, str] | None = None, method: s
     return response, response.read()
 
 
-def test_a_download_is_sent_by_the_kernel_not_read_by_python(zerocopy_server: InProcessServer, root: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(("parser", "loop"), COMBINATIONS, ids=["-".join(c) for c in COMBINATIONS])
+def test_a_download_is_sent_by_the_kernel_not_read_by_python(root: Path, tmp_path: Path, monkeypatch, parser: str, loop: str) -> None:
     wanted = write_file(root / "big.bin", 20 * MIB + 5)
+    access = tmp_path / "access.log"
+    server = InProcessServer(downloader.create_app(root, access_log=str(access)), parser, loop)
     calls = Recorder(monkeypatch)
-    response, body = get(zerocopy_server.port, "/download/big.bin")
+    try:
+        response, body = get(server.port, "/download/big.bin")
+    finally:
+        server.stop()
     assert (response.status, response.getheader("Content-Length")) == (200, str(20 * MIB + 5))
     assert hashlib.sha256(body).hexdigest() == wanted
     assert sum(calls.sendfile) == 20 * MIB + 5  # every body byte went through os.sendfile
     assert max(calls.sendfile) <= downloader.SENDFILE_MAX_CHUNK
     assert calls.preads == []  # and none through a read into Python
+    [line] = [json.loads(text) for text in access.read_text().splitlines()]
+    assert (line["status"], line["bytes"], "aborted" in line) == (200, 20 * MIB + 5, False)  # logged as complete
 
 
 def test_ranges_and_keep_alive_on_the_zero_copy_path(zerocopy_server: InProcessServer, root: Path, monkeypatch) -> None:
