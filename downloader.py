@@ -2506,7 +2506,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
 # connection. Every connection gets TCP_USER_TIMEOUT, so a client that stops reading
 # can't hold a close forever either.
 
-UVICORN_TESTED = ((0, 30), (0, 54))  # the uvicorn versions HTTPProtocol is tested with, first and last
+UVICORN_TESTED = ((0, 36), (0, 54))  # the uvicorn versions HTTPProtocol is tested with; before 0.36, `--http` takes no class path
 
 
 class SendfileAborted(TransferAborted):
