@@ -1347,10 +1347,10 @@ async def send_body(
     zerocopy = zerocopy and size is not None and size > COPY_UP_TO
     # Listening for http.disconnect costs a task: worth it unless the socket takes the body at once.
     watch = not zerocopy and (bool(rate_limit) or size is None or size > chunk_size)
-    step = paced_chunk_size(chunk_size, rate_limit) if rate_limit or not zerocopy else max(size or 0, 1)
+    step = size if zerocopy and not rate_limit else paced_chunk_size(chunk_size, rate_limit)  # zero-copy: a range a message
 
     if not watch and not zerocopy:
-        return await send_small(send, start, pieces, fd)
+        return await send_small(send, start, pieces, fd, chunk_size)
 
     async def timed(message: Message) -> None:  # a body the socket takes at once, or zero-copy, needs no timer here
         if watch:
@@ -1411,18 +1411,17 @@ async def send_body(
     return sent
 
 
-async def send_small(send: Send, start: Message, pieces: Sequence[Piece], fd: int) -> int:
-    """A body the socket takes at once, read whole first and sent as one message: no task, no timer, no
-    generator (1 KiB requests/s: README, Performance). A gate refuses it before its head: TransferRefused."""
+async def send_small(send: Send, start: Message, pieces: Sequence[Piece], fd: int, chunk_size: int) -> int:
+    """A body of one chunk at most (the socket takes it at once), read whole first and sent as one message:
+    no task, no timer, no generator (1 KiB requests/s: README, Performance). A gate refuses it before its
+    head: TransferRefused."""
     parts: list[bytes] = []
     for piece in pieces:
         if callable(piece):
             if not await anyio.to_thread.run_sync(piece):
                 raise TransferRefused("the gate refused the body")
         elif isinstance(piece, ByteRange):
-            parts.append(data := await read_chunk(fd, piece.length, piece.start))
-            if len(data) != piece.length:
-                raise TransferAborted("file shrank while being sent")
+            parts += [data async for data in FileChunks(fd, piece, chunk_size)]
         else:
             parts.append(piece)  # type: ignore[arg-type]
     body = b"".join(parts)
@@ -2563,15 +2562,9 @@ class ZeroCopyMixin:
         super().connection_made(transport)  # type: ignore[misc]
         sock = transport.get_extra_info("socket")
         self.socket_fd = -1 if sock is None or transport.get_extra_info("sslcontext") else sock.fileno()
-        self._lost: asyncio.Future[None] = self.loop.create_future()
         if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.user_timeout_ms)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._lost.done():
-            self._lost.set_result(None)
-        super().connection_lost(exc)  # type: ignore[misc]
 
     def offer_zerocopy(self) -> None:
         """Called once a request's cycle exists: the scope offers the extension, the cycle's send takes it."""
@@ -2626,11 +2619,12 @@ class ZeroCopyMixin:
         page cache is sent from a worker thread, so that the event loop never waits for the disk."""
         sent, full = 0, Backoff(stall_timeout, self.socket_fd)
         try:
-            while self.transport.get_write_buffer_size():  # the head, a multipart boundary: first
-                await full.wait(self.transport.get_write_buffer_size())
             while sent < count:
                 if self.transport.is_closing():  # its descriptor may be closed, and the number reused
                     raise ClientGone("the client is gone")
+                if buffered := self.transport.get_write_buffer_size():  # the head, a multipart boundary: first
+                    await full.wait(buffered)
+                    continue
                 at, size = offset + sent, min(count - sent, SENDFILE_MAX_CHUNK)
                 try:
                     if page_cached(fd, at):

@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 import downloader
-from conftest import TEN, UNICODE_NAME, asgi_request, need
+from conftest import SERVER_PATHS, TEN, UNICODE_NAME, asgi_request, need
 from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
 from helpers import run_cli, uvicorn_server
 
@@ -469,14 +469,15 @@ async def test_range_reaching_the_last_byte_counts_as_a_download(root: Path, db:
     assert (gone.status_code, gone.json()) == (410, GONE)
 
 
-def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(root: Path, tmp_path: Path, db: Path) -> None:
+@pytest.mark.parametrize("path", list(SERVER_PATHS))
+def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(root: Path, tmp_path: Path, db: Path, path: str) -> None:
     data = os.urandom(4 * 1024 * 1024 + 123)
     (root / "big.bin").write_bytes(data)
     link = Catalog(db).add("big.bin", max_downloads=1)
     log = tmp_path / "server.log"
     # With --workers, uvicorn logs its address before the workers accept connections:
     # uvicorn_server waits for both workers' "Application startup complete." too.
-    with uvicorn_server(root, log, env={"DOWNLOADER_CATALOG": str(db)}, args=["--workers", "2"]) as server:
+    with uvicorn_server(root, log, env={"DOWNLOADER_CATALOG": str(db)}, args=["--workers", "2", *SERVER_PATHS[path]]) as server:
         clients = 20
         barrier = threading.Barrier(clients)
         outcomes: list[str] = [""] * clients

@@ -23,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 import downloader
-from conftest import PROJECT, TEN, UNICODE_NAME, need
+from conftest import PROJECT, SERVER_PATHS, TEN, UNICODE_NAME, need
 from helpers import MIB, Server, cli_server, failed, free_port, uvicorn_server, wait_for, write_file
 
 SECRET = "ops-test-signing-key"
@@ -209,11 +209,12 @@ async def test_access_log_says_500_when_a_bug_answers_it(root: Path, tmp_path: P
     assert (line["path"], line["status"], line["aborted"]) == ("/download/ten.txt", 500, "server error: KeyError")
 
 
-def test_access_log_line_for_a_download_the_client_abandons(procs: Processes, root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", list(SERVER_PATHS))
+def test_access_log_line_for_a_download_the_client_abandons(procs: Processes, root: Path, tmp_path: Path, path: str) -> None:
     size = 64 * MIB
     write_file(root / "big.bin", size)
     access = tmp_path / "access.log"
-    server = procs.app(root, DOWNLOADER_ACCESS_LOG=str(access))
+    server = procs.app(root, args=SERVER_PATHS[path], DOWNLOADER_ACCESS_LOG=str(access))
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.request("GET", "/download/big.bin", headers={"User-Agent": USER_AGENT})
     client_port = conn.sock.getsockname()[1]
@@ -339,10 +340,11 @@ def test_beyond_max_active_downloads_is_503_with_retry_after(procs: Processes, r
     assert (after.status, after.body) == (200, TEN)
 
 
-def test_rate_limit_paces_a_download_within_ten_percent(procs: Processes, root: Path) -> None:
+@pytest.mark.parametrize("path", list(SERVER_PATHS))
+def test_rate_limit_paces_a_download_within_ten_percent(procs: Processes, root: Path, path: str) -> None:
     limit, size = MIB, 3 * MIB
     wanted = write_file(root / "paced.bin", size)
-    server = procs.app(root, DOWNLOADER_RATE_LIMIT=str(limit))
+    server = procs.app(root, args=SERVER_PATHS[path], DOWNLOADER_RATE_LIMIT=str(limit))
     got = fetch(server.port, "/download/paced.bin")
     assert (got.status, hashlib.sha256(got.body).hexdigest()) == (200, wanted)
     ratio = size / got.seconds / limit

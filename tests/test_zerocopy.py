@@ -122,6 +122,30 @@ def test_a_download_is_sent_by_the_kernel_not_read_by_python(root: Path, tmp_pat
     assert (line["status"], line["bytes"], "aborted" in line) == (200, 20 * MIB + 5, False)  # logged as complete
 
 
+def test_pages_not_in_the_page_cache_are_sent_from_a_worker_thread(root: Path, monkeypatch) -> None:
+    """The cache can't be emptied on demand (posix_fadvise is advice), so the probe's answer is set: every
+    page a miss. The bytes still go by sendfile, each call in a worker thread, and arrive exact."""
+    wanted = write_file(root / "cold.bin", 5 * MIB + 3)
+    monkeypatch.setattr(downloader, "page_cached", lambda fd, offset: False)
+    threaded: list[int] = []  # bytes each worker-thread sendfile moved
+    real = downloader.sendfile_in_thread
+
+    async def in_thread(socket_fd: int, fd: int, offset: int, count: int) -> int:
+        threaded.append(await real(socket_fd, fd, offset, count))
+        return threaded[-1]
+
+    monkeypatch.setattr(downloader, "sendfile_in_thread", in_thread)
+    calls = Recorder(monkeypatch)
+    server = InProcessServer(downloader.create_app(root, access_log="off"), "httptools", "uvloop")
+    try:
+        response, body = get(server.port, "/download/cold.bin")
+    finally:
+        server.stop()
+    assert (response.status, hashlib.sha256(body).hexdigest()) == (200, wanted)
+    assert sum(threaded) == sum(calls.sendfile) == 5 * MIB + 3  # every byte, by sendfile, in a thread
+    assert calls.preads == []
+
+
 def test_ranges_and_keep_alive_on_the_zero_copy_path(zerocopy_server: InProcessServer, root: Path, monkeypatch) -> None:
     data = os.urandom(3 * MIB)
     (root / "r.bin").write_bytes(data)
