@@ -1906,7 +1906,8 @@ class GeneratedDownload(Download):
             await self.send_error(HTTPError(412, "Precondition Failed"), scope, receive, send)
             return
         if self.status_code == 304:
-            await Response(status_code=304, headers={"Cache-Control": no_transform(self.cache_control)})(scope, receive, send)
+            await send(self.start(304, [("Cache-Control", no_transform(self.cache_control))]))
+            await send({"type": "http.response.body", "body": b""})
             return
         await send_body(send, receive, self.start(200, headers), [chunks], rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
 
@@ -2771,7 +2772,7 @@ def server_options(environ: Mapping[str, str]) -> ServerOptions:
         text = environ.get(ENV_PREFIX + name)
         if text is None:
             return default
-        if not text.strip().isdigit() or not low <= int(text) <= high:
+        if not (text.strip().isascii() and text.strip().isdigit()) or not low <= int(text) <= high:  # not "²"
             raise SettingsError(ENV_PREFIX + name, f"must be a whole number from {low} to {high}, got {text!r}")
         return int(text)
 

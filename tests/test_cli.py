@@ -51,6 +51,7 @@ def test_uvicorn_with_bad_setting_stops_with_one_line(tmp_path: Path) -> None:
         (["--port", "99999"], {}, "--port: must be a whole number from 0 to 65535, got '99999'"),
         ([], {"DOWNLOADER_PORT": "99999"}, "DOWNLOADER_PORT: must be a whole number from 0 to 65535, got '99999'"),
         (["--workers", "0"], {}, "--workers: must be a whole number from 1 to 256, got '0'"),
+        (["--port", "\u00b2"], {}, "--port: must be a whole number from 0 to 65535, got '\u00b2'"),
         (["--host", "256.1.1.1", "--port", "0"], {}, "--host: can't listen on 256.1.1.1:0: Name or service not known"),
         (["--root", ""], {}, "--root: must be a directory path"),
         ([], {"DOWNLOADER_ROOT": ""}, "DOWNLOADER_ROOT: must be a directory path"),
@@ -59,7 +60,7 @@ def test_uvicorn_with_bad_setting_stops_with_one_line(tmp_path: Path) -> None:
         ([], {"DOWNLOADER_ACCESS_LOG": "/tmp"}, "DOWNLOADER_ACCESS_LOG: '/tmp' is a directory, not a file"),
         ([], {"DOWNLOADER_CATALOG": "/tmp"}, "DOWNLOADER_CATALOG: '/tmp' is a directory, not a file"),
     ],
-    ids=["port-flag", "port-env", "workers", "host", "root-flag-empty", "root-env-empty", "root-blank", "log-folder", "log-dir", "catalog-dir"],
+    ids=["port-flag", "port-env", "workers", "port-superscript", "host", "root-flag-empty", "root-env-empty", "root-blank", "log-folder", "log-dir", "catalog-dir"],
 )
 def test_bad_start_up_is_one_line_naming_the_flag_or_variable(args: list[str], env: dict[str, str], line: str) -> None:
     """Issue "No surprises" #1, #2, #10: nothing is announced, nothing is served."""

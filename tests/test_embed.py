@@ -1160,7 +1160,8 @@ async def test_download_response_headers_and_status_code_follow_the_response_con
     generated = stream_download([b"abc"], "a.txt", headers={"X-Extra": "g"})
     generated.headers["X-Later"] = "h"
     status, headers, body = await asgi_request(generated, b"/", headers=[(b"if-none-match", b"*")])
-    assert (status, generated.status_code, generated.headers["x-extra"]) == (304, 304, "g")
+    assert (status, generated.status_code, headers["x-extra"], headers["x-later"]) == (304, 304, "g", "h")
+    assert dict(generated.headers) == headers
 
 
 BACKGROUND_ON_DISCONNECT = f'''
