@@ -5,7 +5,7 @@ download header itself. Run `uvicorn downloader:app` (DOWNLOADER_* variables) or
 --root DIR`; embed it with `create_app(root, ...)` or return a `DownloadResponse` from an endpoint.
 
 The module reads top to bottom; a section uses only the sections above it
-(`grep -n '^# [0-9]\\.' downloader.py` prints this table):
+(`grep -n '^# [0-9]*\\.' downloader.py` prints this table):
 
 | # | Section                  | What lives there                                            |
 | - | ------------------------ | ----------------------------------------------------------- |
@@ -17,7 +17,8 @@ The module reads top to bottom; a section uses only the sections above it
 | 6 | Signed links and catalog | HMAC links, the SQLite catalog of opaque IDs                |
 | 7 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
 | 8 | App and routes           | create_app, the routes, the ops middleware                  |
-| 9 | CLI                      | argv -> environment -> uvicorn; subcommands; the lazy `app` |
+| 9 | Server protocol          | uvicorn's HTTP/1.1 plus zerocopysend by os.sendfile         |
+| 10 | CLI                     | argv -> environment -> uvicorn; subcommands; the lazy `app` |
 
 Sections 1-6 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
 the small types defined here, so their tests need no HTTP.
@@ -400,7 +401,8 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
 # =============================================================================
 # A URL path (percent-decoded once, by the server) becomes an open fd of a regular file in the
 # root, or an HTTPError. Containment is checked on the descriptor actually opened, so a symlink
-# swapped in serves nothing from outside; outside answers like missing (os_error_to_http).
+# swapped in serves nothing from outside; outside answers like missing (relative_under_root),
+# and OS errors map to a status in one place (os_error_to_http).
 
 OPEN_FLAGS = (
     os.O_RDONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -1660,10 +1662,10 @@ def _raw(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
-def with_extra(headers: Iterable[tuple[str, str]], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Our headers as ASGI pairs, each replaced by the host's `extra` headers of the same name."""
+def with_extra(pairs: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Our ASGI header pairs, each replaced by the host's `extra` headers of the same name."""
     replaced = {name for name, _ in extra}
-    return [pair for pair in _raw(headers) if pair[0] not in replaced] + extra
+    return [pair for pair in pairs if pair[0] not in replaced] + extra
 
 
 def disposition_for(name: str, disposition: str, requested: Mapping[str, str]) -> str:
@@ -1726,14 +1728,14 @@ class Download(Response):
 
     def start(self, status: int, headers: Iterable[tuple[str, str]]) -> Message:
         self.status_code = status
-        self.sent_headers = with_extra(headers, self.raw_headers)
+        self.sent_headers = with_extra(_raw(headers), self.raw_headers)
         return {"type": "http.response.start", "status": status, "headers": self.sent_headers}
 
     async def send_error(self, exc: HTTPError, scope: Scope, receive: Receive, send: Send) -> None:
         """The error as JSON, with the host's headers but those that describe a representation."""
         response = error_response(exc)
         extra = [(name, value) for name, value in self.raw_headers if not name.startswith(REPRESENTATION_HEADERS)]
-        response.raw_headers = [pair for pair in response.raw_headers if pair[0] not in {n for n, _ in extra}] + extra
+        response.raw_headers = with_extra(response.raw_headers, extra)
         self.status_code, self.sent_headers = exc.status, response.raw_headers
         await response(scope, receive, send)
 
@@ -2345,9 +2347,9 @@ ROUTES = [
 ]
 
 DOWNLOAD_ROUTES = ("/download/", "/files/", "/zip/")  # downloads: capped and measured
-UNLOGGED_ROUTES = ("/healthz", "/metrics")
+UNLOGGED_ROUTES = ("/healthz", "/metrics")  # probes and scrapes, every few seconds: not in the access log
 JSON_LINE_BREAKS = re.compile("[\x80-\x9f\u2028\u2029]")  # json.dumps leaves C1 controls and U+2028/9 raw: escaped,
-# so that no client-chosen path can break a log line for a reader that splits on them  # probes and scrapes, every few seconds: not in the access log
+# so that no client-chosen path can break a log line for a reader that splits on them
 
 
 class Metrics:
@@ -2490,7 +2492,6 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
     app.router.redirect_slashes = False  # its 307 is built from the client's Host header: /download is a 404
     app.add_middleware(Operations, service=service)
     app.state.service = service
-    app.state.catalog = service.catalog
     return app
 
 
@@ -2724,7 +2725,7 @@ def http_protocol(parser: str = "auto") -> type:
 # variable, exit 2), then uvicorn serves `downloader:app` on the bound socket. Also the lazily built
 # `app` and `HTTPProtocol` that `uvicorn downloader:app` imports.
 
-SERVER_FLAGS = ("root", "host", "port", "workers", "grace", "proxy_headers", "forwarded_allow_ips")  # stand for DOWNLOADER_*
+SERVER_FLAGS = ("root", *(name.lower() for name in SERVER_VARIABLES))  # stand for DOWNLOADER_*
 
 
 def as_variable(name: str) -> str:
@@ -2817,7 +2818,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown = f"[{options.host}]" if ":" in options.host else options.host
         if args.command is not None:
             return run_command(args, settings, (args.base_url or f"http://{shown}:{options.port}").rstrip("/") if hasattr(args, "base_url") else "")
-        create_app(**dataclasses.asdict(settings))  # builds everything once: catalog, log, page
+        if settings.catalog:
+            open_catalog(settings.catalog, "catalog")  # its columns too, before anything is announced
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:  # (socket.gaierror is one)
@@ -2848,7 +2850,6 @@ def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> in
         forwarded_allow_ips=options.forwarded_allow_ips,
         access_log=False,  # ours is the access log (JSON, one line per request)
     )
-    server = uvicorn.Server(config)
     # uvicorn ends by re-raising the signal that stopped it: a SIGTERM would then kill the
     # process (status 143). Exit 0 instead, as for Ctrl-C: the stop was asked for.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -2856,7 +2857,7 @@ def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> in
         if options.workers > 1:
             Multiprocess(config, sockets=[sock]).run()
         else:
-            server.run(sockets=[sock])
+            uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # Ctrl-C: uvicorn re-raises the signal once it has shut down
     finally:

@@ -953,7 +953,7 @@ async def test_small_file_whose_last_download_was_taken_meanwhile_is_410(root: P
     download took the last one between the check and the count, the answer is a clean
     410, not a 500 (nor the file)."""
     app = downloader.create_app(root, catalog=str(tmp_path / "race.db"), access_log="off")
-    catalog = app.state.catalog
+    catalog = app.state.service.catalog
     link = catalog.add("ten.txt", max_downloads=1)
     catalog.claim = lambda link_id: False  # the racing worker won the last download
     async with asgi_client(app) as c:
