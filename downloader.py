@@ -44,6 +44,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import mimetypes
 import os
 import re
@@ -115,9 +116,28 @@ MIN_STRONG_AGE_S = 1.0
 """RFC 9110 §8.8.2.2: a Last-Modified date is a strong validator only if the file was last
 modified at least one second before the response's Date; until then If-Range by date fails."""
 
+MAX_HEAD_BYTES = 16 * 1024
+"""A request line and headers longer than this are refused with 431 (HTTPProtocol; Node's and h11's limit;
+nginx allows 4 x 8 KiB): a head is buffered whole, so without a limit one client could fill memory."""
+
+HEAD_TIMEOUT_S = 10.0
+"""A request head not complete this long after the connection opened, or after the previous response,
+closes the connection (HTTPProtocol; a partial head gets 408 first): slowloris can't hold descriptors."""
+
+LINGER_S = 5.0
+"""After a 431 the server reads and drops what the client still sends for up to this long before it
+closes (nginx's lingering close): closing on unread data would reset the connection, and the reset can
+destroy the answer before the client reads it."""
+
 STALL_TIMEOUT_S = 60.0
-"""A download whose next chunk the server can't take for this long is aborted (setting: stall_timeout):
-uvicorn has no write timeout, so a client that stops reading would hold a task and an fd forever."""
+"""A download that makes no progress for this long is aborted (setting: stall_timeout; progress is a send
+completed or bytes acknowledged: StallTimer): uvicorn has no write timeout, so a client that stops reading
+would hold a task and a descriptor forever."""
+
+PROGRESS_POLL_S = 1.0
+"""While a send has waited this long, the stall timer reads how much the client has acknowledged this often
+(a quarter of stall_timeout if that is shorter; TCP_INFO, on Linux): bytes acknowledged are progress, so
+only a client that reads nothing is cut."""
 
 DEFAULT_CACHE_CONTROL = "no-cache"  # caches keep a download but revalidate it, cheaply, by its strong ETag
 GRACE_S = 30.0  # after SIGTERM, the seconds in-flight downloads get to finish before they are closed (--grace)
@@ -1295,6 +1315,95 @@ def offers_zerocopy(scope: Scope) -> bool:
     return ZEROCOPY in (scope.get("extensions") or {})
 
 
+def connection_socket(scope: Scope) -> int | None:
+    """The descriptor of this request's TCP connection in this process, found by its two addresses (any
+    ASGI server that runs in this process); None when none matches (a Unix socket, proxy headers, not Linux)."""
+    client, server = scope.get("client"), scope.get("server")
+    if not client or not server:
+        return None
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError, ValueError):
+                if stat.S_ISSOCK(os.fstat(int(name)).st_mode) and socket_peer(int(name), tuple(server)) == tuple(client):
+                    return int(name)
+    return None
+
+
+def socket_peer(fd: int, local: tuple[Any, ...] | None = None) -> tuple[Any, ...] | None:
+    """The (host, port) a TCP socket descriptor is connected to, if it is bound to `local` (when given)."""
+    sock = socket.socket(fileno=fd)  # shares the descriptor: detached, never closed
+    try:
+        if sock.type != socket.SOCK_STREAM or (local is not None and sock.getsockname()[:2] != local):
+            return None
+        return sock.getpeername()[:2]
+    finally:
+        sock.detach()
+
+
+class AckedBytes:
+    """How many bytes the client's TCP has acknowledged on this request's connection (TCP_INFO's
+    tcpi_bytes_acked, Linux 4.1+), or None when that can't be known. The socket is looked for when first
+    asked (a download that never waits never looks), and checked to be the same connection each time."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.scope, self.fd, self.peer, self.looked = scope, None, None, False
+
+    def __call__(self) -> int | None:
+        if not self.looked:
+            self.looked, self.fd = True, connection_socket(self.scope)
+            self.peer = tuple(self.scope["client"])
+        if self.fd is None:
+            return None
+        try:
+            if socket_peer(self.fd) != self.peer:  # closed, or the number now stands for another connection
+                raise OSError
+            sock = socket.socket(fileno=self.fd)
+            try:
+                return struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0]
+            finally:
+                sock.detach()
+        except (OSError, struct.error, AttributeError):
+            self.fd = None
+            return None
+
+
+class StallTimer:
+    """A stall is no progress for `timeout` seconds: a send completing is progress, and so, while a send
+    waits, are more bytes acknowledged by the client (`acked`, where its socket can be read). A server's
+    send returns once its transport may write again, which the kernel allows only after half its send
+    queue has drained: a client reading steadily at 1 KiB/s can take minutes for that, and must not be cut."""
+
+    def __init__(self, timeout: float | None, acked: Callable[[], int | None] | None) -> None:
+        self.timeout = math.inf if timeout is None else timeout
+        self.acked, self.waiting, self.began = acked, None, 0.0
+
+    async def send(self, send: Send, message: Message) -> None:
+        """send(message), or TimeoutError after `timeout` seconds without progress."""
+        self.began = anyio.current_time()
+        with anyio.CancelScope(deadline=self.began + self.timeout) as self.waiting:
+            await send(message)
+        scope, self.waiting = self.waiting, None
+        if scope.cancelled_caught:
+            raise TimeoutError
+
+    async def watch(self) -> None:
+        """Beside the sends: pushes the deadline back while a waiting send's client acknowledges bytes."""
+        if self.acked is None or self.timeout == math.inf:
+            return
+        last: tuple[anyio.CancelScope, int] | None = None
+        poll = min(PROGRESS_POLL_S, self.timeout / 4)
+        while True:
+            await anyio.sleep(poll)
+            waiting = self.waiting
+            if waiting is None or anyio.current_time() - self.began < poll:
+                continue
+            if (acked := self.acked()) is None:
+                return
+            if last is not None and last[0] is waiting and acked > last[1]:
+                waiting.deadline = anyio.current_time() + self.timeout
+            last = waiting, acked
+
+
 def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
     """A piece's size under a bandwidth limit: an eighth of a second's worth at most, for smooth pacing."""
     return chunk_size if not rate_limit else max(1024, min(chunk_size, rate_limit // 8))
@@ -1336,10 +1445,11 @@ async def body_messages(pieces: Sequence[Piece], fd: int, zerocopy: bool, step: 
 async def send_body(
     send: Send, receive: Receive, start: Message, pieces: Sequence[Piece], *, fd: int = -1, zerocopy: bool = False,
     chunk_size: int = CHUNK_SIZE, rate_limit: int | None = None, stall_timeout_s: float | None = None,
+    acked: Callable[[], int | None] | None = None,
 ) -> int:
     """The one send loop: `start`, then body_messages; returns the body bytes sent. Every send is awaited.
     With `rate_limit` (bytes per second, like nginx's limit_rate) a sleep after each message keeps the
-    average at the limit. A stall (a send the server can't take within `stall_timeout_s`; with
+    average at the limit. A stall (no progress for `stall_timeout_s`: StallTimer, reading `acked`; with
     zerocopysend, the server's own no-progress timer) or a file that shrank raises TransferAborted, so
     that the server aborts the connection. A gate that refuses while the head is still unsent (it waits
     for a first gate) raises TransferRefused: the answer can still be an error; later, GateClosed. A
@@ -1354,12 +1464,10 @@ async def send_body(
     if not watch and not zerocopy:
         return await send_small(send, start, pieces, fd, chunk_size)
 
+    timer = StallTimer(stall_timeout_s, acked)
+
     async def timed(message: Message) -> None:  # a body the socket takes at once, or zero-copy, needs no timer here
-        if watch:
-            with anyio.fail_after(stall_timeout_s):
-                await send(message)
-        else:
-            await send(message)
+        await (timer.send(send, message) if watch else send(message))
 
     async def put_head() -> None:
         nonlocal head
@@ -1402,6 +1510,7 @@ async def send_body(
         else:
             async with anyio.create_task_group() as group:
                 group.start_soon(stop_on_disconnect, receive, group.cancel_scope)
+                group.start_soon(timer.watch)
                 failure = await put_all()
                 group.cancel_scope.cancel()
     finally:
@@ -1822,7 +1931,7 @@ class DownloadResponse(Download):
                 pieces = [self.gate, *pieces] if small and self.gate in held else held
             await send_body(
                 send, receive, self.start(plan.status, plan.headers), pieces, fd=opened.fd, zerocopy=offers_zerocopy(scope),
-                chunk_size=self.chunk_size, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s,
+                chunk_size=self.chunk_size, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s, acked=AckedBytes(scope),
             )
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
@@ -1911,7 +2020,8 @@ class GeneratedDownload(Download):
             await send(self.start(304, [("Cache-Control", no_transform(self.cache_control))]))
             await send({"type": "http.response.body", "body": b""})
             return
-        await send_body(send, receive, self.start(200, headers), [chunks], rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s)
+        await send_body(send, receive, self.start(200, headers), [chunks], rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s,
+                        acked=AckedBytes(scope))
 
 
 def stream_download(
@@ -2682,6 +2792,81 @@ async def sendfile_in_thread(socket_fd: int, fd: int, offset: int, count: int) -
         os.close(out)
 
 
+class HeadGuard:
+    """Bounds the request head of one uvicorn HTTP protocol: MAX_HEAD_BYTES (else 431) and HEAD_TIMEOUT_S
+    from the connection's start or the previous response (else the connection closes, with 408 if part of
+    a head came). uvicorn has neither: a huge header was buffered whole, and a connection that never
+    finished its head (slowloris) stayed open. A head is complete once the parser has made a new cycle."""
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+    cycle: Any
+    logger: logging.Logger
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self.refused = False
+        self.await_head(None)
+
+    def await_head(self, previous: Any) -> None:
+        self.head_of, self.head_bytes, self.head_tail = previous, 0, b""
+        self.head_timer: asyncio.TimerHandle | None = self.loop.call_later(HEAD_TIMEOUT_S, self.head_timed_out)
+
+    def head_done(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return  # lingering: dropped
+        if self.head_timer is not None:
+            seen = self.head_tail + data  # the blank line may straddle two reads
+            end = seen.find(b"\r\n\r\n")
+            length = self.head_bytes + (len(data) if end < 0 else end + 4 - len(self.head_tail))
+            if length > MAX_HEAD_BYTES:
+                self.logger.warning("Request head over %d bytes: 431", MAX_HEAD_BYTES)
+                return self.refuse(431, "Request Header Fields Too Large")
+            self.head_bytes, self.head_tail = self.head_bytes + len(data), seen[-3:]
+        super().data_received(data)  # type: ignore[misc]
+        if self.head_timer is not None and self.cycle is not self.head_of:
+            self.head_done()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing() and self.head_timer is None and self.cycle.response_complete:
+            self.await_head(self.cycle)  # (not while a pipelined request runs: its response comes first)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.head_done()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.cycle is not self.head_of or self.transport.is_closing():
+            return  # (a head completed in the same turn)
+        if self.head_bytes:
+            self.refuse(408, "Request Timeout")
+        else:
+            self.transport.close()  # an idle connection, as uvicorn's keep-alive timeout closes it
+
+    def refuse(self, status: int, detail: str) -> None:
+        """An answer that no request reached the app for, then the connection closes; after a 431, once
+        the client closes or LINGER_S have passed, dropping what it still sends meanwhile."""
+        self.head_done()
+        self.refused = True
+        body = json.dumps({"detail": detail}).encode()
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, detail.encode())]
+        head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]  # type: ignore[attr-defined]
+        self.transport.write(b"".join(head) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (len(body), body))
+        if status != 431:
+            self.transport.close()  # a 408: the client has sent nothing for a while, nothing unread to reset
+        elif self.transport.can_write_eof():
+            self.transport.write_eof()  # (the client then sees the answer end)
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+
 def stall_timeout_from_env() -> float:
     try:
         return _check_seconds(_parse_seconds(os.environ.get(ENV_PREFIX + "STALL_TIMEOUT", str(STALL_TIMEOUT_S))))
@@ -2714,7 +2899,7 @@ def http_protocol(parser: str = "auto") -> type:
         self.offer_zerocopy()
 
     timeout_ms = int(stall_timeout_from_env() * 1000) + 1000  # a second after ours: the access log says why
-    return type("HTTPProtocol", (ZeroCopyMixin, base), {hook: with_offer, "user_timeout_ms": timeout_ms, "__module__": __name__})
+    return type("HTTPProtocol", (HeadGuard, ZeroCopyMixin, base), {hook: with_offer, "user_timeout_ms": timeout_ms, "__module__": __name__})
 
 
 # =============================================================================
@@ -2923,6 +3108,17 @@ class AbortNoise(logging.Filter):
         return not isinstance(exc, asyncio.CancelledError)
 
 
+def raise_descriptor_limit() -> None:
+    """The soft limit on open descriptors raised to the hard one, as nginx's worker_rlimit_nofile does: each
+    connection and each file sent holds one, and a default soft limit of 1,024 is a few hundred clients."""
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def app_from_env() -> Starlette:
     """`uvicorn downloader:app`'s app, from DOWNLOADER_* variables; our access log, when on, replaces uvicorn's."""
     try:
@@ -2939,12 +3135,10 @@ def app_from_env() -> Starlette:
 
 def __getattr__(name: str) -> object:
     """`app` and `HTTPProtocol`, built when first asked for: importing the module never reads the environment."""
-    if name == "HTTPProtocol":
-        globals()[name] = built = http_protocol()
-    elif name == "app":
-        globals()[name] = built = app_from_env()
-    else:
+    if name not in ("HTTPProtocol", "app"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise_descriptor_limit()  # a server asks for these (uvicorn downloader:app); embedders call create_app
+    globals()[name] = built = http_protocol() if name == "HTTPProtocol" else app_from_env()
     return built
 
 

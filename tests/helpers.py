@@ -1,9 +1,11 @@
 """Test plumbing shared by the test modules: free ports, waiting with a deadline, server
 processes (uvicorn, `python downloader.py`, granian, nginx), the environment they get,
-big files of known content, and the multipart/byteranges parser."""
+big files of known content, the multipart/byteranges parser, and an in-process uvicorn with
+downloader:HTTPProtocol (InProcessServer)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import os
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +22,12 @@ from typing import TypeVar
 
 import httpx
 import pytest
+import uvicorn
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - requirements.txt installs it
+    uvloop = None
 
 PROJECT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -28,6 +37,8 @@ http://127.0.0.1:PORT/" (printed once the socket listens)."""
 UVICORN_STARTED = "Application startup complete."
 
 T = TypeVar("T")
+COMBINATIONS = [("httptools", "uvloop"), ("httptools", "asyncio"), ("h11", "uvloop"), ("h11", "asyncio")]
+"""downloader:HTTPProtocol's HTTP parsers and event loops, as InProcessServer takes them."""
 
 
 def free_port() -> int:
@@ -218,3 +229,32 @@ def parse_byteranges(response: httpx.Response) -> list[tuple[dict[str, str], byt
         fields = dict(line.split(": ", 1) for line in head[2:].decode("latin-1").split("\r\n"))
         parts.append(({k.lower(): v for k, v in fields.items()}, content))
     return parts
+
+
+class InProcessServer:
+    """uvicorn.Server with downloader's protocol for `parser` on a `loop`, in a thread, on 127.0.0.1."""
+
+    def __init__(self, app, parser: str, loop: str, **config: object) -> None:
+        if loop == "uvloop" and uvloop is None:
+            pytest.skip("uvloop is not installed (requirements.txt installs it)")
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        import downloader  # (conftest has put the project on sys.path by now)
+
+        protocol = downloader.http_protocol(parser)
+        self.server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="warning", lifespan="off", **config))
+        factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+        self.thread = threading.Thread(target=self._run, args=(factory,), daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 10, "the in-process uvicorn to start")
+
+    def _run(self, factory) -> None:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self.server.serve(sockets=[self.sock]))
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()

@@ -380,6 +380,51 @@ def test_stalled_client_is_cut_off_and_its_fds_released(procs: Processes, root: 
         sock.close()
 
 
+def read_slowly(port: int, target: str, seconds: float, *, step: int, every: float) -> tuple[bytes, socket.socket]:
+    """A client with a small receive buffer that reads `step` bytes every `every` seconds for `seconds`;
+    fails the test if the server closes meanwhile. Returns what it read and the open socket."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    received, began = bytearray(), time.monotonic()
+    while time.monotonic() - began < seconds:
+        chunk = sock.recv(step)
+        assert chunk, f"cut after {len(received)} bytes and {time.monotonic() - began:.1f} s"
+        received += chunk
+        time.sleep(every)
+    return bytes(received), sock
+
+
+def test_portable_path_a_stall_is_no_progress_a_slow_steady_reader_is_never_cut(procs: Processes, root: Path, tmp_path: Path) -> None:
+    """Issue "Hardening" #1 under plain `uvicorn downloader:app`: one send of a 256 KiB chunk waits for
+    the kernel to drain half its send queue, many stall timeouts for this client (16 KiB every 0.25 s,
+    against 2 s); the bytes it acknowledges meanwhile are progress. A client that reads nothing is cut."""
+    size = 8 * MIB
+    wanted = write_file(root / "slow.bin", size)
+    access = tmp_path / "access.log"
+    server = procs.app(root, DOWNLOADER_STALL_TIMEOUT="2", DOWNLOADER_ACCESS_LOG=str(access))
+    received, sock = read_slowly(server.port, "/download/slow.bin", 8, step=16 * 1024, every=0.25)
+    try:
+        assert len(received) < size / 4  # it really was slow
+        sock.settimeout(30)
+        while len(received) < size + 300 and (chunk := sock.recv(MIB)):
+            received += chunk
+    finally:
+        sock.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and hashlib.sha256(body).hexdigest() == wanted
+    [line] = read_log(access, 1)
+    assert ("aborted" not in line, line["bytes"]) == (True, size)
+
+    _, stalled = read_slowly(server.port, "/download/slow.bin", 0.5, step=1024, every=0.1)
+    try:  # it now reads nothing
+        [_, cut] = read_log(access, 2, timeout=20)
+    finally:
+        stalled.close()
+    assert cut["aborted"] == "the client read nothing for 2.0 s"
+
+
 def open_files(pid: int) -> list[str]:
     """What the process's fds point at (files by path, sockets as socket:[inode])."""
     targets = []

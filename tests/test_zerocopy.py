@@ -9,7 +9,6 @@ the `live_server` fixture."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import http.client
 import json
@@ -18,25 +17,17 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import uvicorn
 
 import downloader
 from conftest import PROJECT, need
-from helpers import MIB, parse_byteranges, wait_for, write_file
+from helpers import COMBINATIONS, MIB, InProcessServer, parse_byteranges, write_file
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - requirements.txt installs it
-    uvloop = None
-
-COMBINATIONS = [("httptools", "uvloop"), ("httptools", "asyncio"), ("h11", "uvloop"), ("h11", "asyncio")]
 
 
 class Recorder:
@@ -58,33 +49,6 @@ class Recorder:
 
         monkeypatch.setattr(os, "sendfile", sendfile)
         monkeypatch.setattr(os, "pread", pread)
-
-
-class InProcessServer:
-    """uvicorn.Server with downloader's protocol for `parser` on a `loop`, in a thread, on 127.0.0.1."""
-
-    def __init__(self, app, parser: str, loop: str, **config: object) -> None:
-        if loop == "uvloop" and uvloop is None:
-            pytest.skip("uvloop is not installed (requirements.txt installs it)")
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        protocol = downloader.http_protocol(parser)
-        self.server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="warning", lifespan="off", **config))
-        factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
-        self.thread = threading.Thread(target=self._run, args=(factory,), daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 10, "the in-process uvicorn to start")
-
-    def _run(self, factory) -> None:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(self.server.serve(sockets=[self.sock]))
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
 
 
 @pytest.fixture(params=COMBINATIONS, ids=["-".join(c) for c in COMBINATIONS])
