@@ -4,6 +4,7 @@ workers), and the authorize hook of create_app."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import datetime
@@ -11,6 +12,7 @@ import json
 import os
 import tempfile
 import re
+import sqlite3
 import subprocess
 import threading
 import time
@@ -29,7 +31,7 @@ from starlette.routing import Mount
 import downloader
 from conftest import SERVER_PATHS, TEN, UNICODE_NAME, asgi_request, need
 from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
-from helpers import run_cli, uvicorn_server
+from helpers import run_cli, uvicorn_server, wait_for
 
 KEY = "k-3f9a"
 TOKEN = "admin-7c1e"
@@ -440,14 +442,17 @@ async def test_head_range_and_304_do_not_use_up_a_one_time_link(root: Path, db: 
         assert catalog.get(link.id).downloads == 1
         after = await c.get(url)
         after_head = await c.head(url)
-        after_range = await c.get(url, headers={"Range": "bytes=0-3"})
+        after_range = await c.get(url, headers={"Range": "bytes=0-3"})  # the client it went to: its own download
+        other_range = await c.get(url, headers={"Range": "bytes=0-3", "User-Agent": "another client"})
     assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", "10")
     assert (preview.status_code, preview.headers["content-range"], preview.content) == (206, "bytes 0-3/10", b"0123")
     assert (cached.status_code, cached.content) == (304, b"")
     assert (full.status_code, full.content) == (200, TEN)
     assert (after.status_code, after.json()) == (410, GONE)
     assert (after_head.status_code, after_head.content) == (410, b"")
-    assert (after_range.status_code, after_range.json()) == (410, GONE)
+    assert (after_range.status_code, after_range.content) == (206, b"0123")
+    assert (other_range.status_code, other_range.json()) == (410, GONE)
+    assert catalog.get(link.id).downloads == 1
 
 
 @pytest.mark.anyio
@@ -460,11 +465,14 @@ async def test_range_reaching_the_last_byte_counts_as_a_download(root: Path, db:
         assert catalog.get(link.id).downloads == 0
         last = await c.get(f"/files/{link.id}", headers={"Range": "bytes=9-"})
         assert catalog.get(link.id).downloads == 1
-        suffix = await c.get(f"/files/{link.id}", headers={"Range": "bytes=-1"})
+        again = await c.get(f"/files/{link.id}", headers={"Range": "bytes=-1"})  # the same client: its own download
+        assert catalog.get(link.id).downloads == 1
+        suffix = await c.get(f"/files/{link.id}", headers={"Range": "bytes=-1", "User-Agent": "second"})
         assert catalog.get(link.id).downloads == 2
-        gone = await c.get(f"/files/{link.id}", headers={"Range": "bytes=0-2"})
+        gone = await c.get(f"/files/{link.id}", headers={"Range": "bytes=0-2", "User-Agent": "third"})
     assert [(s.status_code, s.content) for s in segments] == [(206, b"012"), (206, b"345"), (206, b"678")]
     assert (last.status_code, last.headers["content-range"], last.content) == (206, "bytes 9-9/10", b"9")
+    assert (again.status_code, again.content) == (206, b"9")
     assert (suffix.status_code, suffix.content) == (206, b"9")
     assert (gone.status_code, gone.json()) == (410, GONE)
 
@@ -515,6 +523,150 @@ def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(ro
         response = conn.getresponse()
         assert (response.status, json.loads(response.read())) == (410, GONE)
         conn.close()
+
+
+@pytest.mark.parametrize("path", list(SERVER_PATHS))
+def test_a_download_manager_completes_a_one_time_link_and_no_second_client_does(root: Path, tmp_path: Path, db: Path, path: str) -> None:
+    """Issue "Hardening" #6: aria2c's segments go on after its tail segment counted the download (the
+    client it went to may fetch ranges for LINK_HOLD_S); a second aria2c (it starts without a Range)
+    and curl get 410. Five fresh one-time links in a row, each completed."""
+    aria2c, curl = need("aria2c"), need("curl")
+    data = os.urandom(6 * 1024 * 1024 + 17)
+    (root / "big.bin").write_bytes(data)
+    catalog = Catalog(db)
+    with uvicorn_server(root, tmp_path / "server.log", env={"DOWNLOADER_CATALOG": str(db)}, args=SERVER_PATHS[path]) as server:
+        for run in range(5):
+            link = catalog.add("big.bin", max_downloads=1)
+            url = f"http://127.0.0.1:{server.port}/files/{link.id}"
+            segmented = [aria2c, "-q", "-x8", "-s8", "-k1M", "--max-tries=1", "--allow-overwrite=true", "-o", "big.bin", url]
+            first = subprocess.run([*segmented, "-d", str(tmp_path / f"first{run}")], capture_output=True, text=True, timeout=60)
+            assert first.returncode == 0, first.stdout + first.stderr
+            assert (tmp_path / f"first{run}" / "big.bin").read_bytes() == data
+            second = subprocess.run([*segmented, "-d", str(tmp_path / f"second{run}")], capture_output=True, text=True, timeout=60)
+            assert second.returncode != 0 and not (tmp_path / f"second{run}" / "big.bin").exists()
+            other = subprocess.run([curl, "-s", "-w", "%{http_code}", "-o", "/dev/null", url], capture_output=True, text=True, timeout=30)
+            assert other.stdout == "410"
+            assert catalog.get(link.id).downloads == 1
+
+
+# =============================================================================
+# Catalog: when the SQLite file fails
+# =============================================================================
+
+CATALOG_DOWN = {"detail": "The link catalog is unavailable"}
+
+
+@pytest.fixture
+def quick_catalog(monkeypatch: pytest.MonkeyPatch) -> float:
+    """CATALOG_TIMEOUT_S shortened, so that waiting for a lock that never ends takes a fraction of a second."""
+    monkeypatch.setattr(downloader, "CATALOG_TIMEOUT_S", 0.3)
+    return 0.3
+
+
+@contextlib.contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """Another process's write lock on the catalog, held until the block ends."""
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+@pytest.mark.anyio
+async def test_a_locked_catalog_answers_503_with_retry_after_within_the_timeout(root: Path, db: Path, quick_catalog: float) -> None:
+    link = Catalog(db).add("ten.txt", max_downloads=1)
+    app = create_app(root, catalog=db, admin_token=TOKEN)
+    async with asgi_client(app) as c:
+        with locked(db):
+            began = time.monotonic()
+            refused = await c.get(f"/files/{link.id}")
+            waited = time.monotonic() - began
+            health = await c.get("/healthz")
+            created = await c.post("/api/links", json={"path": "ten.txt"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        served = await c.get(f"/files/{link.id}")
+    assert (refused.status_code, refused.json(), refused.headers["retry-after"]) == (503, CATALOG_DOWN, "5")
+    assert waited < quick_catalog + 2
+    assert (health.status_code, health.json()) == (503, {"status": "unavailable", "detail": "the link catalog can't be read and written"})
+    assert (created.status_code, created.json()) == (503, CATALOG_DOWN)
+    assert (served.status_code, served.content) == (200, TEN)  # the lock gone, the link was never used
+    assert Catalog(db).get(link.id).downloads == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", ["deleted", "corrupt"])
+async def test_a_deleted_or_corrupt_catalog_answers_503_and_is_never_made_anew(root: Path, db: Path, quick_catalog: float, fault: str) -> None:
+    link = Catalog(db).add("ten.txt")
+    app = create_app(root, catalog=db, admin_token=TOKEN)
+    for name in (db.name, db.name + "-wal", db.name + "-shm"):
+        (db.parent / name).unlink(missing_ok=True)
+    if fault == "corrupt":
+        db.write_bytes(b"not a database " * 1000)
+    async with asgi_client(app) as c:
+        refused = await c.get(f"/files/{link.id}")
+        health = await c.get("/healthz")
+        listed = await c.get("/api/links", headers={"Authorization": f"Bearer {TOKEN}"})
+        download = await c.get("/download/ten.txt")
+    assert (refused.status_code, refused.json()) == (503, CATALOG_DOWN)
+    assert health.status_code == 503 and "catalog" in health.json()["detail"]
+    assert (listed.status_code, listed.json()) == (503, CATALOG_DOWN)
+    assert (download.status_code, download.content) == (200, TEN)  # /download needs no catalog
+    assert db.exists() == (fault == "corrupt")
+
+
+@pytest.mark.anyio
+async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_file_reads(root: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """60 one-time downloads wait on the lock (at most CATALOG_THREADS of them in threads): a /download
+    of a file answers meanwhile as fast as ever."""
+    monkeypatch.setattr(downloader, "CATALOG_TIMEOUT_S", 1.5)
+    link = Catalog(db).add("ten.txt", max_downloads=1)
+    app = create_app(root, catalog=db)
+    statuses: list[int] = []
+    async with asgi_client(app) as c:
+
+        async def gated() -> None:
+            statuses.append((await c.get(f"/files/{link.id}")).status_code)
+
+        with locked(db):
+            async with anyio.create_task_group() as group:
+                for _ in range(60):
+                    group.start_soon(gated)
+                await anyio.sleep(0.3)  # all of them waiting now
+                began = time.monotonic()
+                plain = await c.get("/download/data.bin")
+                took = time.monotonic() - began
+    assert (plain.status_code, plain.content) == (200, bytes(range(256)))
+    assert took < 0.5, f"a plain download took {took:.2f} s beside 60 waiting on the catalog"
+    assert statuses == [503] * 60
+
+
+@pytest.mark.parametrize("path", list(SERVER_PATHS))
+def test_a_catalog_that_fails_mid_download_aborts_it_and_the_log_says_why(root: Path, tmp_path: Path, db: Path, path: str) -> None:
+    """The count is taken before the last byte: a catalog that can't take it then (locked) aborts the
+    transfer, one byte short, logged as aborted, not as a complete 200; nothing is counted."""
+    data = os.urandom(1024 * 1024)
+    (root / "big.bin").write_bytes(data)
+    link = Catalog(db).add("big.bin", max_downloads=1)
+    access = tmp_path / "access.log"
+    env = {"DOWNLOADER_CATALOG": str(db), "DOWNLOADER_RATE_LIMIT": str(512 * 1024), "DOWNLOADER_ACCESS_LOG": str(access)}
+    with uvicorn_server(root, tmp_path / "server.log", env=env, args=SERVER_PATHS[path]) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        conn.request("GET", f"/files/{link.id}")
+        response = conn.getresponse()
+        assert response.status == 200
+        with locked(db):
+            body = b""
+            with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                while chunk := response.read(65536):
+                    body += chunk
+            conn.close()
+            line = wait_for(lambda: access.exists() and access.read_text().strip(), 15, "the access log line")
+    assert len(body) < len(data) and data.startswith(body)
+    logged = json.loads(line)
+    assert (logged["status"], logged["aborted"]) == (200, "the link catalog is unavailable")
+    assert Catalog(db).get(link.id).downloads == 0
 
 
 # =============================================================================
@@ -955,7 +1107,7 @@ async def test_small_file_whose_last_download_was_taken_meanwhile_is_410(root: P
     app = downloader.create_app(root, catalog=str(tmp_path / "race.db"), access_log="off")
     catalog = app.state.service.catalog
     link = catalog.add("ten.txt", max_downloads=1)
-    catalog.claim = lambda link_id: False  # the racing worker won the last download
+    catalog.claim = lambda *args, **kwargs: False  # the racing worker won the last download
     async with asgi_client(app) as c:
         response = await c.get(f"/files/{link.id}")
     assert (response.status_code, response.json()) == (410, {"detail": "This download link has been used up"})
