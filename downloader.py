@@ -2585,9 +2585,23 @@ class Metrics:
             return self.prom.generate_latest(self.registry)
         from prometheus_client import multiprocess
 
+        folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        for pid in {int(m.group(1)) for name in os.listdir(folder) if (m := re.fullmatch(r"gauge_live\w+_(\d+)\.db", name))}:
+            if not process_alive(pid):  # a worker killed mid-download: its downloads are not active
+                multiprocess.mark_process_dead(pid, folder)
         registry = self.prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return self.prom.generate_latest(registry)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 class Operations:

@@ -313,6 +313,26 @@ def test_metrics_sum_both_workers_and_the_multiproc_dir_is_removed(procs: Proces
     assert not metrics_dir.exists()
 
 
+def test_a_worker_killed_mid_download_leaves_no_active_download_behind(procs: Processes, root: Path, tmp_path: Path) -> None:
+    """Issue "Hardening" #10: each worker keeps its own gauge file; a scrape sums the files of live workers
+    only, so the download a kill -9 cut short is no longer counted as active."""
+    write_file(root / "slow.bin", 4 * MIB)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    server = procs.cli(root, "--workers", "2", workers=2, TMPDIR=str(temp), DOWNLOADER_ACCESS_LOG="off", DOWNLOADER_RATE_LIMIT=str(256 * 1024))
+    [metrics_dir] = temp.iterdir()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/download/slow.bin")
+    assert conn.getresponse().status == 200
+    active = lambda: samples(fetch(server.port, "/metrics").body.decode())[("downloader_active_downloads", ())]  # noqa: E731
+    assert active() == 1
+    [serving] = [int(m.group(1)) for p in metrics_dir.iterdir() if (m := re.fullmatch(r"gauge_livesum_(\d+)\.db", p.name))
+                 and sum(s.value for m in MultiProcessCollector.merge([str(p)]) for s in m.samples) == 1]
+    os.kill(serving, signal.SIGKILL)
+    conn.close()
+    wait_for(lambda: active() == 0, 10, "the dead worker's download to leave the gauge")
+
+
 # -- limits --------------------------------------------------------------------------------
 
 def test_beyond_max_active_downloads_is_503_with_retry_after(procs: Processes, root: Path, tmp_path: Path) -> None:
