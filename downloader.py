@@ -1347,15 +1347,25 @@ def socket_peer(fd: int, local: tuple[Any, ...] | None = None) -> tuple[Any, ...
         sock.detach()
 
 
-class AckedBytes:
-    """How many bytes the client's TCP has acknowledged on this request's connection (TCP_INFO's
-    tcpi_bytes_acked, Linux 4.1+), or None when that can't be known. The socket is looked for when first
-    asked (a download that never waits never looks), and checked to be the same connection each time."""
+class ClientSocket:
+    """This request's TCP connection, as far as the kernel tells: the bytes the client has acknowledged
+    (TCP_INFO's tcpi_bytes_acked, Linux 4.1+; None when that can't be known), and `give_up`. The socket is
+    looked for when first needed (a download that never waits never looks), and checked to be the same
+    connection each time."""
 
     def __init__(self, scope: Scope) -> None:
         self.scope, self.fd, self.peer, self.looked = scope, None, None, False
 
-    def __call__(self) -> int | None:
+    def acked(self) -> int | None:
+        return self._use(lambda sock: struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0])
+
+    def give_up(self) -> None:
+        """After a stall: TCP_USER_TIMEOUT of one second, so the kernel resets the connection. A server's close
+        waits for its buffer to drain to a client that reads nothing: it would hold the descriptor for ever.
+        (Set on every connection instead, it cut slow readers: Linux counts a zero window's probes.)"""
+        self._use(lambda sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000))
+
+    def _use(self, call: Callable[[socket.socket], Any]) -> Any:
         if not self.looked:
             self.looked, self.fd = True, connection_socket(self.scope)
             self.peer = tuple(self.scope["client"])
@@ -1366,7 +1376,7 @@ class AckedBytes:
                 raise OSError
             sock = socket.socket(fileno=self.fd)
             try:
-                return struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0]
+                return call(sock)
             finally:
                 sock.detach()
         except (OSError, struct.error, AttributeError):
@@ -1376,13 +1386,13 @@ class AckedBytes:
 
 class StallTimer:
     """A stall is no progress for `timeout` seconds: a send completing is progress, and so, while a send
-    waits, are more bytes acknowledged by the client (`acked`, where its socket can be read). A server's
+    waits, are more bytes acknowledged by the client (where its socket can be read: ClientSocket). A server's
     send returns once its transport may write again, which the kernel allows only after half its send
     queue has drained: a client reading steadily at 1 KiB/s can take minutes for that, and must not be cut."""
 
-    def __init__(self, timeout: float | None, acked: Callable[[], int | None] | None) -> None:
+    def __init__(self, timeout: float | None, client: ClientSocket | None) -> None:
         self.timeout = math.inf if timeout is None else timeout
-        self.acked, self.waiting, self.began = acked, None, 0.0
+        self.client, self.waiting, self.began = client, None, 0.0
 
     async def send(self, send: Send, message: Message) -> None:
         """send(message), or TimeoutError after `timeout` seconds without progress."""
@@ -1391,24 +1401,26 @@ class StallTimer:
             await send(message)
         scope, self.waiting = self.waiting, None
         if scope.cancelled_caught:
+            if self.client is not None:
+                self.client.give_up()
             raise TimeoutError
 
     async def watch(self) -> None:
         """Beside the sends: pushes the deadline back while a waiting send's client acknowledges bytes."""
-        if self.acked is None or self.timeout == math.inf:
+        if self.client is None or self.timeout == math.inf:
             return
-        last: tuple[anyio.CancelScope, int] | None = None
+        last = 0  # acknowledged at the last look, in this send or an earlier one (the first look counts all so far)
         poll = min(PROGRESS_POLL_S, self.timeout / 4)
         while True:
             await anyio.sleep(poll)
             waiting = self.waiting
             if waiting is None or anyio.current_time() - self.began < poll:
                 continue
-            if (acked := self.acked()) is None:
+            if (acked := self.client.acked()) is None:
                 return
-            if last is not None and last[0] is waiting and acked > last[1]:
+            if acked > last:
                 waiting.deadline = anyio.current_time() + self.timeout
-            last = waiting, acked
+            last = acked
 
 
 def paced_chunk_size(chunk_size: int, rate_limit: int | None) -> int:
@@ -1452,11 +1464,11 @@ async def body_messages(pieces: Sequence[Piece], fd: int, zerocopy: bool, step: 
 async def send_body(
     send: Send, receive: Receive, start: Message, pieces: Sequence[Piece], *, fd: int = -1, zerocopy: bool = False,
     chunk_size: int = CHUNK_SIZE, rate_limit: int | None = None, stall_timeout_s: float | None = None,
-    acked: Callable[[], int | None] | None = None,
+    client: ClientSocket | None = None,
 ) -> int:
     """The one send loop: `start`, then body_messages; returns the body bytes sent. Every send is awaited.
     With `rate_limit` (bytes per second, like nginx's limit_rate) a sleep after each message keeps the
-    average at the limit. A stall (no progress for `stall_timeout_s`: StallTimer, reading `acked`; with
+    average at the limit. A stall (no progress for `stall_timeout_s`: StallTimer, reading `client`; with
     zerocopysend, the server's own no-progress timer) or a file that shrank raises TransferAborted, so
     that the server aborts the connection. A gate that refuses while the head is still unsent (it waits
     for a first gate) raises TransferRefused: the answer can still be an error; later, GateClosed. A
@@ -1471,7 +1483,7 @@ async def send_body(
     if not watch and not zerocopy:
         return await send_small(send, start, pieces, fd, chunk_size)
 
-    timer = StallTimer(stall_timeout_s, acked)
+    timer = StallTimer(stall_timeout_s, client)
 
     async def timed(message: Message) -> None:  # a body the socket takes at once, or zero-copy, needs no timer here
         await (timer.send(send, message) if watch else send(message))
@@ -1995,7 +2007,7 @@ class DownloadResponse(Download):
                 pieces = [self.gate, *pieces] if small and self.gate in held else held
             await send_body(
                 send, receive, self.start(plan.status, plan.headers), pieces, fd=opened.fd, zerocopy=offers_zerocopy(scope),
-                chunk_size=self.chunk_size, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s, acked=AckedBytes(scope),
+                chunk_size=self.chunk_size, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s, client=ClientSocket(scope),
             )
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
@@ -2085,7 +2097,7 @@ class GeneratedDownload(Download):
             await send({"type": "http.response.body", "body": b""})
             return
         await send_body(send, receive, self.start(200, headers), [chunks], rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s,
-                        acked=AckedBytes(scope))
+                        client=ClientSocket(scope))
 
 
 def stream_download(
@@ -2723,8 +2735,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
 # the transport's own buffer is empty. uvicorn's framing (Content-Length, chunked, h11's
 # state) counts the bytes as if it had written them. A send makes progress or times out:
 # no byte taken for the message's `stall_timeout` (our key; none: no limit) aborts the
-# connection. Every connection gets TCP_USER_TIMEOUT, so a client that stops reading
-# can't hold a close forever either.
+# connection. HeadGuard bounds request heads in size and time, as uvicorn doesn't.
 
 UVICORN_TESTED = ((0, 36), (0, 54))  # the uvicorn versions HTTPProtocol is tested with; before 0.36, `--http` takes no class path
 
@@ -2777,15 +2788,11 @@ class ZeroCopyMixin:
     transport: asyncio.Transport
     flow: Any
     loop: asyncio.AbstractEventLoop
-    user_timeout_ms = int(STALL_TIMEOUT_S * 1000)
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         sock = transport.get_extra_info("socket")
         self.socket_fd = -1 if sock is None or transport.get_extra_info("sslcontext") else sock.fileno()
-        if sock is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.user_timeout_ms)
 
     def offer_zerocopy(self) -> None:
         """Called once a request's cycle exists: the scope offers the extension, the cycle's send takes it."""
@@ -2976,13 +2983,6 @@ class HeadGuard:
             self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def stall_timeout_from_env() -> float:
-    try:
-        return _check_seconds(_parse_seconds(os.environ.get(ENV_PREFIX + "STALL_TIMEOUT", str(STALL_TIMEOUT_S))))
-    except ValueError:
-        return STALL_TIMEOUT_S  # the app reports the bad setting when it is built
-
-
 def http_protocol(parser: str = "auto") -> type:
     """downloader:HTTPProtocol for this uvicorn: its httptools protocol (`parser` "auto": h11's without
     httptools) with ZeroCopyMixin. An untested uvicorn is one line and exit 2: this leans on its internals."""
@@ -3007,8 +3007,7 @@ def http_protocol(parser: str = "auto") -> type:
         getattr(base, hook)(self, *args)
         self.offer_zerocopy()
 
-    timeout_ms = int(stall_timeout_from_env() * 1000) + 1000  # a second after ours: the access log says why
-    return type("HTTPProtocol", (HeadGuard, ZeroCopyMixin, base), {hook: with_offer, "user_timeout_ms": timeout_ms, "__module__": __name__})
+    return type("HTTPProtocol", (HeadGuard, ZeroCopyMixin, base), {hook: with_offer, "__module__": __name__})
 
 
 # =============================================================================
