@@ -13,11 +13,11 @@ The module reads top to bottom; a section uses only the sections above it
 | 2 | Settings                 | kwargs and DOWNLOADER_* variables -> one frozen Settings    |
 | 3 | Path resolution          | URL path -> an open, checked regular file under the root    |
 | 4 | HTTP semantics           | RFC 9110 ranges, preconditions and header values; pure      |
-| 5 | Streaming                | bytes of an fd onto ASGI `send`: limits, disconnects        |
+| 5 | Streaming                | bytes of an fd onto ASGI `send`: pace, stalls, disconnects  |
 | 6 | Signed links and catalog | HMAC links, the SQLite catalog of opaque IDs                |
 | 7 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
 | 8 | App and routes           | create_app, the routes, the ops middleware                  |
-| 9 | Server protocol          | uvicorn's HTTP/1.1 plus zerocopysend by os.sendfile         |
+| 9 | Server protocol          | uvicorn's HTTP/1.1 plus zerocopysend, bounded request heads |
 | 10 | CLI                     | argv -> environment -> uvicorn; subcommands; the lazy `app` |
 
 Sections 1-6 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
