@@ -117,12 +117,14 @@ MIN_STRONG_AGE_S = 1.0
 modified at least one second before the response's Date; until then If-Range by date fails."""
 
 MAX_HEAD_BYTES = 16 * 1024
-"""A request line and headers longer than this are refused with 431 (HTTPProtocol; Node's and h11's limit;
-nginx allows 4 x 8 KiB): a head is buffered whole, so without a limit one client could fill memory."""
+"""A request line and headers longer than this are refused with 431 (HTTPProtocol with httptools; h11 has
+this limit of its own, answered 400; nginx allows 4 x 8 KiB): a head is buffered whole, so without a limit
+one client could fill memory."""
 
 HEAD_TIMEOUT_S = 10.0
-"""A request head not complete this long after the connection opened, or after the previous response,
-closes the connection (HTTPProtocol; a partial head gets 408 first): slowloris can't hold descriptors."""
+"""A request head not complete this long after the connection opened, or after the head's first byte,
+closes the connection (HTTPProtocol; a partial head gets 408 first): slowloris can't hold descriptors.
+Idle keep-alive between requests is uvicorn's timeout_keep_alive."""
 
 LINGER_S = 5.0
 """After a 431 the server reads and drops what the client still sends for up to this long before it
@@ -160,7 +162,8 @@ given up: 503 with Retry-After, and /healthz says so. Writes take milliseconds; 
 CATALOG_THREADS = 4  # catalog calls one process runs at once (SQLite has one writer): the rest of the thread pool reads files
 LINK_HOLD_S = 120.0
 """After a catalog link's last download is counted, the client it went to (same address and User-Agent) may
-still fetch ranges for this long after its last request: a download manager's other segments and retries."""
+still fetch ranges of it for this long, up to one file's worth of bytes in all: a download manager's other
+segments and retries. Counted from the count, never renewed."""
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)  # of downloader_download_seconds
 
 
@@ -1357,9 +1360,13 @@ class ClientSocket:
         self.scope, self.fd, self.peer, self.looked = scope, None, None, False
 
     def acked(self) -> int | None:
+        if not hasattr(socket, "TCP_INFO"):
+            return None
         return self._use(lambda sock: struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0])
 
     def give_up(self) -> None:
+        if not hasattr(socket, "TCP_USER_TIMEOUT"):
+            return
         """After a stall: TCP_USER_TIMEOUT of one second, so the kernel resets the connection. A server's close
         waits for its buffer to drain to a client that reads nothing: it would hold the descriptor for ever.
         (Set on every connection instead, it cut slow readers: Linux counts a zero window's probes.)"""
@@ -1367,8 +1374,8 @@ class ClientSocket:
 
     def _use(self, call: Callable[[socket.socket], Any]) -> Any:
         if not self.looked:
-            self.looked, self.fd = True, connection_socket(self.scope)
-            self.peer = tuple(self.scope["client"])
+            self.looked, self.fd = True, connection_socket(self.scope)  # (None without a client address)
+            self.peer = tuple(self.scope["client"]) if self.fd is not None else None
         if self.fd is None:
             return None
         try:
@@ -1379,7 +1386,7 @@ class ClientSocket:
                 return call(sock)
             finally:
                 sock.detach()
-        except (OSError, struct.error, AttributeError):
+        except (OSError, struct.error):
             self.fd = None
             return None
 
@@ -1568,9 +1575,10 @@ async def pass_gate(gate: Gate, started: bool) -> bool:
     503) is the answer while the head is unsent; once the body has started, the transfer is aborted
     (GateClosed) with its detail."""
     try:
-        if inspect.iscoroutinefunction(gate):  # (a functools.partial of one too)
-            return await gate()  # type: ignore[misc]
-        return await anyio.to_thread.run_sync(gate)
+        if inspect.iscoroutinefunction(gate) or inspect.iscoroutinefunction(getattr(gate, "__call__", None)):
+            return bool(await gate())  # type: ignore[misc]
+        passed = await anyio.to_thread.run_sync(gate)
+        return bool(await passed) if inspect.isawaitable(passed) else bool(passed)
     except HTTPError as exc:
         if started:
             raise GateClosed(exc.detail.lower()) from None
@@ -1706,7 +1714,7 @@ class Catalog:
         expires_at REAL, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0,
         revoked INTEGER NOT NULL DEFAULT 0)"""
     HOLDERS = """CREATE TABLE IF NOT EXISTS holders (
-        link TEXT NOT NULL, holder TEXT NOT NULL, seen REAL NOT NULL, PRIMARY KEY (link, holder))"""
+        link TEXT NOT NULL, holder TEXT NOT NULL, claimed REAL NOT NULL, budget INTEGER, PRIMARY KEY (link, holder))"""
 
     COLUMNS = {"id", "path", "name", "created", "expires_at", "max_downloads", "downloads", "revoked"}
 
@@ -1752,10 +1760,10 @@ class Catalog:
         with contextlib.closing(self._connect()) as db:
             return db.execute("UPDATE links SET revoked = 1 WHERE id = ?", (link_id,)).rowcount == 1
 
-    def claim(self, link_id: str, holder: str | None = None, *, ranged: bool = False, now: float | None = None) -> bool:
+    def claim(self, link_id: str, holder: str | None = None, *, held: bool = False, now: float | None = None) -> bool:
         """Counts a completed download atomically: False at the limit (of two racers, one gets the last).
-        On a limited link, the `holder` it goes to (link_holder) is recorded, and a holder's `ranged` claim
-        within LINK_HOLD_S of its last request continues its own download: allowed, not counted again."""
+        On a limited link, the `holder` it goes to (link_holder) is recorded; a request admitted by `holds`
+        (`held`) is that holder's own download going on: allowed within LINK_HOLD_S, not counted again."""
         now = time.time() if now is None else now
         with contextlib.closing(self._connect()) as db, db:  # one transaction
             db.execute("BEGIN IMMEDIATE")
@@ -1764,24 +1772,25 @@ class Catalog:
                 return False
             limited = holder is not None and link["max_downloads"] is not None
             if limited:
-                db.execute("DELETE FROM holders WHERE seen < ?", (now - LINK_HOLD_S,))
-                renewed = db.execute("UPDATE holders SET seen = ? WHERE link = ? AND holder = ?", (now, link_id, holder)).rowcount
-                if renewed and ranged:
-                    return True
+                db.execute("DELETE FROM holders WHERE claimed < ?", (now - LINK_HOLD_S,))
+                if held:
+                    return db.execute("SELECT 1 FROM holders WHERE link = ? AND holder = ?", (link_id, holder)).fetchone() is not None
             if link["max_downloads"] is not None and link["downloads"] >= link["max_downloads"]:
                 return False
             db.execute("UPDATE links SET downloads = downloads + 1 WHERE id = ?", (link_id,))
             if limited:
-                db.execute("INSERT OR REPLACE INTO holders (link, holder, seen) VALUES (?, ?, ?)", (link_id, holder, now))
+                db.execute("INSERT OR REPLACE INTO holders (link, holder, claimed) VALUES (?, ?, ?)", (link_id, holder, now))
             return True
 
-    def holds(self, link_id: str, holder: str, now: float | None = None) -> bool:
-        """Whether `holder` was given the link's last download within LINK_HOLD_S of its last request (which
-        this call renews): it may go on fetching ranges of a used-up link."""
+    def holds(self, link_id: str, holder: str, wanted: int, size: int, now: float | None = None) -> bool:
+        """Whether `holder` got the link's last download within LINK_HOLD_S and has `wanted` bytes left of the
+        one file's worth (`size`) it may fetch since; if so they are taken off."""
         now = time.time() if now is None else now
         with contextlib.closing(self._connect()) as db:
             return db.execute(
-                "UPDATE holders SET seen = ? WHERE link = ? AND holder = ? AND seen >= ?", (now, link_id, holder, now - LINK_HOLD_S)
+                "UPDATE holders SET budget = coalesce(budget, ?) - ? WHERE link = ? AND holder = ? AND claimed >= ?"
+                " AND coalesce(budget, ?) >= ?",
+                (size, wanted, link_id, holder, now - LINK_HOLD_S, size, wanted),
             ).rowcount == 1
 
     def check(self) -> None:
@@ -1792,11 +1801,12 @@ class Catalog:
             db.execute("ROLLBACK")
 
 
-def link_holder(scope: Scope) -> str:
-    """Who a catalog download went to, as far as a server can tell: the client's address and User-Agent, hashed."""
-    agent = next((value for name, value in scope.get("headers", ()) if name == b"user-agent"), b"")
-    client = (scope.get("client") or ("",))[0]
-    return hashlib.sha256(client.encode() + b"\n" + agent).hexdigest()[:32]
+def link_holder(address: str | None, user_agent: str) -> str | None:
+    """Who a catalog download went to, as far as a server can tell: the client's address and User-Agent,
+    hashed; None without an address (a Unix socket): then nobody holds a link."""
+    if not address:
+        return None
+    return hashlib.sha256(f"{address}\n{user_agent}".encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def link_state(link: Link, now: float) -> str:
@@ -2323,18 +2333,39 @@ class Service:
             await call_authorize(self.settings.authorize, request, None)
 
     async def catalog_call(self, call: Callable[..., Any], *args: object) -> Any:
-        """call(*args) on the catalog in one of CATALOG_THREADS threads; 503 with Retry-After when it fails or
-        takes over CATALOG_TIMEOUT_S (the thread is left to end on its own: SQLite's timeout bounds it)."""
+        """call(*args) on the catalog in one of CATALOG_THREADS threads; 503 with Retry-After when it fails
+        (SQLite gives up on a lock after CATALOG_TIMEOUT_S) or no thread is free within CATALOG_TIMEOUT_S.
+        A call is never abandoned: a write the client was told failed must not commit later."""
         try:
-            with anyio.fail_after(CATALOG_TIMEOUT_S + 0.5):
-                return await anyio.to_thread.run_sync(call, *args, limiter=self.catalog_threads, abandon_on_cancel=True)
-        except (TimeoutError, sqlite3.Error) as exc:
+            with anyio.fail_after(CATALOG_TIMEOUT_S):
+                await self.catalog_threads.acquire()
+        except TimeoutError:
+            raise catalog_unavailable() from None
+        try:
+            return await anyio.to_thread.run_sync(call, *args)
+        except sqlite3.Error as exc:
             raise catalog_unavailable() from exc
+        finally:
+            self.catalog_threads.release()
 
-    def claim_gate(self, link_id: str, holder: str, ranged: bool) -> Gate:
+    def claim_gate(self, link_id: str, holder: str | None, held: bool) -> Gate:
         """The gate of a catalog download: Catalog.claim through catalog_call (503 when the catalog fails)."""
         assert self.catalog is not None
-        return functools.partial(self.catalog_call, functools.partial(self.catalog.claim, link_id, holder, ranged=ranged))
+        return functools.partial(self.catalog_call, functools.partial(self.catalog.claim, link_id, holder, held=held))
+
+    async def holds(self, request: Request, link: Link, holder: str) -> bool:
+        """Whether the client a used-up link's last download went to may have these ranges of it (Catalog.holds):
+        only ranges, never the whole file anew, and no more than one file's worth in all."""
+        value = request.headers.get("range")
+        if value is None or self.catalog is None:
+            return False
+        try:
+            size = (await anyio.to_thread.run_sync(lambda: os.stat(candidate_path(self.settings.root, link.path, serve_hidden=True)))).st_size
+            ranges = parse_range(value, size)
+        except (OSError, HTTPError):
+            return False
+        wanted = size if ranges is None else sum(r.length for r in ranges)
+        return bool(await self.catalog_call(self.catalog.holds, link.id, holder, wanted, size))
 
     def check_admin(self, request: Request) -> Catalog:
         """The catalog, once the bearer token checks out; 404 where there is no admin API."""
@@ -2421,12 +2452,13 @@ async def file_by_id(request: Request) -> Response:
     service = service_of(request)
     if service.catalog is None:
         raise not_found()
-    link_id, now, holder = request.path_params["id"], time.time(), link_holder(request.scope)
+    link_id, now = request.path_params["id"], time.time()
+    holder = link_holder(request.client.host if request.client else None, request.headers.get("user-agent", ""))
     link = await service.catalog_call(service.catalog.get, link_id)
-    ranged = "range" in request.headers  # a used-up link's holder goes on with ranges, never starts over
-    if not (link and link_state(link, now) == "used-up" and ranged and await service.catalog_call(service.catalog.holds, link_id, holder)):
+    held = bool(link and holder and link_state(link, now) == "used-up" and await service.holds(request, link, holder))
+    if not held:
         check_link(link, now)
-    return service.file_response(request, link.path, filename=link.name, gate=service.claim_gate(link_id, holder, ranged))
+    return service.file_response(request, link.path, filename=link.name, gate=service.claim_gate(link_id, holder, held))
 
 
 async def zip_folder(request: Request) -> Response:
@@ -2908,11 +2940,17 @@ async def sendfile_in_thread(socket_fd: int, fd: int, offset: int, count: int) -
         os.close(out)
 
 
+class HeadTooLarge(Exception):
+    """Raised from httptools' callbacks once a request head passes MAX_HEAD_BYTES: the parser stops there."""
+
+
 class HeadGuard:
-    """Bounds the request head of one uvicorn HTTP protocol: MAX_HEAD_BYTES (else 431) and HEAD_TIMEOUT_S
-    from the connection's start or the previous response (else the connection closes, with 408 if part of
-    a head came). uvicorn has neither: a huge header was buffered whole, and a connection that never
-    finished its head (slowloris) stayed open. A head is complete once the parser has made a new cycle."""
+    """Bounds the request heads of one uvicorn HTTP protocol, which has no limit of its own. Size: httptools'
+    callbacks count each head's request line and fields, pipelined ones too, and past MAX_HEAD_BYTES the parse
+    stops and the answer is 431 (h11 keeps its own 16 KiB limit: uvicorn's 400). Time: a head must be complete
+    HEAD_TIMEOUT_S after the connection opened or after its first byte came, else the connection closes, with
+    408 if part of it came (idle keep-alive is uvicorn's timeout_keep_alive). A head is complete once the
+    parser has made a new request cycle."""
 
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
@@ -2921,11 +2959,12 @@ class HeadGuard:
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        self.refused = False
-        self.await_head(None)
+        self.refused, self.refuse_after, self.in_head, self.head_size, self.head_bytes = False, False, False, 0, 0
+        self.head_timer = None
+        self.await_head(started=False)  # uvicorn times nothing until a first response
 
-    def await_head(self, previous: Any) -> None:
-        self.head_of, self.head_bytes, self.head_tail = previous, 0, b""
+    def await_head(self, started: bool) -> None:
+        self.head_of, self.head_started = self.cycle, started
         self.head_timer: asyncio.TimerHandle | None = self.loop.call_later(HEAD_TIMEOUT_S, self.head_timed_out)
 
     def head_done(self) -> None:
@@ -2935,23 +2974,55 @@ class HeadGuard:
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
-            return  # lingering: dropped
-        if self.head_timer is not None:
-            seen = self.head_tail + data  # the blank line may straddle two reads
-            end = seen.find(b"\r\n\r\n")
-            length = self.head_bytes + (len(data) if end < 0 else end + 4 - len(self.head_tail))
-            if length > MAX_HEAD_BYTES:
-                self.logger.warning("Request head over %d bytes: 431", MAX_HEAD_BYTES)
-                return self.refuse(431, "Request Header Fields Too Large")
-            self.head_bytes, self.head_tail = self.head_bytes + len(data), seen[-3:]
+            return  # lingering after a 431: dropped
+        if self.head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self.await_head(started=True)  # the first byte of the next head (a pipelined one came earlier)
+        elif self.head_timer is not None:
+            self.head_started = True
+        if self.in_head:  # a field httptools keeps until its line ends: bounded by the bytes fed mid-head
+            self.head_bytes += len(data)
         super().data_received(data)  # type: ignore[misc]
+        if self.in_head and self.head_bytes > MAX_HEAD_BYTES and not self.refused:
+            self.head_size = self.head_bytes
+            self.send_400_response("")
         if self.head_timer is not None and self.cycle is not self.head_of:
             self.head_done()
 
+    # httptools' callbacks (h11's protocol has none): each head's size, whatever the connection is doing
+    def on_message_begin(self) -> None:
+        self.in_head, self.head_size, self.head_bytes = True, 0, 0
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def on_url(self, url: bytes) -> None:
+        self.count_head(len(url))
+        super().on_url(url)  # type: ignore[misc]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)  # type: ignore[misc]
+
+    def count_head(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > MAX_HEAD_BYTES:
+            raise HeadTooLarge  # httptools stops; uvicorn answers a parser error with send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self.head_size <= MAX_HEAD_BYTES:
+            return super().send_400_response(msg)  # type: ignore[misc,no-any-return]
+        self.logger.warning("Request head over %d bytes: 431", MAX_HEAD_BYTES)
+        if self.cycle is not None and not self.cycle.response_complete:  # pipelined behind a running response:
+            self.refused, self.refuse_after = True, True  # nothing more is read; the 431 follows that response
+        else:
+            self.refuse(431, "Request Header Fields Too Large")
+
     def on_response_complete(self) -> None:
         super().on_response_complete()  # type: ignore[misc]
-        if not self.transport.is_closing() and self.head_timer is None and self.cycle.response_complete:
-            self.await_head(self.cycle)  # (not while a pipelined request runs: its response comes first)
+        if self.refuse_after:
+            self.refuse(431, "Request Header Fields Too Large")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.head_done()
@@ -2961,10 +3032,10 @@ class HeadGuard:
         self.head_timer = None
         if self.cycle is not self.head_of or self.transport.is_closing():
             return  # (a head completed in the same turn)
-        if self.head_bytes:
+        if self.head_started:
             self.refuse(408, "Request Timeout")
         else:
-            self.transport.close()  # an idle connection, as uvicorn's keep-alive timeout closes it
+            self.transport.close()  # a connection that never sent a byte
 
     def refuse(self, status: int, detail: str) -> None:
         """An answer that no request reached the app for, then the connection closes; after a 431, once
@@ -2978,9 +3049,10 @@ class HeadGuard:
                              b"connection: close\r\n\r\n%s" % (len(body), body))
         if status != 431:
             self.transport.close()  # a 408: the client has sent nothing for a while, nothing unread to reset
-        elif self.transport.can_write_eof():
-            self.transport.write_eof()  # (the client then sees the answer end)
-            self.loop.call_later(LINGER_S, self.transport.close)
+            return
+        if self.transport.can_write_eof():  # (TLS can't: its close waits for the linger all the same)
+            self.transport.write_eof()  # the client sees the answer end
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def http_protocol(parser: str = "auto") -> type:
@@ -3004,10 +3076,11 @@ def http_protocol(parser: str = "auto") -> type:
         hook = "handle_events"
 
     def with_offer(self: Any, *args: Any) -> None:
-        getattr(base, hook)(self, *args)
+        getattr(super(protocol, self), hook)(*args)
         self.offer_zerocopy()
 
-    return type("HTTPProtocol", (HeadGuard, ZeroCopyMixin, base), {hook: with_offer, "__module__": __name__})
+    protocol = type("HTTPProtocol", (HeadGuard, ZeroCopyMixin, base), {hook: with_offer, "__module__": __name__})
+    return protocol
 
 
 # =============================================================================

@@ -237,6 +237,7 @@ class InProcessServer:
     def __init__(self, app, parser: str, loop: str, **config: object) -> None:
         if loop == "uvloop" and uvloop is None:
             pytest.skip("uvloop is not installed (requirements.txt installs it)")
+        self.parser = parser
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)

@@ -264,3 +264,27 @@ async def test_a_file_system_without_rwf_nowait_falls_back_to_threads(tmp_path: 
     finally:
         os.close(fd)
     assert calls.count(os.pread) == 3  # 128 + 128 + 44 KiB: every read in a thread
+
+
+class AsyncGate:
+    async def __call__(self) -> bool:
+        return False
+
+
+async def refuse() -> bool:
+    return False
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("gate", [lambda: False, refuse, AsyncGate(), lambda: refuse()], ids=["sync", "async-def", "async-call", "returns-coroutine"])
+async def test_every_kind_of_gate_is_awaited_and_can_refuse(gate) -> None:
+    """A gate that refuses refuses whatever it is: a coroutine left unawaited would be truthy (and pass)."""
+    assert await downloader.pass_gate(gate, started=False) is False
+
+
+@pytest.mark.parametrize("scope", [{}, {"client": None, "server": ("127.0.0.1", 80)}, {"client": ("127.0.0.1", 9), "server": None}])
+def test_a_connection_without_addresses_has_no_socket_to_read(scope: dict) -> None:
+    """A Unix socket (uvicorn --uds) has no client address: the stall timer then does without, no error."""
+    client = downloader.ClientSocket(scope)
+    assert client.acked() is None
+    client.give_up()
