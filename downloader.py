@@ -1325,9 +1325,17 @@ def offers_zerocopy(scope: Scope) -> bool:
     return ZEROCOPY in (scope.get("extensions") or {})
 
 
+CONNECTION_SOCKET = "downloader.socket"
+"""Our scope extension, {"fd": N}: HTTPProtocol names the connection's TCP socket, so that nothing is searched."""
+
+
 def connection_socket(scope: Scope) -> int | None:
-    """The descriptor of this request's TCP connection in this process, found by its two addresses (any
-    ASGI server that runs in this process); None when none matches (a Unix socket, proxy headers, not Linux)."""
+    """The descriptor of this request's TCP connection in this process: named by HTTPProtocol, else found
+    by its two addresses (any ASGI server that runs in this process); None when none matches (a Unix
+    socket, proxy headers rewriting the client's address, not Linux)."""
+    named = (scope.get("extensions") or {}).get(CONNECTION_SOCKET)
+    if named is not None:
+        return named["fd"]  # type: ignore[no-any-return]
     client, server = scope.get("client"), scope.get("server")
     if not client or not server:
         return None
@@ -1374,9 +1382,10 @@ class ClientSocket:
 
     def _use(self, call: Callable[[socket.socket], Any]) -> Any:
         if not self.looked:
-            self.looked, self.fd = True, connection_socket(self.scope)  # (None without a client address)
-            self.peer = tuple(self.scope["client"]) if self.fd is not None else None
-        if self.fd is None:
+            self.looked, self.fd = True, connection_socket(self.scope)
+            with contextlib.suppress(OSError):
+                self.peer = socket_peer(self.fd) if self.fd is not None else None
+        if self.fd is None or self.peer is None:
             return None
         try:
             if socket_peer(self.fd) != self.peer:  # closed, or the number now stands for another connection
@@ -2824,15 +2833,19 @@ class ZeroCopyMixin:
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
         sock = transport.get_extra_info("socket")
-        self.socket_fd = -1 if sock is None or transport.get_extra_info("sslcontext") else sock.fileno()
+        self.tcp_fd = -1 if sock is None else sock.fileno()  # TLS too: for the stall timer (CONNECTION_SOCKET)
+        self.socket_fd = -1 if transport.get_extra_info("sslcontext") else self.tcp_fd
 
     def offer_zerocopy(self) -> None:
         """Called once a request's cycle exists: the scope offers the extension, the cycle's send takes it."""
         cycle = self.cycle  # type: ignore[attr-defined]
-        if cycle is None or getattr(cycle, "zerocopy_offered", False) or self.socket_fd < 0:
+        if cycle is None or getattr(cycle, "zerocopy_offered", False) or self.tcp_fd < 0:
             return
         cycle.zerocopy_offered = True
-        cycle.scope.setdefault("extensions", {})[ZEROCOPY] = {}
+        cycle.scope.setdefault("extensions", {})[CONNECTION_SOCKET] = {"fd": self.tcp_fd}
+        if self.socket_fd < 0:
+            return  # TLS: the kernel can't encrypt
+        cycle.scope["extensions"][ZEROCOPY] = {}
         send_other = cycle.send
 
         async def send(message: Message) -> None:

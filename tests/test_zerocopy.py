@@ -157,14 +157,17 @@ def test_zerocopysend_with_chunked_framing_and_defaults(tmp_path: Path, parser: 
 
 
 async def offer_app(scope, receive, send) -> None:
-    """Says whether the server offered zerocopysend."""
+    """Says whether the server offered zerocopysend, and whether the stall timer can read the connection."""
     offered = downloader.ZEROCOPY in scope.get("extensions", {})
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"1")]})
-    await send({"type": "http.response.body", "body": b"1" if offered else b"0"})
+    readable = isinstance(downloader.ClientSocket(scope).acked(), int)
+    body = (b"1" if offered else b"0") + (b"1" if readable else b"0")
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def test_tls_connections_are_not_offered_zero_copy(tmp_path: Path) -> None:
-    """sendfile would put plain text on a TLS socket: the extension is offered only without TLS."""
+    """sendfile would put plain text on a TLS socket: the extension is offered only without TLS. The
+    stall timer can read both connections' sockets."""
     openssl = need("openssl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
@@ -174,13 +177,24 @@ def test_tls_connections_are_not_offered_zero_copy(tmp_path: Path) -> None:
     plain = InProcessServer(offer_app, "httptools", "asyncio")
     tls = InProcessServer(offer_app, "httptools", "asyncio", ssl_keyfile=str(key), ssl_certfile=str(cert))
     try:
-        assert get(plain.port, "/")[1] == b"1"
+        assert get(plain.port, "/")[1] == b"11"
         conn = http.client.HTTPSConnection("127.0.0.1", tls.port, timeout=30, context=ssl._create_unverified_context())
-        assert get(0, "/", conn=conn)[1] == b"0"
+        assert get(0, "/", conn=conn)[1] == b"01"
         conn.close()
     finally:
         plain.stop()
         tls.stop()
+
+
+def test_behind_a_proxy_the_stall_timer_still_reads_the_connection() -> None:
+    """--proxy-headers puts the forwarded address in the scope, where no socket has it: HTTPProtocol names
+    the connection's socket itself (downloader.socket), so no search is needed and none fails."""
+    server = InProcessServer(offer_app, "httptools", "uvloop", proxy_headers=True, forwarded_allow_ips="127.0.0.1")
+    try:
+        assert get(server.port, "/", {"X-Forwarded-For": "203.0.113.7"})[1] == b"11"
+    finally:
+        server.stop()
+    assert downloader.ClientSocket({"client": ("203.0.113.7", 1), "server": ("127.0.0.1", server.port)}).acked() is None
 
 
 def test_a_stall_is_no_progress_a_slow_steady_reader_is_never_cut(root: Path) -> None:
