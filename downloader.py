@@ -66,12 +66,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TextIO
 
-try:
-    import fcntl
-    import termios
-except ImportError:  # not POSIX: no send-queue readings (unsent_bytes)
-    fcntl = termios = None  # type: ignore[assignment]
-
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
@@ -1358,6 +1352,23 @@ def socket_peer(fd: int, local: tuple[Any, ...] | None = None) -> tuple[Any, ...
         sock.detach()
 
 
+def acked_bytes(sock_fd: int) -> int | None:
+    """The bytes the peer's TCP has acknowledged on a socket descriptor (TCP_INFO's tcpi_bytes_acked, Linux
+    4.1+): what a client has taken, whether or not the server could write since. None when unknown."""
+    if not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        sock = socket.socket(fileno=sock_fd)  # shares the descriptor: detached, never closed
+    except OSError:
+        return None
+    try:
+        return struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0]  # type: ignore[no-any-return]
+    except (OSError, struct.error):
+        return None
+    finally:
+        sock.detach()
+
+
 class ClientSocket:
     """This request's TCP connection, as far as the kernel tells: the bytes the client has acknowledged
     (TCP_INFO's tcpi_bytes_acked, Linux 4.1+; None when that can't be known), and `give_up`. The socket is
@@ -1368,35 +1379,33 @@ class ClientSocket:
         self.scope, self.fd, self.peer, self.looked = scope, None, None, False
 
     def acked(self) -> int | None:
-        if not hasattr(socket, "TCP_INFO"):
-            return None
-        return self._use(lambda sock: struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0])
+        fd = self._checked_fd()
+        return None if fd is None else acked_bytes(fd)
 
     def give_up(self) -> None:
-        if not hasattr(socket, "TCP_USER_TIMEOUT"):
-            return
         """After a stall: TCP_USER_TIMEOUT of one second, so the kernel resets the connection. A server's close
         waits for its buffer to drain to a client that reads nothing: it would hold the descriptor for ever.
         (Set on every connection instead, it cut slow readers: Linux counts a zero window's probes.)"""
-        self._use(lambda sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000))
+        fd = self._checked_fd()
+        if fd is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock = socket.socket(fileno=fd)  # shares the descriptor: detached, never closed
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+            sock.detach()
 
-    def _use(self, call: Callable[[socket.socket], Any]) -> Any:
+    def _checked_fd(self) -> int | None:
+        """The connection's descriptor while it still stands for this connection; looked for the first time."""
         if not self.looked:
             self.looked, self.fd = True, connection_socket(self.scope)
-            with contextlib.suppress(OSError):
-                self.peer = socket_peer(self.fd) if self.fd is not None else None
-        if self.fd is None or self.peer is None:
-            return None
+            self.peer = self._peer()
+        if self.peer is None or self._peer() != self.peer:  # closed, or the number now stands for another connection
+            self.fd = self.peer = None
+        return self.fd
+
+    def _peer(self) -> tuple[Any, ...] | None:
         try:
-            if socket_peer(self.fd) != self.peer:  # closed, or the number now stands for another connection
-                raise OSError
-            sock = socket.socket(fileno=self.fd)
-            try:
-                return call(sock)
-            finally:
-                sock.detach()
-        except (OSError, struct.error):
-            self.fd = None
+            return None if self.fd is None else socket_peer(self.fd)
+        except OSError:
             return None
 
 
@@ -2792,14 +2801,6 @@ class ClientGone(ConnectionError):
 SOCKET_POLL_S = (0.001, 0.1)  # a full socket is tried again next turn, after 1 ms, then ever twice as long, up to 100 ms (Backoff)
 
 
-def unsent_bytes(sock_fd: int) -> int:
-    """The bytes in the socket's send queue, not yet acknowledged by the client (SIOCOUTQ); 0 when unknown."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock_fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, AttributeError):
-        return 0
-
-
 class FileSpan:
     """Stands for `count` bytes of a file in h11's framing: h11 only asks its length (send_with_data_passthrough)."""
 
@@ -2928,15 +2929,16 @@ class Backoff:
     """Waits on a full socket, ever longer (SOCKET_POLL_S), and tells a stall from a slow client. The kernel
     says "writable" only once half its send queue has drained, which a slow reader may take minutes to do,
     and waiting for it through a dup's add_writer made libuv spin; so the socket is polled, its progress
-    read off the send queue (SIOCOUTQ), and only none for `stall_timeout` seconds is a stall (TimeoutError)."""
+    read as the portable path's is (acked_bytes, less what the transport still holds), and only none for
+    `stall_timeout` seconds is a stall (TimeoutError)."""
 
     def __init__(self, stall_timeout: float | None, socket_fd: int) -> None:
         self.stall_timeout, self.socket_fd = stall_timeout, socket_fd
-        self.delay, self.since, self.queued = 0.0, time.monotonic(), -1  # first one turn of the loop: uvloop writes then
+        self.delay, self.since, self.taken = 0.0, time.monotonic(), None  # first one turn of the loop: uvloop writes then
 
     async def wait(self, buffered: int = 0) -> None:
-        was, self.queued = self.queued, buffered + unsent_bytes(self.socket_fd)
-        if 0 <= self.queued < was:  # the client took some
+        was, self.taken = self.taken, (acked_bytes(self.socket_fd) or 0) - buffered
+        if was is not None and self.taken > was:  # the client took some
             self.since = time.monotonic()
         elif self.stall_timeout is not None and time.monotonic() - self.since >= self.stall_timeout:
             raise TimeoutError
