@@ -64,7 +64,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple, NoReturn, TextIO
 
 import anyio
 import anyio.lowlevel
@@ -250,20 +250,31 @@ def _parse_bool(text: str) -> bool:
 
 def _parse_int(text: str) -> int:
     try:
-        return int(text.strip())
+        return int(_ascii_number(text))
     except ValueError:
         raise ValueError("must be a whole number") from None
 
 
 def _parse_seconds(text: str) -> float:
     try:
-        return float(text.strip())
+        return float(_ascii_number(text))
     except ValueError:
         raise ValueError("must be a number of seconds") from None
 
 
+def _ascii_number(text: str) -> str:
+    """`text` stripped, if it spells a number in ASCII: Python's int() and float() also take "٥", "６０" and "1_0"."""
+    text = text.strip()
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return text
+
+
 def _parse_keys(text: str) -> tuple[str, ...]:
-    return tuple(key.strip() for key in text.split(",") if key.strip())
+    keys = tuple(key.strip() for key in text.split(",") if key.strip())
+    if not keys:  # (an unset shell variable): it would serve every file unprotected
+        raise ValueError("must be a key, or a list of keys (comma-separated)")
+    return keys
 
 
 def _check_root(value: object) -> str:
@@ -294,6 +305,14 @@ def _check_text(value: object) -> str:
     if not isinstance(value, str) or not value.isprintable() or not value.isascii():
         raise ValueError("must be printable ASCII text")
     return value.strip()
+
+
+def _check_token(value: object) -> str:
+    """A bearer token: an empty one would let `Authorization: Bearer` with nothing after it in."""
+    token = _check_text(value)
+    if not token:
+        raise ValueError("must not be empty")
+    return token
 
 
 def _check_keys(value: object) -> tuple[str, ...]:
@@ -370,7 +389,7 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "blob_limit": (_parse_int, _check_int(0, 2**53, "bytes")),
     "secret": (_parse_keys, _check_keys),
     "catalog": (str, _check_catalog),
-    "admin_token": (str, _check_text),
+    "admin_token": (str, _check_token),
     "authorize": (None, _check_callable),
     "zip_compression": (_parse_bool, _check_bool),
     "max_active_downloads": (_parse_int, _check_int(1, 1_000_000, "downloads")),
@@ -3116,8 +3135,15 @@ def as_variable(name: str) -> str:
     return ENV_PREFIX + name.upper() if name in SETTING_RULES else name
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, but a bad flag is one line and exit 2, like every other bad setting (not a usage screen)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"downloader: {message} (python downloader.py --help)\n")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="downloader.py", description="Serve the files under a directory as downloads.")
+    parser = ArgumentParser(prog="downloader.py", description="Serve the files under a directory as downloads.", allow_abbrev=False)
     parser.add_argument("--root", help="directory to serve (DOWNLOADER_ROOT; default: the sample files)")
     parser.add_argument("--host", help="address to listen on (DOWNLOADER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", help="port to listen on, 0 for any free one (DOWNLOADER_PORT; default 8000)")
@@ -3206,7 +3232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:  # (socket.gaierror is one)
-            variable = ENV_PREFIX + ("HOST" if isinstance(exc, socket.gaierror) else "PORT")
+            variable = ENV_PREFIX + ("HOST" if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL else "PORT")
             raise SettingsError(variable, f"can't listen on {shown}:{options.port}: {exc.strerror or exc}") from None
     except SettingsError as exc:
         variable = as_variable(exc.name)

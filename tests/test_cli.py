@@ -59,8 +59,13 @@ def test_uvicorn_with_bad_setting_stops_with_one_line(tmp_path: Path) -> None:
         ([], {"DOWNLOADER_ACCESS_LOG": "/no/such/dir/access.log"}, "DOWNLOADER_ACCESS_LOG: folder '/no/such/dir' does not exist"),
         ([], {"DOWNLOADER_ACCESS_LOG": "/tmp"}, "DOWNLOADER_ACCESS_LOG: '/tmp' is a directory, not a file"),
         ([], {"DOWNLOADER_CATALOG": "/tmp"}, "DOWNLOADER_CATALOG: '/tmp' is a directory, not a file"),
+        (["--host", "192.0.2.1", "--port", "0"], {}, "--host: can't listen on 192.0.2.1:0: Cannot assign requested address"),
+        (["--bogus"], {}, "unrecognized arguments: --bogus (python downloader.py --help)"),
+        (["--prox"], {}, "unrecognized arguments: --prox (python downloader.py --help)"),
+        (["--port"], {}, "argument --port: expected one argument (python downloader.py --help)"),
     ],
-    ids=["port-flag", "port-env", "workers", "port-superscript", "host", "root-flag-empty", "root-env-empty", "root-blank", "log-folder", "log-dir", "catalog-dir"],
+    ids=["port-flag", "port-env", "workers", "port-superscript", "host", "root-flag-empty", "root-env-empty", "root-blank", "log-folder", "log-dir", "catalog-dir",
+         "host-not-here", "unknown-flag", "abbreviated-flag", "flag-without-value"],
 )
 def test_bad_start_up_is_one_line_naming_the_flag_or_variable(args: list[str], env: dict[str, str], line: str) -> None:
     """Issue "No surprises" #1, #2, #10: nothing is announced, nothing is served."""

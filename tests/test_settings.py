@@ -47,6 +47,14 @@ def test_env_values_are_parsed(tmp_path: Path) -> None:
         ({"DOWNLOADER_ACCESS_LOG": ""}, "DOWNLOADER_ACCESS_LOG: must be a file path"),
         ({"DOWNLOADER_ACCESS_LOG": "/"}, "DOWNLOADER_ACCESS_LOG: '/' is a directory, not a file"),
         ({"DOWNLOADER_ACCESS_LOG": "/no/such/dir/a.log"}, "DOWNLOADER_ACCESS_LOG: folder '/no/such/dir' does not exist"),
+        ({"DOWNLOADER_ADMIN_TOKEN": ""}, "DOWNLOADER_ADMIN_TOKEN: must not be empty"),  # else "Bearer" with nothing gets in
+        ({"DOWNLOADER_ADMIN_TOKEN": "  "}, "DOWNLOADER_ADMIN_TOKEN: must not be empty"),
+        ({"DOWNLOADER_SECRET": ""}, "DOWNLOADER_SECRET: must be a key, or a list of keys (comma-separated), got ''"),
+        ({"DOWNLOADER_SECRET": " , "}, "DOWNLOADER_SECRET: must be a key, or a list of keys (comma-separated), got ' , '"),
+        ({"DOWNLOADER_CHUNK_SIZE": "１０２４０"}, "DOWNLOADER_CHUNK_SIZE: must be a whole number, got '１０２４０'"),
+        ({"DOWNLOADER_CHUNK_SIZE": "1_048_576"}, "DOWNLOADER_CHUNK_SIZE: must be a whole number, got '1_048_576'"),
+        ({"DOWNLOADER_RATE_LIMIT": "٢٠٤٨"}, "DOWNLOADER_RATE_LIMIT: must be a whole number, got '٢٠٤٨'"),
+        ({"DOWNLOADER_STALL_TIMEOUT": "６０"}, "DOWNLOADER_STALL_TIMEOUT: must be a number of seconds, got '６０'"),
     ],
 )
 def test_bad_env_value_names_the_variable(environ: dict[str, str], message: str) -> None:
