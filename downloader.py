@@ -2912,7 +2912,7 @@ class ZeroCopyMixin:
     async def sendfile(self, fd: int, offset: int, count: int, stall_timeout: float | None) -> None:
         """`count` bytes of `fd` from `offset` onto the socket, after all the transport holds. A page not in the
         page cache is sent from a worker thread, so that the event loop never waits for the disk."""
-        sent, full = 0, Backoff(stall_timeout, self.socket_fd)
+        sent, full = 0, Backoff(stall_timeout)
         try:
             while sent < count:
                 if self.transport.is_closing():  # its descriptor may be closed, and the number reused
@@ -2932,7 +2932,7 @@ class ZeroCopyMixin:
                 if moved == 0:
                     raise SendfileAborted("file shrank while being sent")
                 sent += moved
-                full = Backoff(stall_timeout, self.socket_fd)
+                full = Backoff(stall_timeout)
                 if moved == SENDFILE_MAX_CHUNK:
                     await asyncio.sleep(0)  # other connections' turn
         except BaseException as exc:
@@ -2949,17 +2949,18 @@ class ZeroCopyMixin:
 class Backoff:
     """Waits on a full socket, ever longer (SOCKET_POLL_S), and tells a stall from a slow client. The kernel
     says "writable" only once half its send queue has drained, which a slow reader may take minutes to do,
-    and waiting for it through a dup's add_writer made libuv spin; so the socket is polled, its progress
-    read as the portable path's is (acked_bytes, less what the transport still holds), and only none for
-    `stall_timeout` seconds is a stall (TimeoutError)."""
+    and waiting for it through a dup's add_writer made libuv spin; so the socket is polled. A socket takes
+    more as soon as the client acknowledges some, so progress is bytes moved: each sendfile that moves any
+    starts a new Backoff, and so does the transport's buffer shrinking. Only none for `stall_timeout`
+    seconds is a stall (TimeoutError)."""
 
-    def __init__(self, stall_timeout: float | None, socket_fd: int) -> None:
-        self.stall_timeout, self.socket_fd = stall_timeout, socket_fd
-        self.delay, self.since, self.taken = 0.0, time.monotonic(), None  # first one turn of the loop: uvloop writes then
+    def __init__(self, stall_timeout: float | None) -> None:
+        self.stall_timeout = stall_timeout
+        self.delay, self.since, self.buffered = 0.0, time.monotonic(), -1  # first one turn of the loop: uvloop writes then
 
     async def wait(self, buffered: int = 0) -> None:
-        was, self.taken = self.taken, (acked_bytes(self.socket_fd) or 0) - buffered
-        if was is not None and self.taken > was:  # the client took some
+        was, self.buffered = self.buffered, buffered
+        if 0 <= buffered < was:  # the transport wrote some of what it held
             self.since = time.monotonic()
         elif self.stall_timeout is not None and time.monotonic() - self.since >= self.stall_timeout:
             raise TimeoutError
