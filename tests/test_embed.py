@@ -1283,3 +1283,18 @@ async def test_zip_archives_at_once_are_capped_per_process(root: Path, monkeypat
         release.set()
     status, _, body, _ = await asgi_exchange(app, b"/zip/sub")  # the first one done: its slot is free again
     assert (status, zip_contents(body)) == (200, {"inner.txt": b"inner"})
+
+
+@pytest.mark.anyio
+async def test_a_refused_archive_gives_its_slot_back(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More failed /zip requests than there are slots (404, 413): each hands its slot back, so /zip still works."""
+    monkeypatch.setattr(downloader, "MAX_ACTIVE_ZIPS", 2)
+    app = create_app(root)
+    for target in (b"/zip/missing", b"/zip/ten.txt", b"/zip/missing", b"/zip/missing"):
+        status, _, _, _ = await asgi_exchange(app, target)
+        assert status == 404
+    monkeypatch.setattr(downloader, "MAX_ZIP_FILES", 0)
+    assert (await asgi_exchange(app, b"/zip/sub"))[0] == 413
+    monkeypatch.setattr(downloader, "MAX_ZIP_FILES", 100_000)
+    status, _, body, _ = await asgi_exchange(app, b"/zip/sub")
+    assert (status, zip_contents(body)) == (200, {"inner.txt": b"inner"})

@@ -623,10 +623,13 @@ async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_fil
     app = create_app(root, catalog=db)
     threads = app.state.service.catalog_threads
     statuses: list[int] = []
+    waits: list[float] = []
     async with asgi_client(app) as c:
 
         async def gated() -> None:
+            began = time.monotonic()
             statuses.append((await c.get(f"/files/{link.id}")).status_code)
+            waits.append(time.monotonic() - began)
 
         with locked(db):
             async with anyio.create_task_group() as group:
@@ -642,6 +645,7 @@ async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_fil
     assert in_use <= downloader.CATALOG_THREADS + 1, f"{in_use} worker threads busy beside 60 waiting requests"
     assert took < 0.5
     assert statuses == [503] * 60
+    assert max(waits) < 2 * 1.5 + 1.5, f"a 503 took {max(waits):.1f} s: waiting for a thread must time out too"
 
 
 @pytest.mark.parametrize("path", list(SERVER_PATHS))
@@ -1118,6 +1122,19 @@ async def test_the_client_of_a_used_up_link_gets_one_files_worth_of_ranges_more_
     assert [(r.status_code, r.content) for r in rest] == [(206, b"012345"), (206, b"6789")]
     assert (more.status_code, more.json()) == (410, GONE)
     assert catalog.get(link.id).downloads == 1
+
+
+@pytest.mark.anyio
+async def test_over_http_a_hold_ends_link_hold_s_after_the_count(root: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(downloader, "LINK_HOLD_S", 0.5)
+    link = Catalog(db).add("ten.txt", max_downloads=1)
+    async with asgi_client(create_app(root, catalog=db)) as c:
+        full = await c.get(f"/files/{link.id}")
+        within = await c.get(f"/files/{link.id}", headers={"Range": "bytes=0-1"})
+        await anyio.sleep(0.6)
+        after = await c.get(f"/files/{link.id}", headers={"Range": "bytes=2-3"})
+    assert [(r.status_code, r.content) for r in (full, within)] == [(200, TEN), (206, b"01")]
+    assert (after.status_code, after.json()) == (410, GONE)
 
 
 def test_a_hold_ends_link_hold_s_after_the_count_however_often_it_is_used(db: Path) -> None:

@@ -190,11 +190,33 @@ def test_behind_a_proxy_the_stall_timer_still_reads_the_connection() -> None:
     """--proxy-headers puts the forwarded address in the scope, where no socket has it: HTTPProtocol names
     the connection's socket itself (downloader.socket), so no search is needed and none fails."""
     server = InProcessServer(offer_app, "httptools", "uvloop", proxy_headers=True, forwarded_allow_ips="127.0.0.1")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     try:
-        assert get(server.port, "/", {"X-Forwarded-For": "203.0.113.7"})[1] == b"11"
+        assert get(0, "/", {"X-Forwarded-For": "203.0.113.7"}, conn=conn)[1] == b"11"
+        # the search by addresses, while that connection is open, finds nothing for the forwarded one
+        assert downloader.connection_socket({"client": ("203.0.113.7", 1), "server": ("127.0.0.1", server.port)}) is None
+        local = conn.sock.getsockname()
+        assert downloader.connection_socket({"client": local, "server": ("127.0.0.1", server.port)}) is not None
     finally:
+        conn.close()
         server.stop()
-    assert downloader.ClientSocket({"client": ("203.0.113.7", 1), "server": ("127.0.0.1", server.port)}).acked() is None
+
+
+def test_page_cached_tells_a_page_in_memory_from_one_on_disk(tmp_path: Path) -> None:
+    """The zero-copy path sends a page not in the page cache from a worker thread: the probe must tell."""
+    if not downloader.RWF_NOWAIT:
+        pytest.skip("no preadv(RWF_NOWAIT) on this system: every page counts as cached")
+    path = tmp_path / "cold.bin"
+    write_file(path, 4 * MIB)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the cache
+        assert downloader.page_cached(fd, 2 * MIB) is False
+        os.pread(fd, 4096, 2 * MIB)
+        assert downloader.page_cached(fd, 2 * MIB) is True
+    finally:
+        os.close(fd)
 
 
 def test_a_stall_is_no_progress_a_slow_steady_reader_is_never_cut(root: Path) -> None:
