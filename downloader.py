@@ -1362,37 +1362,27 @@ def connection_socket(scope: Scope) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def borrowed_socket(fd: int) -> Iterator[socket.socket]:
+    """A socket object on a descriptor the server owns: detached afterwards, never closed (OSError: none such)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
 def socket_peer(fd: int, local: tuple[Any, ...] | None = None) -> tuple[Any, ...] | None:
     """The (host, port) a TCP socket descriptor is connected to, if it is bound to `local` (when given)."""
-    sock = socket.socket(fileno=fd)  # shares the descriptor: detached, never closed
-    try:
+    with borrowed_socket(fd) as sock:
         if sock.type != socket.SOCK_STREAM or (local is not None and sock.getsockname()[:2] != local):
             return None
         return sock.getpeername()[:2]
-    finally:
-        sock.detach()
-
-
-def acked_bytes(sock_fd: int) -> int | None:
-    """The bytes the peer's TCP has acknowledged on a socket descriptor (TCP_INFO's tcpi_bytes_acked, Linux
-    4.1+): what a client has taken, whether or not the server could write since. None when unknown."""
-    if not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        sock = socket.socket(fileno=sock_fd)  # shares the descriptor: detached, never closed
-    except OSError:
-        return None
-    try:
-        return struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0]  # type: ignore[no-any-return]
-    except (OSError, struct.error):
-        return None
-    finally:
-        sock.detach()
 
 
 class ClientSocket:
-    """This request's TCP connection, as far as the kernel tells: the bytes the client has acknowledged
-    (TCP_INFO's tcpi_bytes_acked, Linux 4.1+; None when that can't be known), and `give_up`. The socket is
+    """This request's TCP connection, as far as the kernel tells: `acked`, the bytes the client has
+    acknowledged (TCP_INFO's tcpi_bytes_acked, Linux 4.1+; None when unknown), and `give_up`. The socket is
     looked for when first needed (a download that never waits never looks), and checked to be the same
     connection each time."""
 
@@ -1400,33 +1390,30 @@ class ClientSocket:
         self.scope, self.fd, self.peer, self.looked = scope, None, None, False
 
     def acked(self) -> int | None:
-        fd = self._checked_fd()
-        return None if fd is None else acked_bytes(fd)
+        if not hasattr(socket, "TCP_INFO"):
+            return None
+        return self._use(lambda sock: struct.unpack_from("Q", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 128), 120)[0])
 
     def give_up(self) -> None:
         """After a stall: TCP_USER_TIMEOUT of one second, so the kernel resets the connection. A server's close
         waits for its buffer to drain to a client that reads nothing: it would hold the descriptor for ever.
         (Set on every connection instead, it cut slow readers: Linux counts a zero window's probes.)"""
-        fd = self._checked_fd()
-        if fd is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock = socket.socket(fileno=fd)  # shares the descriptor: detached, never closed
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
-            sock.detach()
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            self._use(lambda sock: sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000))
 
-    def _checked_fd(self) -> int | None:
-        """The connection's descriptor while it still stands for this connection; looked for the first time."""
-        if not self.looked:
-            self.looked, self.fd = True, connection_socket(self.scope)
-            self.peer = self._peer()
-        if self.peer is None or self._peer() != self.peer:  # closed, or the number now stands for another connection
-            self.fd = self.peer = None
-        return self.fd
-
-    def _peer(self) -> tuple[Any, ...] | None:
+    def _use(self, call: Callable[[socket.socket], Any]) -> Any:
+        """call(socket) while the descriptor still stands for this connection; None otherwise, or on failure."""
         try:
-            return None if self.fd is None else socket_peer(self.fd)
-        except OSError:
+            if not self.looked:
+                self.looked, self.fd = True, connection_socket(self.scope)
+                self.peer = None if self.fd is None else socket_peer(self.fd)
+            if self.fd is None or self.peer is None or socket_peer(self.fd) != self.peer:  # closed, or reused
+                self.fd = None
+                return None
+            with borrowed_socket(self.fd) as sock:
+                return call(sock)
+        except (OSError, struct.error):
+            self.fd = None
             return None
 
 
