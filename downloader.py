@@ -14,7 +14,7 @@ The module reads top to bottom; a section uses only the sections above it
 | 3 | Path resolution          | URL path -> an open, checked regular file under the root    |
 | 4 | HTTP semantics           | RFC 9110 ranges, preconditions and header values; pure      |
 | 5 | Streaming                | bytes of an fd onto ASGI `send`: pace, stalls, disconnects  |
-| 6 | Signed links and catalog | HMAC links, the SQLite catalog of opaque IDs                |
+| 6 | Signed links and catalog | HMAC links; the catalog of opaque IDs (SQLite, PostgreSQL)  |
 | 7 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
 | 8 | App and routes           | create_app, the routes, the ops middleware                  |
 | 9 | Server protocol          | uvicorn's HTTP/1.1 plus zerocopysend, bounded request heads |
@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, NoReturn, TextIO
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 from starlette.applications import Starlette
@@ -151,10 +152,14 @@ MAX_TTL_S = 100 * 365 * 86400  # the longest lifetime a catalog or signed link m
 MAX_EXPIRES_AT = 253402300799  # 9999-12-31T23:59:59Z: the latest expiry RFC 3339 can write
 MAX_DOWNLOADS_CAP = 1_000_000_000  # the largest max_downloads a catalog link may have
 CATALOG_TIMEOUT_S = 2.0
-"""A catalog call that waits this long for another writer's lock on the SQLite file, or for one of the
-CATALOG_THREADS, is given up: 503 with Retry-After, and /healthz says so. (A call already running on a stuck
-disk waits with it: it is never abandoned.) Writes take milliseconds; waiting 10 s tied up threads."""
+"""A catalog call that waits this long for one of the CATALOG_THREADS, for another writer's lock on the SQLite
+file, or for PostgreSQL (to connect; a statement or a lock on the server; unacknowledged TCP sends), is given
+up: 503 with Retry-After, and /healthz says so. Writes take milliseconds; waiting 10 s tied up threads."""
 CATALOG_THREADS = 4  # catalog calls one process runs at once (SQLite has one writer): the rest of the thread pool reads files
+CATALOG_ABANDON_S = 6.0
+"""A catalog call still running this long (connecting and one statement each take CATALOG_TIMEOUT_S at most) is
+waiting on a database server that stopped answering: the request gets its 503, the call is left to its thread."""
+PG_CHECK_IDLE_S = 1.0  # a PostgreSQL connection idle longer is checked (one round trip) before reuse
 LINK_HOLD_S = 120.0
 """After a catalog link's last download is counted, the client it went to (same address and User-Agent) may
 still fetch ranges of it for this long, up to one file's worth of bytes in all: a download manager's other
@@ -333,7 +338,13 @@ def _check_file_path(value: object) -> str:
     return path
 
 
+def is_postgres_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
+
+
 def _check_catalog(value: object) -> str:
+    if isinstance(value, str) and is_postgres_url(value):
+        return value  # reached when the catalog opens (Catalog)
     path = _check_file_path(value)
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=CATALOG_TIMEOUT_S)) as db:
@@ -1621,8 +1632,9 @@ async def stop_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None
 # 6. Signed links and catalog
 # =============================================================================
 # Two ways to hand out a protected file: stateless signed links, an HMAC-SHA256 of the exact path and
-# expiry that any replica with the secret verifies (like S3 presigned URLs); and opaque IDs in a SQLite
-# catalog (WAL, shared by workers) with expiry, revocation and a limit of completed downloads.
+# expiry that any replica with the secret verifies (like S3 presigned URLs); and opaque IDs in a catalog
+# with expiry, revocation and a limit of completed downloads: a SQLite file (WAL, shared by the workers of
+# one machine), or PostgreSQL (shared by replicas). One SQL for both; each decision one statement.
 
 LINK_DOMAIN = "downloader-link-v1"  # the first line of every signed string: a signature is valid for nothing else
 
@@ -1729,102 +1741,252 @@ class Link:
         return dataclasses.asdict(self)
 
 
+class CatalogError(Exception):
+    """The catalog's database failed (locked, gone, unreachable, read-only): callers answer 503."""
+
+
 class Catalog:
-    """Opaque download IDs in SQLite: `add` a file, `get`, `revoke`, `list`, `claim` a completed download, and
-    whether a client `holds` a used-up link. Each call opens its own connection, so threads and processes share
-    the file (WAL mode; a call waits CATALOG_TIMEOUT_S for another writer). A file gone after it was opened is
-    an error (sqlite3.Error), never silently made anew."""
+    """Opaque download IDs in a database: `add` a file, `get`, `revoke`, `list`, `claim` a completed download,
+    and whether a client `holds` a used-up link. `Catalog(path)` is a SQLite file (WAL; each call opens its own
+    connection, so threads and processes share it, and a call waits CATALOG_TIMEOUT_S for another writer);
+    `Catalog("postgresql://...")` is a PostgresCatalog, shared by replicas. Both run the same SQL. A database
+    that fails raises CatalogError; a SQLite file gone after it was opened is one, never silently made anew.
 
-    SCHEMA = """CREATE TABLE IF NOT EXISTS links (
-        id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created REAL NOT NULL,
-        expires_at REAL, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0,
-        revoked INTEGER NOT NULL DEFAULT 0)"""
-    HOLDERS = """CREATE TABLE IF NOT EXISTS holders (
-        link TEXT NOT NULL, holder TEXT NOT NULL, claimed REAL NOT NULL, budget INTEGER, PRIMARY KEY (link, holder))"""
+    The schema is versioned: SCHEMA[n] takes a catalog from version n to n + 1, on first use."""
 
-    COLUMNS = {"id", "path", "name", "created", "expires_at", "max_downloads", "downloads", "revoked"}
+    SCHEMA = (
+        (  # 1: links, and the holders of used-up links (a file from before versions had links alone)
+            """CREATE TABLE IF NOT EXISTS links (
+                id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0,
+                revoked INTEGER NOT NULL DEFAULT 0)""",
+            """CREATE TABLE IF NOT EXISTS holders (
+                link TEXT NOT NULL, holder TEXT NOT NULL, claimed DOUBLE PRECISION NOT NULL, budget BIGINT,
+                PRIMARY KEY (link, holder))""",
+        ),
+    )
+    COLUMNS = ["id", "path", "name", "created", "expires_at", "max_downloads", "downloads", "revoked"]
+    # A completed download counts when this one statement finds the link usable: never read-then-write.
+    COUNT = ("UPDATE links SET downloads = downloads + 1 WHERE id = :id AND revoked = 0"
+             " AND (max_downloads IS NULL OR downloads < max_downloads)")
+    RECORD = ("INSERT INTO holders (link, holder, claimed) {source} ON CONFLICT (link, holder)"
+              " DO UPDATE SET claimed = excluded.claimed, budget = NULL")
+    SWEEP = "DELETE FROM holders WHERE claimed < :since AND NOT (link = :id AND holder = :holder)"
+    HELD = ("SELECT 1 FROM holders JOIN links ON links.id = holders.link"
+            " WHERE link = :id AND holder = :holder AND claimed >= :since AND revoked = 0")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Opens the catalog, creating it when missing; ValueError for an SQLite file that holds another `links`."""
-        self.path = os.fspath(path)
-        with contextlib.closing(self._connect(create=True)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(self.SCHEMA)
-            db.execute(self.HOLDERS)
-            if {row[1] for row in db.execute("PRAGMA table_info(links)")} != self.COLUMNS:
-                raise ValueError(f"{self.path!r} holds a links table that is not a downloader catalog")
+    def __new__(cls, location: str | os.PathLike[str]) -> Catalog:
+        if cls is Catalog and is_postgres_url(os.fspath(location)):
+            cls = PostgresCatalog
+        return super().__new__(cls)
 
-    def _connect(self, create: bool = False) -> sqlite3.Connection:
-        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + ("?mode=rwc" if create else "?mode=rw")
-        db = sqlite3.connect(uri, uri=True, timeout=CATALOG_TIMEOUT_S, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        return db
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        """Opens the catalog, creating or migrating its tables; ValueError for a database that holds another
+        `links` table, or a schema newer than this code; CatalogError when the database can't be reached."""
+        self.location = os.fspath(location)
+        self.shown = repr(self.location)  # in errors: a file's path (a URL's password never)
+        with self._session(create=True) as run:
+            run("PRAGMA journal_mode=WAL")
+        self._migrate()
+
+    # -- the database's part: SQLite here; PostgresCatalog overrides these ------------------------------
+
+    @contextlib.contextmanager
+    def _session(self, *, create: bool = False, atomic: bool = False) -> Iterator[Callable[..., Any]]:
+        """A `run(sql, params={})` that returns a cursor (rows as mappings), in one transaction that holds
+        the write lock when `atomic`; driver errors become CatalogError."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.location)) + ("?mode=rwc" if create else "?mode=rw")
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=CATALOG_TIMEOUT_S, isolation_level=None)) as db:
+                db.row_factory = sqlite3.Row
+                if atomic:
+                    db.execute("BEGIN IMMEDIATE")
+                with db if atomic else contextlib.nullcontext():  # commits, or rolls back on an exception
+                    yield lambda sql, params={}: db.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise CatalogError(str(exc)) from exc
+
+    def _version(self, run: Callable[..., Any]) -> int:
+        return int(run("PRAGMA user_version").fetchone()[0])
+
+    def _set_version(self, run: Callable[..., Any], version: int) -> None:
+        run(f"PRAGMA user_version = {int(version)}")
+
+    COUNT_IN_TRANSACTION = True  # _count runs two statements
+
+    def _count(self, run: Callable[..., Any], args: dict[str, object]) -> bool:
+        """The count, then its holder (a limited link's), in the caller's transaction."""
+        if run(self.COUNT, args).rowcount != 1:
+            return False
+        if args["holder"] is not None:
+            run(self.SWEEP, args)
+            source = "SELECT id, :holder, :now FROM links WHERE id = :id AND max_downloads IS NOT NULL"
+            run(self.RECORD.format(source=source), args)
+        return True
+
+    def check(self) -> None:
+        """CatalogError unless the catalog can be read and written now (for /healthz)."""
+        with self._session(atomic=True) as run:  # takes the write lock: a locked or read-only file fails here
+            run("SELECT 1 FROM links LIMIT 1").fetchone()
+
+    # -- the catalog, in SQL both databases run ---------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._session(atomic=True) as run:
+            version = self._version(run)
+            if version > len(self.SCHEMA):
+                raise ValueError(f"{self.shown} has catalog schema version {version}; this downloader knows up to {len(self.SCHEMA)}")
+            for statements in self.SCHEMA[version:]:
+                for statement in statements:
+                    run(statement)
+            if version < len(self.SCHEMA):
+                self._set_version(run, len(self.SCHEMA))
+            columns = [column[0] for column in run("SELECT * FROM links LIMIT 0").description]
+            if sorted(columns) != sorted(self.COLUMNS):
+                raise ValueError(f"{self.shown} holds a links table that is not a downloader catalog")
 
     def add(self, path: str, *, expires_at: float | None = None, max_downloads: int | None = None, name: str | None = None) -> Link:
         """A new random ID (UUID4) for the file at `path` (relative to the root); ValueError as link_options."""
         expires_at, max_downloads, name = link_options(expires_at=expires_at, max_downloads=max_downloads, name=name, now=0)
         link = Link(str(uuid.uuid4()), path, name, time.time(), expires_at, max_downloads, 0, False)
-        with contextlib.closing(self._connect()) as db:
-            db.execute(
-                "INSERT INTO links (id, path, name, created, expires_at, max_downloads) VALUES (?, ?, ?, ?, ?, ?)",
-                (link.id, link.path, link.name, link.created, link.expires_at, link.max_downloads),
-            )
+        with self._session() as run:
+            run("INSERT INTO links (id, path, name, created, expires_at, max_downloads)"
+                " VALUES (:id, :path, :name, :created, :expires_at, :max_downloads)", link.as_json())
         return link
 
     def get(self, link_id: str) -> Link | None:
-        with contextlib.closing(self._connect()) as db:
-            row = db.execute("SELECT * FROM links WHERE id = ?", (link_id,)).fetchone()
+        with self._session() as run:
+            row = run("SELECT * FROM links WHERE id = :id", {"id": link_id}).fetchone()
         return None if row is None else Link(**{**dict(row), "revoked": bool(row["revoked"])})
 
     def list(self) -> list[Link]:
-        with contextlib.closing(self._connect()) as db:
-            rows = db.execute("SELECT * FROM links ORDER BY created, id").fetchall()
+        with self._session() as run:
+            rows = run("SELECT * FROM links ORDER BY created, id").fetchall()
         return [Link(**{**dict(row), "revoked": bool(row["revoked"])}) for row in rows]
 
     def revoke(self, link_id: str) -> bool:
         """True when the ID existed (revoking twice is harmless)."""
-        with contextlib.closing(self._connect()) as db:
-            return db.execute("UPDATE links SET revoked = 1 WHERE id = ?", (link_id,)).rowcount == 1
+        with self._session() as run:
+            return run("UPDATE links SET revoked = 1 WHERE id = :id", {"id": link_id}).rowcount == 1
 
     def claim(self, link_id: str, holder: str | None = None, *, held: bool = False, now: float | None = None) -> bool:
-        """Counts a completed download atomically: False at the limit (of two racers, one gets the last).
-        On a limited link, the `holder` it goes to (link_holder) is recorded; a request admitted by `holds`
-        (`held`) is that holder's own download going on: allowed within LINK_HOLD_S, not counted again."""
+        """Counts a completed download atomically: False at the limit (of two racers, one gets the last), or
+        revoked. On a limited link, the `holder` it goes to (link_holder) is recorded; a request admitted by
+        `holds` (`held`) is that holder's own download going on: allowed within LINK_HOLD_S, not counted again."""
         now = time.time() if now is None else now
-        with contextlib.closing(self._connect()) as db, db:  # one transaction
-            db.execute("BEGIN IMMEDIATE")
-            link = db.execute("SELECT revoked, max_downloads, downloads FROM links WHERE id = ?", (link_id,)).fetchone()
-            if link is None or link["revoked"]:
-                return False
-            limited = holder is not None and link["max_downloads"] is not None
-            if limited:
-                db.execute("DELETE FROM holders WHERE claimed < ?", (now - LINK_HOLD_S,))
-                if held:
-                    return db.execute("SELECT 1 FROM holders WHERE link = ? AND holder = ?", (link_id, holder)).fetchone() is not None
-            if link["max_downloads"] is not None and link["downloads"] >= link["max_downloads"]:
-                return False
-            db.execute("UPDATE links SET downloads = downloads + 1 WHERE id = ?", (link_id,))
-            if limited:
-                db.execute("INSERT OR REPLACE INTO holders (link, holder, claimed) VALUES (?, ?, ?)", (link_id, holder, now))
-            return True
+        args = {"id": link_id, "holder": holder, "now": now, "since": now - LINK_HOLD_S}
+        if held:
+            with self._session() as run:
+                return run(self.HELD, args).fetchone() is not None
+        with self._session(atomic=self.COUNT_IN_TRANSACTION) as run:
+            return self._count(run, args)
 
     def holds(self, link_id: str, holder: str, wanted: int, size: int, now: float | None = None) -> bool:
         """Whether `holder` got the link's last download within LINK_HOLD_S and has `wanted` bytes left of the
         one file's worth (`size`) it may fetch since; if so they are taken off."""
         now = time.time() if now is None else now
-        with contextlib.closing(self._connect()) as db:
-            return db.execute(
-                "UPDATE holders SET budget = coalesce(budget, ?) - ? WHERE link = ? AND holder = ? AND claimed >= ?"
-                " AND coalesce(budget, ?) >= ?",
-                (size, wanted, link_id, holder, now - LINK_HOLD_S, size, wanted),
+        args = {"id": link_id, "holder": holder, "wanted": wanted, "size": size, "since": now - LINK_HOLD_S}
+        with self._session() as run:
+            return run(
+                "UPDATE holders SET budget = coalesce(budget, :size) - :wanted WHERE link = :id AND holder = :holder"
+                " AND claimed >= :since AND coalesce(budget, :size) >= :wanted", args,
             ).rowcount == 1
 
+
+@functools.lru_cache(maxsize=64)
+def pyformat(sql: str) -> str:
+    """SQL with SQLite's :name parameters in psycopg's %(name)s style (our SQL has no other colons)."""
+    return re.sub(r":(\w+)", r"%(\1)s", sql)
+
+
+class PostgresCatalog(Catalog):
+    """The catalog in PostgreSQL (psycopg 3), for replicas that share it. Connections are kept for reuse,
+    one per thread that needs one at once (CATALOG_THREADS), autocommit: each call is one statement but the
+    migration. A connection idle for PG_CHECK_IDLE_S is checked before reuse, so one broken by a restart
+    of the server is replaced, not failed on. Server-side statement and lock timeouts, and TCP timeouts,
+    are CATALOG_TIMEOUT_S, so a call ends soon after the caller stops waiting."""
+
+    # One statement: count, record the holder of a limited link, sweep expired holders.
+    CLAIM = ("WITH counted AS (" + Catalog.COUNT + " RETURNING id, max_downloads), recorded AS ("
+             + Catalog.RECORD.format(source="SELECT id, :holder, :now FROM counted WHERE max_downloads IS NOT NULL")
+             + "), swept AS (" + Catalog.SWEEP + ") SELECT count(*) AS n FROM counted")
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        try:
+            import psycopg
+            import psycopg.conninfo
+            import psycopg.rows
+        except ImportError:
+            raise ValueError("a postgresql:// catalog needs psycopg: pip install 'psycopg[binary]'") from None
+        self.psycopg = psycopg
+        self.location = os.fspath(location)
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(self.location)
+        except psycopg.Error as exc:
+            raise ValueError(f"not a PostgreSQL URL: {exc}") from None
+        timeout_ms = int(CATALOG_TIMEOUT_S * 1000)
+        params.setdefault("application_name", "downloader")
+        params.setdefault("connect_timeout", str(max(2, math.ceil(CATALOG_TIMEOUT_S))))  # libpq's least is 2 s
+        params.setdefault("tcp_user_timeout", str(timeout_ms))  # sends a host gone never acknowledges
+        params["options"] = f"{params.get('options', '')} -c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}".strip()
+        self.params = params
+        self.shown = f"PostgreSQL database {params.get('dbname', params.get('user', ''))!r}"
+        self.idle: list[tuple[float, Any]] = []  # (when it was put back, connection), the newest last
+        self.idle_lock = threading.Lock()
+        self._migrate()
+
+    def _connection(self) -> Any:
+        """An idle connection (checked if idle long), or a new one."""
+        with self.idle_lock:
+            idle_since, conn = self.idle.pop() if self.idle else (0.0, None)
+        if conn is not None and time.monotonic() - idle_since > PG_CHECK_IDLE_S:
+            try:
+                conn.execute("")
+            except self.psycopg.Error:
+                conn.close()
+                conn = None
+        if conn is None:
+            conn = self.psycopg.connect(**self.params, autocommit=True, row_factory=self.psycopg.rows.dict_row)
+        return conn
+
+    @contextlib.contextmanager
+    def _session(self, *, create: bool = False, atomic: bool = False) -> Iterator[Callable[..., Any]]:
+        try:
+            conn = self._connection()
+            try:
+                with conn.transaction() if atomic else contextlib.nullcontext():
+                    yield lambda sql, params={}: conn.execute(pyformat(sql), params)
+            except BaseException:
+                conn.close()  # whatever state it is in, it is not reused
+                raise
+            with self.idle_lock:
+                self.idle.append((time.monotonic(), conn))
+        except self.psycopg.Error as exc:
+            raise CatalogError(" ".join(str(exc).split())) from exc  # libpq's messages run over lines
+
+    def _version(self, run: Callable[..., Any]) -> int:
+        run("SELECT pg_advisory_xact_lock(hashtext('downloader catalog'))")  # replicas that start together
+        run("CREATE TABLE IF NOT EXISTS downloader_schema (version INTEGER NOT NULL)")
+        row = run("SELECT max(version) AS version FROM downloader_schema").fetchone()
+        return int(row["version"] or 0)
+
+    def _set_version(self, run: Callable[..., Any], version: int) -> None:
+        run("DELETE FROM downloader_schema")
+        run("INSERT INTO downloader_schema (version) VALUES (:version)", {"version": version})
+
+    COUNT_IN_TRANSACTION = False  # one statement
+
+    def _count(self, run: Callable[..., Any], args: dict[str, object]) -> bool:
+        if args["holder"] is None:
+            return run(self.COUNT, args).rowcount == 1
+        return run(self.CLAIM, args).fetchone()["n"] == 1
+
     def check(self) -> None:
-        """sqlite3.Error unless the catalog can be read and written now (for /healthz)."""
-        with contextlib.closing(self._connect()) as db:
-            db.execute("BEGIN IMMEDIATE")  # takes the write lock: a locked or read-only file fails here
-            db.execute("SELECT count(*) FROM links").fetchone()
-            db.execute("ROLLBACK")
+        with self._session() as run:
+            row = run("SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' AS read_only").fetchone()
+            run("SELECT 1 FROM links LIMIT 1").fetchone()
+        if row["read_only"]:
+            raise CatalogError("the PostgreSQL server is read-only (a standby?)")
 
 
 def link_holder(address: str | None, user_agent: str) -> str | None:
@@ -2305,12 +2467,15 @@ def json_response(content: object, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-def open_catalog(path: str, label: str) -> Catalog:
-    """The catalog at `path`; SettingsError (named `label`) for a file that can't be one."""
+def open_catalog(location: str, label: str) -> Catalog:
+    """The catalog at `location` (a file or a postgresql:// URL); SettingsError (named `label`) for one
+    that can't be opened or reached."""
     try:
-        return Catalog(path)
-    except (ValueError, sqlite3.Error) as exc:
+        return Catalog(location)
+    except ValueError as exc:
         raise SettingsError(label, str(exc)) from None
+    except CatalogError as exc:
+        raise SettingsError(label, f"can't open the catalog: {exc}") from None
 
 
 class Service:
@@ -2359,20 +2524,43 @@ class Service:
             await call_authorize(self.settings.authorize, request, None)
 
     async def catalog_call(self, call: Callable[..., Any], *args: object) -> Any:
-        """call(*args) on the catalog in one of CATALOG_THREADS threads; 503 with Retry-After when it fails
-        (SQLite gives up on a lock after CATALOG_TIMEOUT_S) or no thread is free within CATALOG_TIMEOUT_S.
-        A call is never abandoned: a write the client was told failed must not commit later."""
+        """call(*args) on the catalog in one of CATALOG_THREADS threads; 503 with Retry-After when the catalog
+        fails, or no thread frees within CATALOG_TIMEOUT_S. The drivers give up within CATALOG_TIMEOUT_S too
+        (SQLite's lock wait; PostgreSQL's connect, statement, lock and TCP timeouts), so a failure is never
+        abandoned: a write the client was told failed can't land later. Only a database server that stops
+        answering altogether is left behind, after CATALOG_ABANDON_S: the call ends in its thread, which it
+        keeps till then (so such a server holds CATALOG_THREADS threads, no more)."""
+        threads, borrower = self.catalog_threads, object()
+        release = functools.partial(threads.release_on_behalf_of, borrower)
+        lock, state = threading.Lock(), {"running": False, "left": False}
+
+        def run() -> Any:
+            with lock:
+                if state["left"]:
+                    return None  # the caller left before this began: its thread is already free
+                state["running"] = True
+            try:
+                return call(*args)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile
+                    anyio.from_thread.run_sync(release)
+
         try:
             with anyio.fail_after(CATALOG_TIMEOUT_S):
-                await self.catalog_threads.acquire()
+                await threads.acquire_on_behalf_of(borrower)
         except TimeoutError:
             raise catalog_unavailable() from None
         try:
-            return await anyio.to_thread.run_sync(call, *args)
-        except sqlite3.Error as exc:
-            raise catalog_unavailable() from exc
-        finally:
-            self.catalog_threads.release()
+            with anyio.fail_after(CATALOG_ABANDON_S):
+                return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except BaseException as exc:
+            with lock:
+                state["left"] = not state["running"]
+            if state["left"]:
+                release()
+            if isinstance(exc, (TimeoutError, CatalogError)):
+                raise catalog_unavailable() from exc
+            raise
 
     def claim_gate(self, link_id: str, holder: str | None, held: bool) -> Gate:
         """The gate of a catalog download: Catalog.claim through catalog_call (503 when the catalog fails)."""
@@ -3226,6 +3414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         variable = as_variable(exc.name)
         print(f"downloader: {flags.get(variable, variable)}: {exc.problem}", file=sys.stderr)
         return 2
+    except CatalogError as exc:  # a subcommand's, once the catalog had opened
+        print(f"downloader: the link catalog is unavailable: {exc}", file=sys.stderr)
+        return 1
     port = sock.getsockname()[1]
     where = f"http://{shown}:{port}/" if settings.listing_on else f"http://{shown}:{port}/download/PATH"
     print(f"downloader: serving {settings.root} on {where} (Ctrl-C stops)", flush=True)
@@ -3282,7 +3473,7 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
         print(base_url + sign_url(args.path, secret=settings.secret, expires_in=ttl))
         return 0
     if settings.catalog is None:
-        raise SettingsError(ENV_PREFIX + "CATALOG", f"not set; {args.command} needs the catalog file")
+        raise SettingsError(ENV_PREFIX + "CATALOG", f"not set; {args.command} needs the catalog (a file or a postgresql:// URL)")
     catalog = open_catalog(settings.catalog, ENV_PREFIX + "CATALOG")
     if args.command == "add":
         expires_at = None if ttl is None else time.time() + ttl

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import PROJECT, Server, failed, uvicorn_server
+from helpers import PROJECT, Postgres, Server, failed, uvicorn_server
 
 sys.path.insert(0, str(PROJECT))
 
@@ -72,6 +72,34 @@ async def client(root: Path) -> Iterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=downloader.create_app(root))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One throwaway PostgreSQL server for the whole run (helpers.Postgres): skips where it isn't installed."""
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+CATALOGS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=CATALOGS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a test's catalog lives, once for each database: a SQLite file, then a new database on the
+    session's PostgreSQL server (dropped afterwards, its connections cut)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "catalog.db")
+        return
+    server: Postgres = request.getfixturevalue("postgres")
+    url = server.database()
+    try:
+        yield url
+    finally:
+        server.sql(f"DROP DATABASE {url.split('/')[-1].split('?')[0]} WITH (FORCE)")
 
 
 def need(program: str) -> str:

@@ -6,16 +6,20 @@ downloader:HTTPProtocol (InProcessServer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -259,3 +263,77 @@ class InProcessServer:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+
+
+class Postgres:
+    """A throwaway PostgreSQL server from Debian's `postgresql` package: initdb in a temp
+    dir, listening on a Unix socket only (no TCP port), as the `postgres` user when the
+    tests run as root (PostgreSQL refuses root). `url(db)` names a database on it;
+    `database()` makes a fresh one. `stop()`/`start()` take it away and bring it back
+    (the same data); `close()` stops it and removes the dir. Skips the test with the reason
+    where the package is missing."""
+
+    def __init__(self) -> None:
+        binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+        if not binaries:
+            pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        self.bin = binaries[-1].parent
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.dir = Path(tempfile.mkdtemp(prefix="downloader-pg-"))
+        os.chmod(self.dir, 0o755)
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+        self.data = self.dir / "data"
+        self.socket_dir = str(self.dir)
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self._count = 0
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(
+                "listen_addresses = ''\n"  # the Unix socket only
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+            )
+        self.start()
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / program), *args], check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "30", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def pids(self) -> list[int]:
+        """The postmaster and every backend (for SIGSTOP: a server that freezes)."""
+        master = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        return [master, *map(int, children)]
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@/{database}?host={urllib.parse.quote(self.socket_dir, safe='')}"
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """One statement through psql; its unaligned output."""
+        done = subprocess.run(
+            [str(self.bin / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-d", self.url(database), "-c", statement],
+            check=True, capture_output=True, text=True, timeout=60,
+        )
+        return done.stdout.strip()
+
+    def database(self) -> str:
+        """The URL of a new, empty database."""
+        self._count += 1
+        name = f"catalog{self._count}"
+        self.sql(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def log_text(self) -> str:
+        path = self.dir / "server.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import re
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -31,7 +32,7 @@ from starlette.routing import Mount
 import downloader
 from conftest import SERVER_PATHS, TEN, UNICODE_NAME, asgi_request, need
 from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
-from helpers import run_cli, uvicorn_server, wait_for
+from helpers import Postgres, run_cli, uvicorn_server, wait_for
 
 KEY = "k-3f9a"
 TOKEN = "admin-7c1e"
@@ -330,13 +331,8 @@ def test_cli_sign_without_secret_is_refused(root: Path) -> None:
 # =============================================================================
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "catalog.db"
-
-
 @pytest.mark.anyio
-async def test_catalog_register_download_revoke_in_python(root: Path, db: Path) -> None:
+async def test_catalog_register_download_revoke_in_python(root: Path, db: str) -> None:
     catalog = Catalog(db)
     link = catalog.add("ten.txt", name="report.txt")
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", link.id)
@@ -361,12 +357,12 @@ async def test_catalog_register_download_revoke_in_python(root: Path, db: Path) 
     assert catalog.get("no-such-id") is None
 
 
-def test_catalog_refuses_a_limit_below_one(db: Path) -> None:
+def test_catalog_refuses_a_limit_below_one(db: str) -> None:
     with pytest.raises(ValueError):
         Catalog(db).add("ten.txt", max_downloads=0)
 
 
-def test_catalog_claim_stops_at_the_limit(db: Path) -> None:
+def test_catalog_claim_stops_at_the_limit(db: str) -> None:
     catalog = Catalog(db)
     link = catalog.add("ten.txt", max_downloads=2)
     assert [catalog.claim(link.id) for _ in range(3)] == [True, True, False]
@@ -379,7 +375,7 @@ def test_catalog_claim_stops_at_the_limit(db: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_files_id_serves_the_same_headers_as_download(root: Path, db: Path) -> None:
+async def test_files_id_serves_the_same_headers_as_download(root: Path, db: str) -> None:
     link = Catalog(db).add("ten.txt")
     async with asgi_client(create_app(root, catalog=db)) as c:
         by_path = await c.get("/download/ten.txt")
@@ -391,7 +387,7 @@ async def test_files_id_serves_the_same_headers_as_download(root: Path, db: Path
 
 
 @pytest.mark.anyio
-async def test_unknown_link_is_404(root: Path, db: Path) -> None:
+async def test_unknown_link_is_404(root: Path, db: str) -> None:
     async with asgi_client(create_app(root, catalog=db)) as c:
         response = await c.get("/files/0b7f4bf6-2f0b-4b8c-9c55-000000000000")
         head = await c.head("/files/nope")
@@ -403,7 +399,7 @@ async def test_unknown_link_is_404(root: Path, db: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_link_expired_in_the_past_is_410(root: Path, db: Path) -> None:
+async def test_link_expired_in_the_past_is_410(root: Path, db: str) -> None:
     catalog = Catalog(db)
     past = catalog.add("ten.txt", expires_at=time.time() - 1)
     future = catalog.add("ten.txt", expires_at=time.time() + 3600)
@@ -415,7 +411,7 @@ async def test_link_expired_in_the_past_is_410(root: Path, db: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_link_whose_file_vanished_is_404(root: Path, db: Path) -> None:
+async def test_link_whose_file_vanished_is_404(root: Path, db: str) -> None:
     link = Catalog(db).add("ten.txt")
     (root / "ten.txt").unlink()
     async with asgi_client(create_app(root, catalog=db)) as c:
@@ -429,7 +425,7 @@ async def test_link_whose_file_vanished_is_404(root: Path, db: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_head_range_and_304_do_not_use_up_a_one_time_link(root: Path, db: Path) -> None:
+async def test_head_range_and_304_do_not_use_up_a_one_time_link(root: Path, db: str) -> None:
     catalog = Catalog(db)
     link = catalog.add("ten.txt", max_downloads=1)
     url = f"/files/{link.id}"
@@ -456,7 +452,7 @@ async def test_head_range_and_304_do_not_use_up_a_one_time_link(root: Path, db: 
 
 
 @pytest.mark.anyio
-async def test_range_reaching_the_last_byte_counts_as_a_download(root: Path, db: Path) -> None:
+async def test_range_reaching_the_last_byte_counts_as_a_download(root: Path, db: str) -> None:
     """aria2c splits a file into segments: only the one holding the last byte counts."""
     catalog = Catalog(db)
     link = catalog.add("ten.txt", max_downloads=2)
@@ -475,7 +471,7 @@ async def test_range_reaching_the_last_byte_counts_as_a_download(root: Path, db:
 
 
 @pytest.mark.parametrize("path", list(SERVER_PATHS))
-def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(root: Path, tmp_path: Path, db: Path, path: str) -> None:
+def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(root: Path, tmp_path: Path, db: str, path: str) -> None:
     data = os.urandom(4 * 1024 * 1024 + 123)
     (root / "big.bin").write_bytes(data)
     link = Catalog(db).add("big.bin", max_downloads=1)
@@ -523,7 +519,7 @@ def test_one_time_link_raced_by_20_clients_on_2_workers_serves_one_whole_body(ro
 
 
 @pytest.mark.parametrize("path", list(SERVER_PATHS))
-def test_a_download_manager_completes_a_one_time_link_and_no_second_client_does(root: Path, tmp_path: Path, db: Path, path: str) -> None:
+def test_a_download_manager_completes_a_one_time_link_and_no_second_client_does(root: Path, tmp_path: Path, db: str, path: str) -> None:
     """Issue "Hardening" #6: aria2c's segments go on after its tail segment counted the download (the
     client it went to may fetch ranges for LINK_HOLD_S); a second aria2c (it starts without a Range)
     and curl get 410. Five fresh one-time links in a row, each completed."""
@@ -560,6 +556,11 @@ def quick_catalog(monkeypatch: pytest.MonkeyPatch) -> float:
     return 0.3
 
 
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Path:
+    return tmp_path / "catalog.db"
+
+
 @contextlib.contextmanager
 def locked(db: Path) -> Iterator[None]:
     """Another process's write lock on the catalog, held until the block ends."""
@@ -573,11 +574,11 @@ def locked(db: Path) -> Iterator[None]:
 
 
 @pytest.mark.anyio
-async def test_a_locked_catalog_answers_503_with_retry_after_within_the_timeout(root: Path, db: Path, quick_catalog: float) -> None:
-    link = Catalog(db).add("ten.txt", max_downloads=1)
-    app = create_app(root, catalog=db, admin_token=TOKEN)
+async def test_a_locked_catalog_answers_503_with_retry_after_within_the_timeout(root: Path, sqlite_db: Path, quick_catalog: float) -> None:
+    link = Catalog(sqlite_db).add("ten.txt", max_downloads=1)
+    app = create_app(root, catalog=sqlite_db, admin_token=TOKEN)
     async with asgi_client(app) as c:
-        with locked(db):
+        with locked(sqlite_db):
             began = time.monotonic()
             refused = await c.get(f"/files/{link.id}")
             waited = time.monotonic() - began
@@ -589,18 +590,18 @@ async def test_a_locked_catalog_answers_503_with_retry_after_within_the_timeout(
     assert (health.status_code, health.json()) == (503, {"status": "unavailable", "detail": "the link catalog can't be read and written"})
     assert (created.status_code, created.json()) == (503, CATALOG_DOWN)
     assert (served.status_code, served.content) == (200, TEN)  # the lock gone, the link was never used
-    assert Catalog(db).get(link.id).downloads == 1
+    assert Catalog(sqlite_db).get(link.id).downloads == 1
 
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("fault", ["deleted", "corrupt"])
-async def test_a_deleted_or_corrupt_catalog_answers_503_and_is_never_made_anew(root: Path, db: Path, quick_catalog: float, fault: str) -> None:
-    link = Catalog(db).add("ten.txt")
-    app = create_app(root, catalog=db, admin_token=TOKEN)
-    for name in (db.name, db.name + "-wal", db.name + "-shm"):
-        (db.parent / name).unlink(missing_ok=True)
+async def test_a_deleted_or_corrupt_catalog_answers_503_and_is_never_made_anew(root: Path, sqlite_db: Path, quick_catalog: float, fault: str) -> None:
+    link = Catalog(sqlite_db).add("ten.txt")
+    app = create_app(root, catalog=sqlite_db, admin_token=TOKEN)
+    for name in (sqlite_db.name, sqlite_db.name + "-wal", sqlite_db.name + "-shm"):
+        (sqlite_db.parent / name).unlink(missing_ok=True)
     if fault == "corrupt":
-        db.write_bytes(b"not a database " * 1000)
+        sqlite_db.write_bytes(b"not a database " * 1000)
     async with asgi_client(app) as c:
         refused = await c.get(f"/files/{link.id}")
         health = await c.get("/healthz")
@@ -610,17 +611,17 @@ async def test_a_deleted_or_corrupt_catalog_answers_503_and_is_never_made_anew(r
     assert health.status_code == 503 and "catalog" in health.json()["detail"]
     assert (listed.status_code, listed.json()) == (503, CATALOG_DOWN)
     assert (download.status_code, download.content) == (200, TEN)  # /download needs no catalog
-    assert db.exists() == (fault == "corrupt")
+    assert sqlite_db.exists() == (fault == "corrupt")
 
 
 @pytest.mark.anyio
-async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_file_reads(root: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_file_reads(root: Path, sqlite_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """60 one-time downloads wait on the lock: CATALOG_THREADS of them in worker threads, the rest in the
     event loop, so the thread pool (file reads and opens that miss the page cache) stays free; each gets
     its 503."""
     monkeypatch.setattr(downloader, "CATALOG_TIMEOUT_S", 1.5)
-    link = Catalog(db).add("ten.txt", max_downloads=1)
-    app = create_app(root, catalog=db)
+    link = Catalog(sqlite_db).add("ten.txt", max_downloads=1)
+    app = create_app(root, catalog=sqlite_db)
     threads = app.state.service.catalog_threads
     statuses: list[int] = []
     waits: list[float] = []
@@ -631,7 +632,7 @@ async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_fil
             statuses.append((await c.get(f"/files/{link.id}")).status_code)
             waits.append(time.monotonic() - began)
 
-        with locked(db):
+        with locked(sqlite_db):
             async with anyio.create_task_group() as group:
                 for _ in range(60):
                     group.start_soon(gated)
@@ -649,20 +650,20 @@ async def test_requests_waiting_on_a_locked_catalog_leave_the_thread_pool_to_fil
 
 
 @pytest.mark.parametrize("path", list(SERVER_PATHS))
-def test_a_catalog_that_fails_mid_download_aborts_it_and_the_log_says_why(root: Path, tmp_path: Path, db: Path, path: str) -> None:
+def test_a_catalog_that_fails_mid_download_aborts_it_and_the_log_says_why(root: Path, tmp_path: Path, sqlite_db: Path, path: str) -> None:
     """The count is taken before the last byte: a catalog that can't take it then (locked) aborts the
     transfer, one byte short, logged as aborted, not as a complete 200; nothing is counted."""
     data = os.urandom(1024 * 1024)
     (root / "big.bin").write_bytes(data)
-    link = Catalog(db).add("big.bin", max_downloads=1)
+    link = Catalog(sqlite_db).add("big.bin", max_downloads=1)
     access = tmp_path / "access.log"
-    env = {"DOWNLOADER_CATALOG": str(db), "DOWNLOADER_RATE_LIMIT": str(512 * 1024), "DOWNLOADER_ACCESS_LOG": str(access)}
+    env = {"DOWNLOADER_CATALOG": str(sqlite_db), "DOWNLOADER_RATE_LIMIT": str(512 * 1024), "DOWNLOADER_ACCESS_LOG": str(access)}
     with uvicorn_server(root, tmp_path / "server.log", env=env, args=SERVER_PATHS[path]) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         conn.request("GET", f"/files/{link.id}")
         response = conn.getresponse()
         assert response.status == 200
-        with locked(db):
+        with locked(sqlite_db):
             body = b""
             with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
                 while chunk := response.read(65536):
@@ -672,7 +673,181 @@ def test_a_catalog_that_fails_mid_download_aborts_it_and_the_log_says_why(root: 
     assert len(body) < len(data) and data.startswith(body)
     logged = json.loads(line)
     assert (logged["status"], logged["aborted"]) == (200, "the link catalog is unavailable")
-    assert Catalog(db).get(link.id).downloads == 0
+    assert Catalog(sqlite_db).get(link.id).downloads == 0
+
+
+# =============================================================================
+# Catalog: when PostgreSQL fails
+# =============================================================================
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server of the test's own, to stop and freeze (the session's serves other tests)."""
+    server = Postgres()
+    try:
+        yield server
+    finally:
+        for pid in server.pids() if (server.data / "postmaster.pid").exists() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        server.close()
+
+
+@pytest.mark.anyio
+async def test_postgresql_stopped_answers_503_at_once_and_a_restart_needs_no_restart_of_ours(root: Path, own_postgres: Postgres) -> None:
+    url = own_postgres.database()
+    link = Catalog(url).add("ten.txt", max_downloads=5)
+    async with asgi_client(create_app(root, catalog=url, admin_token=TOKEN)) as c:
+        assert (await c.get(f"/files/{link.id}")).status_code == 200  # a connection now waits for reuse
+        own_postgres.stop()
+        began = time.monotonic()
+        refused = await c.get(f"/files/{link.id}")
+        listed = await c.get("/api/links", headers={"Authorization": f"Bearer {TOKEN}"})
+        created = await c.post("/api/links", json={"path": "ten.txt"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        health = await c.get("/healthz")
+        took = time.monotonic() - began
+        download = await c.get("/download/ten.txt")
+        own_postgres.start()
+        await anyio.sleep(downloader.PG_CHECK_IDLE_S + 0.1)  # any connection left from before is checked first
+        served = await c.get(f"/files/{link.id}")  # the first request after the restart
+        health_after = await c.get("/healthz")
+    for response in (refused, listed, created):
+        assert (response.status_code, response.json(), response.headers["retry-after"]) == (503, CATALOG_DOWN, "5")
+    assert (health.status_code, health.json()) == (503, {"status": "unavailable", "detail": "the link catalog can't be read and written"})
+    assert took < 2, f"four answers took {took:.1f} s: a server that is down refuses at once"
+    assert (download.status_code, download.content) == (200, TEN)
+    assert (served.status_code, served.content) == (200, TEN)
+    assert health_after.status_code == 200
+    assert Catalog(url).get(link.id).downloads == 2
+
+
+@pytest.mark.anyio
+async def test_postgresql_frozen_answers_503_within_the_abandon_time_and_holds_few_threads(root: Path, own_postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts and never answers (SIGSTOP: a hung host, a stuck disk under it): each request
+    gets its 503 within CATALOG_ABANDON_S; the calls left behind keep CATALOG_THREADS threads at most, and
+    give them back once the server answers again."""
+    monkeypatch.setattr(downloader, "CATALOG_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(downloader, "CATALOG_ABANDON_S", 1.5)
+    url = own_postgres.database()
+    link = Catalog(url).add("ten.txt")
+    app = create_app(root, catalog=url)
+    threads = app.state.service.catalog_threads
+    statuses: list[int] = []
+    waits: list[float] = []
+    async with asgi_client(app) as c:
+        for _ in range(3):  # connections to reuse, each idle past PG_CHECK_IDLE_S when the server freezes
+            async with anyio.create_task_group() as group:
+                for _ in range(downloader.CATALOG_THREADS):
+                    group.start_soon(c.get, f"/files/{link.id}")
+        await anyio.sleep(downloader.PG_CHECK_IDLE_S + 0.1)
+        for pid in own_postgres.pids():
+            os.kill(pid, signal.SIGSTOP)
+        try:
+
+            async def one() -> None:
+                began = time.monotonic()
+                statuses.append((await c.get(f"/files/{link.id}")).status_code)
+                waits.append(time.monotonic() - began)
+
+            async with anyio.create_task_group() as group:
+                for _ in range(12):
+                    group.start_soon(one)
+            held = threads.borrowed_tokens
+            download = await c.get("/download/ten.txt")
+        finally:
+            for pid in own_postgres.pids():
+                os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while threads.borrowed_tokens and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        after = await c.get(f"/files/{link.id}")
+    assert statuses == [503] * 12
+    assert max(waits) < 0.5 + 1.5 + 1, f"a 503 took {max(waits):.1f} s"
+    assert 0 < held <= downloader.CATALOG_THREADS
+    assert (download.status_code, download.content) == (200, TEN)
+    assert threads.borrowed_tokens == 0
+    assert (after.status_code, after.content) == (200, TEN)
+
+
+def test_postgresql_that_cant_be_reached_stops_start_up_in_one_line_without_the_password(root: Path, tmp_path: Path) -> None:
+    url = f"postgresql://downloader:s3cret-pw@/links?host={tmp_path}/no-server"
+    result = run_cli("--port", "0", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
+    assert result.returncode == 2
+    assert result.stderr.startswith("downloader: DOWNLOADER_CATALOG: can't open the catalog: connection"), result.stderr
+    assert result.stderr.count("\n") == 1 and "s3cret-pw" not in result.stderr
+    with pytest.raises(downloader.SettingsError, match="can't open the catalog"):
+        create_app(root, catalog=url)
+
+
+def test_a_cli_command_with_postgresql_down_is_one_line(root: Path, own_postgres: Postgres) -> None:
+    url = own_postgres.database()
+    Catalog(url).add("ten.txt")
+    own_postgres.stop()
+    result = run_cli("list", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
+    assert result.returncode == 2
+    assert result.stderr.startswith("downloader: DOWNLOADER_CATALOG: can't open the catalog: connection")
+    assert result.stderr.count("\n") == 1, result.stderr
+
+
+# =============================================================================
+# Catalog: schema versions
+# =============================================================================
+
+
+def test_a_catalog_from_before_schema_versions_is_migrated_keeping_its_links(tmp_path: Path) -> None:
+    """A SQLite catalog written before versions (links alone, user_version 0) gains the holders table."""
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+        old.execute(
+            "CREATE TABLE links (id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created REAL NOT NULL,"
+            " expires_at REAL, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0)"
+        )
+        old.execute("INSERT INTO links (id, path, created, max_downloads, downloads) VALUES ('old-id', 'ten.txt', 1.5, 2, 1)")
+    catalog = Catalog(path)
+    with contextlib.closing(sqlite3.connect(path)) as check:
+        version = check.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert (version, tables) == (len(Catalog.SCHEMA), {"links", "holders"})
+    assert catalog.get("old-id") == downloader.Link("old-id", "ten.txt", None, 1.5, None, 2, 1, False)
+    assert catalog.claim("old-id", "a client") is True and catalog.claim("old-id", "a client", held=True) is True
+
+
+def test_a_catalog_from_a_newer_downloader_is_refused_in_one_line(root: Path, db: str, request: pytest.FixtureRequest) -> None:
+    Catalog(db)
+    if db.startswith("postgresql"):
+        request.getfixturevalue("postgres").sql("UPDATE downloader_schema SET version = 99", db.split("/")[-1].split("?")[0])
+        where = f"PostgreSQL database {db.split('/')[-1].split('?')[0]!r}"
+    else:
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as newer:
+            newer.execute("PRAGMA user_version = 99")
+        where = repr(db)
+    with pytest.raises(ValueError, match=re.escape(f"{where} has catalog schema version 99; this downloader knows up to {len(Catalog.SCHEMA)}")):
+        Catalog(db)
+    result = run_cli("list", DOWNLOADER_CATALOG=db, DOWNLOADER_ROOT=str(root))
+    assert (result.returncode, result.stderr) == (2, f"downloader: DOWNLOADER_CATALOG: {where} has catalog schema version 99; this downloader knows up to {len(Catalog.SCHEMA)}\n")
+
+
+def test_replicas_starting_together_create_the_schema_once(postgres: Postgres) -> None:
+    url = postgres.database()
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            Catalog(url)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    workers = [threading.Thread(target=start) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    name = url.split("/")[-1].split("?")[0]
+    assert errors == []
+    assert postgres.sql("SELECT version FROM downloader_schema", name) == str(len(Catalog.SCHEMA))
 
 
 # =============================================================================
@@ -680,7 +855,7 @@ def test_a_catalog_that_fails_mid_download_aborts_it_and_the_log_says_why(root: 
 # =============================================================================
 
 
-def test_cli_add_download_list_revoke(root: Path, db: Path) -> None:
+def test_cli_add_download_list_revoke(root: Path, db: str) -> None:
     env = {"DOWNLOADER_CATALOG": str(db), "DOWNLOADER_ROOT": str(root)}
     added = run_cli("add", "ten.txt", "--max-downloads", "2", "--name", "report.txt", "--ttl", "1h", "--base-url", "https://dl.example/p/", **env)
     assert (added.returncode, added.stderr) == (0, "")
@@ -711,7 +886,7 @@ def test_cli_add_download_list_revoke(root: Path, db: Path) -> None:
     assert run_cli("list", **env).stdout.splitlines()[1] == f"{link_id}\tten.txt\t1\t2\t{expires}\trevoked"
 
 
-def test_cli_list_shows_states(root: Path, db: Path) -> None:
+def test_cli_list_shows_states(root: Path, db: str) -> None:
     catalog = Catalog(db)
     used = catalog.add("ten.txt", max_downloads=1)
     catalog.claim(used.id)
@@ -738,7 +913,7 @@ CLI_ERRORS = [
 
 
 @pytest.mark.parametrize(("args", "status", "stderr"), [c[1:] for c in CLI_ERRORS], ids=[c[0] for c in CLI_ERRORS])
-def test_cli_catalog_errors(root: Path, db: Path, args: list[str], status: int, stderr: str) -> None:
+def test_cli_catalog_errors(root: Path, db: str, args: list[str], status: int, stderr: str) -> None:
     result = run_cli(*args, DOWNLOADER_CATALOG=str(db), DOWNLOADER_ROOT=str(root))
     assert (result.returncode, result.stdout, result.stderr) == (status, "", stderr.format(root=root.resolve()))
     assert Catalog(db).list() == []
@@ -756,7 +931,7 @@ def test_cli_sign_refuses_what_download_would_not_serve(root: Path, path: str) -
 def test_cli_catalog_commands_need_the_catalog(root: Path) -> None:
     result = run_cli("list", DOWNLOADER_ROOT=str(root))
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == "downloader: DOWNLOADER_CATALOG: not set; list needs the catalog file\n"
+    assert result.stderr == "downloader: DOWNLOADER_CATALOG: not set; list needs the catalog (a file or a postgresql:// URL)\n"
 
 
 # =============================================================================
@@ -768,13 +943,13 @@ BEARER_401 = {"detail": "A valid bearer token is required"}
 
 
 @pytest.fixture
-async def admin(root: Path, db: Path) -> Iterator[httpx.AsyncClient]:
+async def admin(root: Path, db: str) -> Iterator[httpx.AsyncClient]:
     async with asgi_client(create_app(root, catalog=db, admin_token=TOKEN)) as c:
         yield c
 
 
 @pytest.mark.anyio
-async def test_admin_api_register_download_list_revoke(admin: httpx.AsyncClient, db: Path) -> None:
+async def test_admin_api_register_download_list_revoke(admin: httpx.AsyncClient, db: str) -> None:
     before = time.time()
     created = await admin.post("/api/links", json={"path": "ten.txt", "ttl": 600, "max_downloads": 3, "name": "r.txt"}, headers=AUTH)
     after = time.time()
@@ -871,7 +1046,7 @@ ADMIN_CALLS = [("GET", "/api/links", None), ("POST", "/api/links", {"path": "ten
 @pytest.mark.anyio
 @pytest.mark.parametrize("headers", [c[1] for c in BAD_AUTH], ids=[c[0] for c in BAD_AUTH])
 @pytest.mark.parametrize(("method", "url", "body"), ADMIN_CALLS, ids=[c[0] for c in ADMIN_CALLS])
-async def test_admin_api_without_the_right_token_is_401(admin: httpx.AsyncClient, db: Path, headers: dict, method: str, url: str, body) -> None:
+async def test_admin_api_without_the_right_token_is_401(admin: httpx.AsyncClient, db: str, headers: dict, method: str, url: str, body) -> None:
     response = await admin.request(method, url, json=body, headers=headers)
     assert (response.status_code, response.json()) == (401, BEARER_401)
     assert response.headers["www-authenticate"] == 'Bearer realm="downloader"'
@@ -886,7 +1061,7 @@ async def test_admin_api_right_token_any_scheme_case(admin: httpx.AsyncClient) -
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("settings", [{"admin_token": TOKEN}, {"catalog": "DB"}, {}], ids=["no-catalog", "no-token", "neither"])
-async def test_admin_api_is_404_unless_configured(root: Path, db: Path, settings: dict) -> None:
+async def test_admin_api_is_404_unless_configured(root: Path, db: str, settings: dict) -> None:
     settings = {k: (str(db) if v == "DB" else v) for k, v in settings.items()}
     async with asgi_client(create_app(root, **settings)) as c:
         listed = await c.get("/api/links", headers=AUTH)
@@ -939,14 +1114,14 @@ BAD_LINK_REQUESTS = [
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("body", "status", "detail"), [c[1:] for c in BAD_LINK_REQUESTS], ids=[c[0] for c in BAD_LINK_REQUESTS])
-async def test_admin_api_refuses_bad_link_requests(admin: httpx.AsyncClient, db: Path, body: bytes, status: int, detail: str) -> None:
+async def test_admin_api_refuses_bad_link_requests(admin: httpx.AsyncClient, db: str, body: bytes, status: int, detail: str) -> None:
     response = await admin.post("/api/links", content=body, headers={**AUTH, "Content-Type": "application/json"})
     assert (response.status_code, response.json()) == (status, {"detail": detail})
     assert Catalog(db).list() == []
 
 
 @pytest.mark.anyio
-async def test_admin_api_under_a_mount_prefix_returns_prefixed_urls(root: Path, db: Path) -> None:
+async def test_admin_api_under_a_mount_prefix_returns_prefixed_urls(root: Path, db: str) -> None:
     host = Starlette(routes=[Mount("/p", app=create_app(root, catalog=db, admin_token=TOKEN))])
     async with asgi_client(host) as c:
         created = await c.post("/p/api/links", json={"path": "ten.txt"}, headers=AUTH)
@@ -1069,7 +1244,7 @@ async def test_hook_sees_the_request_and_the_resolved_file(root: Path, kind: str
 
 
 @pytest.mark.anyio
-async def test_hook_guards_catalog_links_and_a_denial_uses_up_nothing(root: Path, db: Path) -> None:
+async def test_hook_guards_catalog_links_and_a_denial_uses_up_nothing(root: Path, db: str) -> None:
     catalog = Catalog(db)
     link = catalog.add("ten.txt", max_downloads=1)
     allowed = {"yes": False}
@@ -1106,7 +1281,7 @@ def test_authorize_must_be_callable(root: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_the_client_of_a_used_up_link_gets_one_files_worth_of_ranges_more_and_no_more(root: Path, db: Path) -> None:
+async def test_the_client_of_a_used_up_link_gets_one_files_worth_of_ranges_more_and_no_more(root: Path, db: str) -> None:
     """After the count, its client (address and User-Agent) may fetch ranges: at most the file's size in
     all, never the whole file without Range; then 410 like everyone else."""
     catalog = Catalog(db)
@@ -1125,7 +1300,7 @@ async def test_the_client_of_a_used_up_link_gets_one_files_worth_of_ranges_more_
 
 
 @pytest.mark.anyio
-async def test_over_http_a_hold_ends_link_hold_s_after_the_count(root: Path, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_over_http_a_hold_ends_link_hold_s_after_the_count(root: Path, db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(downloader, "LINK_HOLD_S", 0.5)
     link = Catalog(db).add("ten.txt", max_downloads=1)
     async with asgi_client(create_app(root, catalog=db)) as c:
@@ -1137,7 +1312,7 @@ async def test_over_http_a_hold_ends_link_hold_s_after_the_count(root: Path, db:
     assert (after.status_code, after.json()) == (410, GONE)
 
 
-def test_a_hold_ends_link_hold_s_after_the_count_however_often_it_is_used(db: Path) -> None:
+def test_a_hold_ends_link_hold_s_after_the_count_however_often_it_is_used(db: str) -> None:
     catalog = Catalog(db)
     link = catalog.add("ten.txt", max_downloads=1)
     assert catalog.claim(link.id, "h", now=1000.0)
