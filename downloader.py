@@ -1824,6 +1824,9 @@ class Catalog:
             run(self.RECORD.format(source=source), args)
         return True
 
+    def close(self) -> None:
+        """Lets go of what the catalog keeps between calls (SQLite: nothing)."""
+
     def check(self) -> None:
         """CatalogError unless the catalog can be read and written now (for /healthz)."""
         with self._session(atomic=True) as run:  # takes the write lock: a locked or read-only file fails here
@@ -1963,6 +1966,12 @@ class PostgresCatalog(Catalog):
                 self.idle.append((time.monotonic(), conn))
         except self.psycopg.Error as exc:
             raise CatalogError(" ".join(str(exc).split())) from exc  # libpq's messages run over lines
+
+    def close(self) -> None:
+        with self.idle_lock:
+            idle, self.idle = self.idle, []
+        for _, conn in idle:
+            conn.close()
 
     def _version(self, run: Callable[..., Any]) -> int:
         run("SELECT pg_advisory_xact_lock(hashtext('downloader catalog'))")  # replicas that start together
@@ -2498,11 +2507,14 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        """At shutdown, lets the requests the server cancelled end (and log) first."""
+        """At shutdown, lets the requests the server cancelled end (and log) first, then closes the
+        catalog's idle connections."""
         yield
         with anyio.move_on_after(DRAIN_S):
             while self.in_flight:
                 await anyio.sleep(0.01)
+        if self.catalog is not None:
+            self.catalog.close()
 
     def file_response(self, request: Request, path: str, **options: object) -> DownloadResponse:
         config = self.settings

@@ -271,9 +271,10 @@ class Postgres:
     tests run as root (PostgreSQL refuses root). `url(db)` names a database on it;
     `database()` makes a fresh one. `stop()`/`start()` take it away and bring it back
     (the same data); `close()` stops it and removes the dir. Skips the test with the reason
-    where the package is missing."""
+    where the package is missing. Tests run it without fsync; `durable` keeps PostgreSQL's
+    defaults (the benchmark)."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
         binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
         if not binaries:
             pytest.skip("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
@@ -292,7 +293,8 @@ class Postgres:
             conf.write(
                 "listen_addresses = ''\n"  # the Unix socket only
                 f"unix_socket_directories = '{self.socket_dir}'\n"
-                "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 300\n"
+                + ("" if durable else "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")  # tests need no crash safety
             )
         self.start()
 
