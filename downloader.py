@@ -2544,18 +2544,22 @@ class Service:
         keeps till then (so such a server holds CATALOG_THREADS threads, no more)."""
         threads, borrower = self.catalog_threads, object()
         release = functools.partial(threads.release_on_behalf_of, borrower)
-        lock, state = threading.Lock(), {"running": False, "left": False}
+        lock, state = threading.Lock(), {"began": False, "ended": False, "caller_gone": False}
 
         def run() -> Any:
             with lock:
-                if state["left"]:
-                    return None  # the caller left before this began: its thread is already free
-                state["running"] = True
+                if state["caller_gone"]:
+                    return None  # the caller left before this began, and freed its thread
+                state["began"] = True
             try:
                 return call(*args)
             finally:
-                with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile
-                    anyio.from_thread.run_sync(release)
+                with lock:
+                    state["ended"] = True
+                    left_behind = state["caller_gone"]
+                if left_behind:  # the caller gave up on this call: its thread is freed here
+                    with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile
+                        anyio.from_thread.run_sync(release)
 
         try:
             with anyio.fail_after(CATALOG_TIMEOUT_S):
@@ -2565,14 +2569,14 @@ class Service:
         try:
             with anyio.fail_after(CATALOG_ABANDON_S):
                 return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
-        except BaseException as exc:
+        except (TimeoutError, CatalogError) as exc:
+            raise catalog_unavailable() from exc
+        finally:
             with lock:
-                state["left"] = not state["running"]
-            if state["left"]:
+                state["caller_gone"] = True
+                still_running = state["began"] and not state["ended"]
+            if not still_running:
                 release()
-            if isinstance(exc, (TimeoutError, CatalogError)):
-                raise catalog_unavailable() from exc
-            raise
 
     def claim_gate(self, link_id: str, holder: str | None, held: bool) -> Gate:
         """The gate of a catalog download: Catalog.claim through catalog_call (503 when the catalog fails)."""
