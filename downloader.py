@@ -49,6 +49,7 @@ import mimetypes
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -160,6 +161,7 @@ CATALOG_ABANDON_S = 6.0
 """A catalog call still running this long (connecting and one statement each take CATALOG_TIMEOUT_S at most) is
 waiting on a database server that stopped answering: the request gets its 503, the call is left to its thread."""
 PG_CHECK_IDLE_S = 1.0  # a PostgreSQL connection idle longer is checked (one round trip) before reuse
+MIGRATION_TIMEOUT_S = 60.0  # a PostgreSQL catalog's schema migration at start-up (another replica's included) may take this long
 LINK_HOLD_S = 120.0
 """After a catalog link's last download is counted, the client it went to (same address and User-Agent) may
 still fetch ranges of it for this long, up to one file's worth of bytes in all: a download manager's other
@@ -1771,7 +1773,8 @@ class Catalog:
              " AND (max_downloads IS NULL OR downloads < max_downloads)")
     RECORD = ("INSERT INTO holders (link, holder, claimed) {source} ON CONFLICT (link, holder)"
               " DO UPDATE SET claimed = excluded.claimed, budget = NULL")
-    SWEEP = "DELETE FROM holders WHERE claimed < :since AND NOT (link = :id AND holder = :holder)"
+    SWEEP = "DELETE FROM holders WHERE claimed < :since"  # expired holders: housekeeping, no decision reads them
+    swept = 0.0  # when this process last swept
     HELD = ("SELECT 1 FROM holders JOIN links ON links.id = holders.link"
             " WHERE link = :id AND holder = :holder AND claimed >= :since AND revoked = 0")
 
@@ -1819,7 +1822,6 @@ class Catalog:
         if run(self.COUNT, args).rowcount != 1:
             return False
         if args["holder"] is not None:
-            run(self.SWEEP, args)
             source = "SELECT id, :holder, :now FROM links WHERE id = :id AND max_downloads IS NOT NULL"
             run(self.RECORD.format(source=source), args)
         return True
@@ -1858,6 +1860,8 @@ class Catalog:
         return link
 
     def get(self, link_id: str) -> Link | None:
+        if not is_link_id(link_id):
+            return None  # the database never sees what we could not have made (a NUL, say)
         with self._session() as run:
             row = run("SELECT * FROM links WHERE id = :id", {"id": link_id}).fetchone()
         return None if row is None else Link(**{**dict(row), "revoked": bool(row["revoked"])})
@@ -1869,6 +1873,8 @@ class Catalog:
 
     def revoke(self, link_id: str) -> bool:
         """True when the ID existed (revoking twice is harmless)."""
+        if not is_link_id(link_id):
+            return False
         with self._session() as run:
             return run("UPDATE links SET revoked = 1 WHERE id = :id", {"id": link_id}).rowcount == 1
 
@@ -1878,22 +1884,36 @@ class Catalog:
         `holds` (`held`) is that holder's own download going on: allowed within LINK_HOLD_S, not counted again."""
         now = time.time() if now is None else now
         args = {"id": link_id, "holder": holder, "now": now, "since": now - LINK_HOLD_S}
+        if not is_link_id(link_id):
+            return False
         if held:
             with self._session() as run:
                 return run(self.HELD, args).fetchone() is not None
         with self._session(atomic=self.COUNT_IN_TRANSACTION) as run:
-            return self._count(run, args)
+            counted = self._count(run, args)
+        if counted and holder is not None and abs(now - self.swept) >= LINK_HOLD_S:
+            self.swept = now
+            with contextlib.suppress(CatalogError), self._session() as run:  # the count stands whatever this does
+                run(self.SWEEP, args)
+        return counted
 
     def holds(self, link_id: str, holder: str, wanted: int, size: int, now: float | None = None) -> bool:
         """Whether `holder` got the link's last download within LINK_HOLD_S and has `wanted` bytes left of the
         one file's worth (`size`) it may fetch since; if so they are taken off."""
         now = time.time() if now is None else now
         args = {"id": link_id, "holder": holder, "wanted": wanted, "size": size, "since": now - LINK_HOLD_S}
+        if not is_link_id(link_id):
+            return False
         with self._session() as run:
             return run(
                 "UPDATE holders SET budget = coalesce(budget, :size) - :wanted WHERE link = :id AND holder = :holder"
                 " AND claimed >= :since AND coalesce(budget, :size) >= :wanted", args,
             ).rowcount == 1
+
+
+def is_link_id(text: str) -> bool:
+    """Whether `text` is an ID Catalog.add could have made (a UUID as str(uuid.uuid4()) writes it)."""
+    return re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", text) is not None
 
 
 @functools.lru_cache(maxsize=64)
@@ -1904,20 +1924,24 @@ def pyformat(sql: str) -> str:
 
 class PostgresCatalog(Catalog):
     """The catalog in PostgreSQL (psycopg 3), for replicas that share it. Connections are kept for reuse,
-    one per thread that needs one at once (CATALOG_THREADS), autocommit: each call is one statement but the
-    migration. A connection idle for PG_CHECK_IDLE_S is checked before reuse, so one broken by a restart
-    of the server is replaced, not failed on. Server-side statement and lock timeouts, and TCP timeouts,
-    are CATALOG_TIMEOUT_S, so a call ends soon after the caller stops waiting."""
+    one per thread that needs one at once (CATALOG_THREADS), in autocommit: each call is one statement
+    (the migration aside). Before reuse, a connection the server has written to unasked (a restart's
+    goodbye) is dropped, and one idle for PG_CHECK_IDLE_S is checked with a round trip. Server-side
+    statement and lock timeouts, and TCP's, are CATALOG_TIMEOUT_S, so a call ends soon after the caller
+    stops waiting; `close` cuts the connections of calls a frozen server holds, so shutdown can't hang."""
 
-    # One statement: count, record the holder of a limited link, sweep expired holders.
+    # One statement: count, and record the holder of a limited link.
     CLAIM = ("WITH counted AS (" + Catalog.COUNT + " RETURNING id, max_downloads), recorded AS ("
              + Catalog.RECORD.format(source="SELECT id, :holder, :now FROM counted WHERE max_downloads IS NOT NULL")
-             + "), swept AS (" + Catalog.SWEEP + ") SELECT count(*) AS n FROM counted")
+             + ") SELECT count(*) AS n FROM counted")
+    # Skips rows a claim holds (that order of locks would deadlock with it).
+    SWEEP = "DELETE FROM holders WHERE ctid IN (SELECT ctid FROM holders WHERE claimed < :since FOR UPDATE SKIP LOCKED)"
 
     def __init__(self, location: str | os.PathLike[str]) -> None:
         try:
             import psycopg
             import psycopg.conninfo
+            import psycopg.pq
             import psycopg.rows
         except ImportError:
             raise ValueError("a postgresql:// catalog needs psycopg: pip install 'psycopg[binary]'") from None
@@ -1925,8 +1949,8 @@ class PostgresCatalog(Catalog):
         self.location = os.fspath(location)
         try:
             params = psycopg.conninfo.conninfo_to_dict(self.location)
-        except psycopg.Error as exc:
-            raise ValueError(f"not a PostgreSQL URL: {exc}") from None
+        except psycopg.Error:  # its message may quote the password
+            raise ValueError("not a URL libpq reads: postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]") from None
         timeout_ms = int(CATALOG_TIMEOUT_S * 1000)
         params.setdefault("application_name", "downloader")
         params.setdefault("connect_timeout", str(max(2, math.ceil(CATALOG_TIMEOUT_S))))  # libpq's least is 2 s
@@ -1935,22 +1959,39 @@ class PostgresCatalog(Catalog):
         self.params = params
         self.shown = f"PostgreSQL database {params.get('dbname', params.get('user', ''))!r}"
         self.idle: list[tuple[float, Any]] = []  # (when it was put back, connection), the newest last
-        self.idle_lock = threading.Lock()
+        self.busy: set[Any] = set()
+        self.lock = threading.Lock()
         self._migrate()
 
-    def _connection(self) -> Any:
-        """An idle connection (checked if idle long), or a new one."""
-        with self.idle_lock:
-            idle_since, conn = self.idle.pop() if self.idle else (0.0, None)
-        if conn is not None and time.monotonic() - idle_since > PG_CHECK_IDLE_S:
+    def _reusable(self, conn: Any, idle_since: float) -> bool:
+        readable = select.poll()
+        readable.register(conn.fileno(), select.POLLIN)
+        if readable.poll(0):  # an idle connection has nothing to read, unless the server left
+            return False
+        if time.monotonic() - idle_since > PG_CHECK_IDLE_S:
             try:
                 conn.execute("")
             except self.psycopg.Error:
-                conn.close()
-                conn = None
-        if conn is None:
-            conn = self.psycopg.connect(**self.params, autocommit=True, row_factory=self.psycopg.rows.dict_row)
-        return conn
+                return False
+        return True
+
+    def _connection(self) -> Any:
+        """An idle connection that still works, or a new one; counted busy."""
+        while True:
+            with self.lock:
+                idle_since, conn = self.idle.pop() if self.idle else (0.0, None)
+                if conn is not None:
+                    self.busy.add(conn)  # its check may wait on a frozen server too
+            if conn is None:
+                conn = self.psycopg.connect(**self.params, autocommit=True, row_factory=self.psycopg.rows.dict_row)
+                with self.lock:
+                    self.busy.add(conn)
+                return conn
+            if self._reusable(conn, idle_since):
+                return conn
+            with self.lock:
+                self.busy.discard(conn)
+            conn.close()
 
     @contextlib.contextmanager
     def _session(self, *, create: bool = False, atomic: bool = False) -> Iterator[Callable[..., Any]]:
@@ -1959,27 +2000,38 @@ class PostgresCatalog(Catalog):
             try:
                 with conn.transaction() if atomic else contextlib.nullcontext():
                     yield lambda sql, params={}: conn.execute(pyformat(sql), params)
-            except BaseException:
-                conn.close()  # whatever state it is in, it is not reused
-                raise
-            with self.idle_lock:
-                self.idle.append((time.monotonic(), conn))
+            finally:
+                with self.lock:
+                    self.busy.discard(conn)
+                    if not conn.broken and conn.info.transaction_status == self.psycopg.pq.TransactionStatus.IDLE:
+                        self.idle.append((time.monotonic(), conn))  # a statement's error leaves it usable
+                        conn = None
+                if conn is not None:
+                    conn.close()
         except self.psycopg.Error as exc:
             raise CatalogError(" ".join(str(exc).split())) from exc  # libpq's messages run over lines
 
     def close(self) -> None:
-        with self.idle_lock:
-            idle, self.idle = self.idle, []
+        """Closes the idle connections, and cuts those a call still waits on (a frozen server's)."""
+        with self.lock:
+            idle, self.idle, busy = self.idle, [], list(self.busy)
         for _, conn in idle:
             conn.close()
+        for conn in busy:
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)  # its thread's wait ends with an error
 
     def _version(self, run: Callable[..., Any]) -> int:
+        migration_ms = int(MIGRATION_TIMEOUT_S * 1000)
+        run(f"SET LOCAL statement_timeout = {migration_ms}")
+        run(f"SET LOCAL lock_timeout = {migration_ms}")
         run("SELECT pg_advisory_xact_lock(hashtext('downloader catalog'))")  # replicas that start together
-        run("CREATE TABLE IF NOT EXISTS downloader_schema (version INTEGER NOT NULL)")
-        row = run("SELECT max(version) AS version FROM downloader_schema").fetchone()
-        return int(row["version"] or 0)
+        if run("SELECT to_regclass('downloader_schema') IS NULL AS missing").fetchone()["missing"]:
+            return 0
+        return int(run("SELECT max(version) AS version FROM downloader_schema").fetchone()["version"] or 0)
 
     def _set_version(self, run: Callable[..., Any], version: int) -> None:
+        run("CREATE TABLE IF NOT EXISTS downloader_schema (version INTEGER NOT NULL)")
         run("DELETE FROM downloader_schema")
         run("INSERT INTO downloader_schema (version) VALUES (:version)", {"version": version})
 

@@ -336,6 +336,11 @@ class Postgres:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def close(self) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        """Stops the server, and kills it if it won't stop (frozen by a test, say); removes its dir."""
+        try:
             self.stop("immediate")
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                for pid in self.pids():
+                    os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)

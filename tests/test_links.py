@@ -32,7 +32,7 @@ from starlette.routing import Mount
 import downloader
 from conftest import SERVER_PATHS, TEN, UNICODE_NAME, asgi_request, need
 from downloader import Catalog, HTTPError, create_app, link_signature, sign_url, verify_link
-from helpers import Postgres, run_cli, uvicorn_server, wait_for
+from helpers import Postgres, cli_server, run_cli, uvicorn_server, wait_for
 
 KEY = "k-3f9a"
 TOKEN = "admin-7c1e"
@@ -709,8 +709,7 @@ async def test_postgresql_stopped_answers_503_at_once_and_a_restart_needs_no_res
         took = time.monotonic() - began
         download = await c.get("/download/ten.txt")
         own_postgres.start()
-        await anyio.sleep(downloader.PG_CHECK_IDLE_S + 0.1)  # any connection left from before is checked first
-        served = await c.get(f"/files/{link.id}")  # the first request after the restart
+        served = await c.get(f"/files/{link.id}")  # the first request after the restart: no stale connection used
         health_after = await c.get("/healthz")
     for response in (refused, listed, created):
         assert (response.status_code, response.json(), response.headers["retry-after"]) == (503, CATALOG_DOWN, "5")
@@ -770,6 +769,110 @@ async def test_postgresql_frozen_answers_503_within_the_abandon_time_and_holds_f
     assert (after.status_code, after.content) == (200, TEN)
 
 
+@pytest.mark.anyio
+async def test_a_restart_of_postgresql_between_two_requests_costs_no_request(root: Path, own_postgres: Postgres) -> None:
+    """Connections a restart broke are dropped before reuse, however recently they were used."""
+    url = own_postgres.database()
+    link = Catalog(url).add("ten.txt")
+    async with asgi_client(create_app(root, catalog=url)) as c:
+        async with anyio.create_task_group() as group:  # CATALOG_THREADS connections, all idle now
+            for _ in range(downloader.CATALOG_THREADS):
+                group.start_soon(c.get, f"/files/{link.id}")
+        own_postgres.stop()
+        own_postgres.start()
+        statuses = []
+        async with anyio.create_task_group() as group:
+            for _ in range(2 * downloader.CATALOG_THREADS):
+                group.start_soon(lambda: c.get(f"/files/{link.id}"))
+        for _ in range(2 * downloader.CATALOG_THREADS):
+            statuses.append((await c.get(f"/files/{link.id}")).status_code)
+    assert statuses == [200] * (2 * downloader.CATALOG_THREADS)
+
+
+def test_a_frozen_postgresql_does_not_hold_up_shutdown(root: Path, tmp_path: Path, own_postgres: Postgres) -> None:
+    """A call left behind waits on a server that never answers; SIGTERM still ends the server."""
+    url = own_postgres.database()
+    link = Catalog(url).add("ten.txt")
+    with cli_server(root, tmp_path / "server.log", DOWNLOADER_CATALOG=url) as server:
+        assert httpx.get(f"{server.url}/files/{link.id}").status_code == 200
+        time.sleep(downloader.PG_CHECK_IDLE_S + 0.1)  # the next reuse checks the connection: it hangs
+        for pid in own_postgres.pids():
+            os.kill(pid, signal.SIGSTOP)
+        began = time.monotonic()
+        refused = httpx.get(f"{server.url}/files/{link.id}", timeout=30)
+        waited = time.monotonic() - began
+        server.proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        server.proc.wait(20)
+        stopped = time.monotonic() - began
+    assert (refused.status_code, refused.json()) == (503, CATALOG_DOWN)
+    assert downloader.CATALOG_ABANDON_S - 0.5 < waited < downloader.CATALOG_ABANDON_S + 2
+    assert stopped < 5, f"shutdown took {stopped:.1f} s"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("link_id", ["x%00", "%00", "not-a-uuid", "0B7F4BF6-2F0B-4B8C-9C55-000000000000", "{0b7f4bf6-2f0b-4b8c-9c55-000000000000}"])
+async def test_an_id_the_catalog_never_made_is_404_on_either_database(root: Path, db: str, link_id: str) -> None:
+    async with asgi_client(create_app(root, catalog=db, admin_token=TOKEN)) as c:
+        got = await c.get(f"/files/{link_id}")
+        revoked = await c.delete(f"/api/links/{link_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+        health = await c.get("/healthz")
+    assert (got.status_code, got.json()) == (404, UNKNOWN)
+    assert (revoked.status_code, revoked.json()) == (404, UNKNOWN)
+    assert health.status_code == 200
+
+
+def test_claims_racing_a_sweep_of_expired_holders_never_fail(postgres: Postgres) -> None:
+    """Re-claims while thousands of expired holders are swept: no deadlock, no lock timeout."""
+    url = postgres.database()
+    catalog = Catalog(url)
+    name = url.split("/")[-1].split("?")[0]
+    links = [catalog.add("ten.txt", max_downloads=1000).id for _ in range(6)]
+    outcomes: list[object] = []
+    for trial in range(5):
+        now = 1e6 * (trial + 1)
+        postgres.sql(f"INSERT INTO holders (link, holder, claimed) SELECT 'gone', 'h' || g || '-{trial}', {now} FROM generate_series(1, 20000) g", name)
+        for i, link in enumerate(links):
+            assert catalog.claim(link, f"holder-{i}", now=now)
+        barrier = threading.Barrier(len(links))
+
+        def claim(i: int) -> None:
+            barrier.wait()
+            try:
+                outcomes.append(Catalog(url).claim(links[i], f"holder-{i}", now=now + 2 * downloader.LINK_HOLD_S))
+            except downloader.CatalogError as exc:
+                outcomes.append(exc)
+
+        workers = [threading.Thread(target=claim, args=(i,)) for i in range(len(links))]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(30)
+    assert outcomes == [True] * 30
+    assert int(postgres.sql("SELECT count(*) FROM holders WHERE claimed < 5e6", name)) < 20000 * 5  # swept
+
+
+def test_a_role_without_ddl_rights_serves_and_one_that_cant_write_fails_in_one_line(root: Path, postgres: Postgres) -> None:
+    url = postgres.database()
+    name = url.split("/")[-1].split("?")[0]
+    link = Catalog(url).add("ten.txt", max_downloads=2)
+    for role, rights in ((f"{name}_rw", "SELECT, INSERT, UPDATE, DELETE"), (f"{name}_ro", "SELECT")):
+        postgres.sql(f"CREATE ROLE {role} LOGIN", name)  # roles belong to the server: named after the database
+        postgres.sql(f"GRANT {rights} ON links, holders, downloader_schema TO {role}", name)
+    as_rw, as_ro = (url.replace("postgres@", f"{name}_{kind}@") for kind in ("rw", "ro"))
+    assert Catalog(as_rw).claim(link.id, "a client") is True  # no CREATE on the schema: none needed
+    result = run_cli("revoke", link.id, DOWNLOADER_CATALOG=as_ro, DOWNLOADER_ROOT=str(root))
+    assert (result.returncode, result.stderr) == (1, "downloader: the link catalog is unavailable: permission denied for table links\n")
+    assert Catalog(url).get(link.id).revoked is False
+
+
+def test_a_postgresql_url_libpq_cant_read_is_one_line_without_the_password(root: Path) -> None:
+    for url in ("postgresql://u:p%zzSECRET@localhost/db", "postgresql://u:SE CRET@[::1/db"):
+        result = run_cli("--port", "0", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
+        assert result.returncode == 2
+        assert result.stderr == "downloader: DOWNLOADER_CATALOG: not a URL libpq reads: postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]\n"
+
+
 def test_postgresql_that_cant_be_reached_stops_start_up_in_one_line_without_the_password(root: Path, tmp_path: Path) -> None:
     url = f"postgresql://downloader:s3cret-pw@/links?host={tmp_path}/no-server"
     result = run_cli("--port", "0", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
@@ -795,6 +898,9 @@ def test_a_cli_command_with_postgresql_down_is_one_line(root: Path, own_postgres
 # =============================================================================
 
 
+OLD_ID = "0b7f4bf6-2f0b-4b8c-9c55-5a1d2c3e4f60"
+
+
 def test_a_catalog_from_before_schema_versions_is_migrated_keeping_its_links(tmp_path: Path) -> None:
     """A SQLite catalog written before versions (links alone, user_version 0) gains the holders table."""
     path = tmp_path / "old.db"
@@ -803,14 +909,14 @@ def test_a_catalog_from_before_schema_versions_is_migrated_keeping_its_links(tmp
             "CREATE TABLE links (id TEXT PRIMARY KEY, path TEXT NOT NULL, name TEXT, created REAL NOT NULL,"
             " expires_at REAL, max_downloads INTEGER, downloads INTEGER NOT NULL DEFAULT 0, revoked INTEGER NOT NULL DEFAULT 0)"
         )
-        old.execute("INSERT INTO links (id, path, created, max_downloads, downloads) VALUES ('old-id', 'ten.txt', 1.5, 2, 1)")
+        old.execute(f"INSERT INTO links (id, path, created, max_downloads, downloads) VALUES ('{OLD_ID}', 'ten.txt', 1.5, 2, 1)")
     catalog = Catalog(path)
     with contextlib.closing(sqlite3.connect(path)) as check:
         version = check.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert (version, tables) == (len(Catalog.SCHEMA), {"links", "holders"})
-    assert catalog.get("old-id") == downloader.Link("old-id", "ten.txt", None, 1.5, None, 2, 1, False)
-    assert catalog.claim("old-id", "a client") is True and catalog.claim("old-id", "a client", held=True) is True
+    assert catalog.get(OLD_ID) == downloader.Link(OLD_ID, "ten.txt", None, 1.5, None, 2, 1, False)
+    assert catalog.claim(OLD_ID, "a client") is True and catalog.claim(OLD_ID, "a client", held=True) is True
 
 
 def test_a_catalog_from_a_newer_downloader_is_refused_in_one_line(root: Path, db: str, request: pytest.FixtureRequest) -> None:
