@@ -3128,7 +3128,11 @@ class ZeroCopyMixin:
                 before, after = self.framing(cycle, count)
                 if before:
                     self.transport.write(before)
-                await self.sendfile(fd, offset, count, message.get("stall_timeout"))
+                try:
+                    await self.sendfile(fd, offset, count, message.get("stall_timeout"))
+                except ClientGone:
+                    cycle.disconnected = True  # as connection_lost will say: an app that returns now did no wrong
+                    raise
                 if after:
                     self.transport.write(after)
             if not message.get("more_body", False):
