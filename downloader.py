@@ -347,6 +347,9 @@ def is_postgres_url(text: str) -> bool:
 def _check_catalog(value: object) -> str:
     if isinstance(value, str) and is_postgres_url(value):
         return value  # reached when the catalog opens (Catalog)
+    scheme = re.match(r"\s*([A-Za-z][A-Za-z0-9+.-]*):/", value) if isinstance(value, str) else None
+    if scheme:  # a URL, mistyped: never echoed, as it may hold a password
+        raise ValueError(f"a URL with scheme {scheme.group(1)!r}: the catalog is a SQLite file path or a postgresql:// URL")
     path = _check_file_path(value)
     try:
         with contextlib.closing(sqlite3.connect(path, timeout=CATALOG_TIMEOUT_S)) as db:
@@ -2009,7 +2012,8 @@ class PostgresCatalog(Catalog):
                 if conn is not None:
                     conn.close()
         except self.psycopg.Error as exc:
-            raise CatalogError(" ".join(str(exc).split())) from exc  # libpq's messages run over lines
+            lines = (" ".join(line.split()) for line in str(exc).splitlines())
+            raise CatalogError("; ".join(line for line in lines if line)) from exc  # libpq's run over lines
 
     def close(self) -> None:
         """Closes the idle connections, and cuts those a call still waits on (a frozen server's)."""

@@ -871,6 +871,9 @@ def test_a_postgresql_url_libpq_cant_read_is_one_line_without_the_password(root:
         result = run_cli("--port", "0", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
         assert result.returncode == 2
         assert result.stderr == "downloader: DOWNLOADER_CATALOG: not a URL libpq reads: postgresql://[user[:password]@][host][:port][/dbname][?param=value&...]\n"
+    for url, scheme in (("postgresl://u:SECRET@/db?host=/run", "postgresl"), (" POSTGRESQL://u:SECRET@db/x", "POSTGRESQL"), ("postgresql+psycopg://u:SECRET@db/x", "postgresql+psycopg")):
+        result = run_cli("--port", "0", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
+        assert (result.returncode, result.stderr) == (2, f"downloader: DOWNLOADER_CATALOG: a URL with scheme {scheme!r}: the catalog is a SQLite file path or a postgresql:// URL\n")
 
 
 def test_postgresql_that_cant_be_reached_stops_start_up_in_one_line_without_the_password(root: Path, tmp_path: Path) -> None:
@@ -878,6 +881,7 @@ def test_postgresql_that_cant_be_reached_stops_start_up_in_one_line_without_the_
     result = run_cli("--port", "0", DOWNLOADER_CATALOG=url, DOWNLOADER_ROOT=str(root))
     assert result.returncode == 2
     assert result.stderr.startswith("downloader: DOWNLOADER_CATALOG: can't open the catalog: connection"), result.stderr
+    assert "No such file or directory; Is the server running" in result.stderr  # libpq's two lines, joined
     assert result.stderr.count("\n") == 1 and "s3cret-pw" not in result.stderr
     with pytest.raises(downloader.SettingsError, match="can't open the catalog"):
         create_app(root, catalog=url)

@@ -69,7 +69,7 @@ def nginx_upstream_config(base: Path, ports: list[int]) -> tuple[str, int]:
     that writes only under `base`; and nginx's port."""
     block = readme_block("nginx-upstream")
     for i, port in enumerate(ports):
-        old = f"server 127.0.0.1:{8001 + i} "
+        old = f"server 10.0.0.{11 + i}:8001 "
         assert block.count(old) == 1, f"the README's upstream block no longer has {old!r}"
         block = block.replace(old, f"server 127.0.0.1:{port} ")
     listen = free_port()
