@@ -161,6 +161,7 @@ CATALOG_ABANDON_S = 6.0
 """A catalog call still running this long (connecting and one statement each take CATALOG_TIMEOUT_S at most) is
 waiting on a database server that stopped answering: the request gets its 503, the call is left to its thread."""
 PG_CHECK_IDLE_S = 1.0  # a PostgreSQL connection idle longer is checked (one round trip) before reuse
+HOLDERS_SWEPT_AT_ONCE = 5000  # expired link holders one sweep deletes (a full batch: the next claim sweeps again)
 MIGRATION_TIMEOUT_S = 60.0  # a PostgreSQL catalog's schema migration at start-up (another replica's included) may take this long
 LINK_HOLD_S = 120.0
 """After a catalog link's last download is counted, the client it went to (same address and User-Agent) may
@@ -1776,7 +1777,8 @@ class Catalog:
              " AND (max_downloads IS NULL OR downloads < max_downloads)")
     RECORD = ("INSERT INTO holders (link, holder, claimed) {source} ON CONFLICT (link, holder)"
               " DO UPDATE SET claimed = excluded.claimed, budget = NULL")
-    SWEEP = "DELETE FROM holders WHERE claimed < :since"  # expired holders: housekeeping, no decision reads them
+    # Expired holders: housekeeping, no decision reads them.
+    SWEEP = "DELETE FROM holders WHERE rowid IN (SELECT rowid FROM holders WHERE claimed < :since LIMIT :batch)"
     swept = 0.0  # when this process last swept
     HELD = ("SELECT 1 FROM holders JOIN links ON links.id = holders.link"
             " WHERE link = :id AND holder = :holder AND claimed >= :since AND revoked = 0")
@@ -1897,7 +1899,8 @@ class Catalog:
         if counted and holder is not None and abs(now - self.swept) >= LINK_HOLD_S:
             self.swept = now
             with contextlib.suppress(CatalogError), self._session() as run:  # the count stands whatever this does
-                run(self.SWEEP, args)
+                if run(self.SWEEP, {**args, "batch": HOLDERS_SWEPT_AT_ONCE}).rowcount == HOLDERS_SWEPT_AT_ONCE:
+                    self.swept = 0.0  # more to go
         return counted
 
     def holds(self, link_id: str, holder: str, wanted: int, size: int, now: float | None = None) -> bool:
@@ -1938,7 +1941,8 @@ class PostgresCatalog(Catalog):
              + Catalog.RECORD.format(source="SELECT id, :holder, :now FROM counted WHERE max_downloads IS NOT NULL")
              + ") SELECT count(*) AS n FROM counted")
     # Skips rows a claim holds (that order of locks would deadlock with it).
-    SWEEP = "DELETE FROM holders WHERE ctid IN (SELECT ctid FROM holders WHERE claimed < :since FOR UPDATE SKIP LOCKED)"
+    SWEEP = ("DELETE FROM holders WHERE ctid IN (SELECT ctid FROM holders WHERE claimed < :since"
+             " LIMIT :batch FOR UPDATE SKIP LOCKED)")
 
     def __init__(self, location: str | os.PathLike[str]) -> None:
         try:
@@ -1964,6 +1968,7 @@ class PostgresCatalog(Catalog):
         self.idle: list[tuple[float, Any]] = []  # (when it was put back, connection), the newest last
         self.busy: set[Any] = set()
         self.lock = threading.Lock()
+        self.closed = False
         self._migrate()
 
     def _reusable(self, conn: Any, idle_since: float) -> bool:
@@ -1982,6 +1987,8 @@ class PostgresCatalog(Catalog):
         """An idle connection that still works, or a new one; counted busy."""
         while True:
             with self.lock:
+                if self.closed:
+                    raise CatalogError("the catalog is closed (the app is shutting down)")
                 idle_since, conn = self.idle.pop() if self.idle else (0.0, None)
                 if conn is not None:
                     self.busy.add(conn)  # its check may wait on a frozen server too
@@ -1989,7 +1996,11 @@ class PostgresCatalog(Catalog):
                 conn = self.psycopg.connect(**self.params, autocommit=True, row_factory=self.psycopg.rows.dict_row)
                 with self.lock:
                     self.busy.add(conn)
-                return conn
+                    if not self.closed:
+                        return conn
+                    self.busy.discard(conn)
+                conn.close()
+                raise CatalogError("the catalog is closed (the app is shutting down)")
             if self._reusable(conn, idle_since):
                 return conn
             with self.lock:
@@ -2006,7 +2017,7 @@ class PostgresCatalog(Catalog):
             finally:
                 with self.lock:
                     self.busy.discard(conn)
-                    if not conn.broken and conn.info.transaction_status == self.psycopg.pq.TransactionStatus.IDLE:
+                    if not self.closed and not conn.broken and conn.info.transaction_status == self.psycopg.pq.TransactionStatus.IDLE:
                         self.idle.append((time.monotonic(), conn))  # a statement's error leaves it usable
                         conn = None
                 if conn is not None:
@@ -2018,11 +2029,20 @@ class PostgresCatalog(Catalog):
     def close(self) -> None:
         """Closes the idle connections, and cuts those a call still waits on (a frozen server's)."""
         with self.lock:
-            idle, self.idle, busy = self.idle, [], list(self.busy)
+            self.closed = True
+            idle, self.idle, sockets = self.idle, [], []
+            for conn in self.busy:  # under the lock: their threads close them only once out of `busy`
+                with contextlib.suppress(self.psycopg.Error, OSError):
+                    sockets.append(os.dup(conn.fileno()))
         for _, conn in idle:
             conn.close()
-        for conn in busy:
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        for fd in sockets:
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            with sock, contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # its thread's wait ends with an error
 
     def _version(self, run: Callable[..., Any]) -> int:
@@ -2614,8 +2634,10 @@ class Service:
                     state["ended"] = True
                     left_behind = state["caller_gone"]
                 if left_behind:  # the caller gave up on this call: its thread is freed here
-                    with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile
+                    try:
                         anyio.from_thread.run_sync(release)
+                    except RuntimeError:  # its event loop has finished: nothing else touches the limiter now
+                        release()
 
         try:
             with anyio.fail_after(CATALOG_TIMEOUT_S):

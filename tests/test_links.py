@@ -781,17 +781,39 @@ async def test_a_restart_of_postgresql_between_two_requests_costs_no_request(roo
         own_postgres.stop()
         own_postgres.start()
         statuses = []
-        async with anyio.create_task_group() as group:
-            for _ in range(2 * downloader.CATALOG_THREADS):
-                group.start_soon(lambda: c.get(f"/files/{link.id}"))
-        for _ in range(2 * downloader.CATALOG_THREADS):
+
+        async def one() -> None:
             statuses.append((await c.get(f"/files/{link.id}")).status_code)
-    assert statuses == [200] * (2 * downloader.CATALOG_THREADS)
+
+        async with anyio.create_task_group() as group:  # at once: every stale connection is tried
+            for _ in range(2 * downloader.CATALOG_THREADS):
+                group.start_soon(one)
+        for _ in range(2 * downloader.CATALOG_THREADS):
+            await one()
+    assert statuses == [200] * (4 * downloader.CATALOG_THREADS)
+
+
+def test_a_statement_that_fails_leaves_its_connection_for_reuse(postgres: Postgres) -> None:
+    url = postgres.database()
+    name = url.split("/")[-1].split("?")[0]
+    catalog = Catalog(url)
+    link = catalog.add("ten.txt")
+
+    def backends() -> str:
+        return postgres.sql(f"SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity WHERE datname = '{name}' AND application_name = 'downloader'")
+
+    before = backends()
+    for _ in range(3):
+        with pytest.raises(downloader.CatalogError, match="NUL"):
+            catalog.add("a\x00b")  # PostgreSQL text can't hold a NUL: the statement fails, the connection is fine
+        assert catalog.get(link.id) == link
+    assert backends() == before != ""
 
 
 def test_a_frozen_postgresql_does_not_hold_up_shutdown(root: Path, tmp_path: Path, own_postgres: Postgres) -> None:
-    """A call left behind waits on a server that never answers; SIGTERM still ends the server."""
-    url = own_postgres.database()
+    """A call left behind waits on a server that never answers; SIGTERM still ends the server, without
+    connecting anew (which would wait connect_timeout) once its connection is cut."""
+    url = own_postgres.database() + "&connect_timeout=30"
     link = Catalog(url).add("ten.txt")
     with cli_server(root, tmp_path / "server.log", DOWNLOADER_CATALOG=url) as server:
         assert httpx.get(f"{server.url}/files/{link.id}").status_code == 200
