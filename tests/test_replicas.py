@@ -133,9 +133,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @pytest.fixture(scope="module")
 def cluster(files: tuple[Path, str], postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
-    """Replicas with a secret (signed /download) on a catalog of their own; the catalog's URL."""
+    """Replicas with a secret (signed /download) on a catalog of their own; the catalog's URL. Each
+    download is paced to 8 MiB/s, so that big.bin takes half a second and racers overlap."""
     catalog = postgres.database()
-    started = Cluster(files[0], catalog, tmp_path_factory.mktemp("cluster"), secret=True)
+    started = Cluster(files[0], catalog, tmp_path_factory.mktemp("cluster"), secret=True, DOWNLOADER_RATE_LIMIT=str(8 * MIB))
     try:
         yield started, catalog
     finally:
@@ -178,13 +179,19 @@ def admin(url: str, method: str, path: str, body: dict | None = None) -> httpx.R
 def test_fifty_clients_racing_across_replicas_for_a_three_download_link_get_three_copies(files: tuple[Path, str], cluster: tuple[Cluster, str]) -> None:
     (root, want), (nodes, catalog) = files, cluster
     link = Catalog(catalog).add("big.bin", max_downloads=3)
+    start = threading.Barrier(50)
+
+    def racer(i: int) -> Result:
+        start.wait()
+        return fetch(f"{nodes.url}/files/{link.id}", f"client-{i}")
+
     with ThreadPoolExecutor(50) as pool:
-        results = list(pool.map(lambda i: fetch(f"{nodes.url}/files/{link.id}", f"client-{i}"), range(50)))
+        results = list(pool.map(racer, range(50)))
     complete = [r for r in results if (r.status, r.size) == (200, 4 * MIB + 321)]
+    cut = [r for r in results if r.status == 200 and r.size < 4 * MIB + 321]  # aborted at the last byte: over the limit
     assert [r.sha256 for r in complete] == [want] * 3
-    for r in results:
-        if r not in complete:  # refused at the start, or aborted one byte short or sooner
-            assert (r.status, r.detail) == (410, GONE) or (r.status == 200 and r.size < 4 * MIB + 321), r
+    assert all((r.status, r.detail) == (410, GONE) for r in results if r not in complete + cut)
+    assert len(cut) >= 25, f"only {len(cut)} racers reached the last byte after the limit: no race"
     assert Catalog(catalog).get(link.id).downloads == 3
     served = nodes.served(f"/files/{link.id}")
     assert sum(served) == 50 and min(served) > 0, f"nginx spread the 50 requests as {served}"
