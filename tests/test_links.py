@@ -23,6 +23,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -872,6 +873,82 @@ def test_claims_racing_a_sweep_of_expired_holders_never_fail(postgres: Postgres)
             worker.join(30)
     assert outcomes == [True] * 30
     assert int(postgres.sql("SELECT count(*) FROM holders WHERE claimed < 5e6", name)) < 20000 * 5  # swept
+
+
+def expired_holders(catalog: Catalog) -> int:
+    with catalog._session() as run:
+        return int(next(iter(dict(run("SELECT count(*) AS n FROM holders WHERE claimed < 1000").fetchone()).values())))
+
+
+def test_a_sweep_deletes_one_batch_and_the_next_claim_sweeps_again(db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(downloader, "HOLDERS_SWEPT_AT_ONCE", 100)
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", max_downloads=1000).id
+    with catalog._session() as run:
+        for i in range(250):
+            run("INSERT INTO holders (link, holder, claimed) VALUES ('gone', :h, 1)", {"h": f"h{i}"})
+    left = []
+    for i in range(4):
+        assert catalog.claim(link, f"client-{i}", now=1e6 + i)
+        left.append(expired_holders(catalog))
+    assert left == [150, 50, 0, 0]
+
+
+def test_a_sweep_skips_a_holder_row_another_transaction_locks(postgres: Postgres) -> None:
+    url = postgres.database()
+    catalog = Catalog(url)
+    link = catalog.add("ten.txt", max_downloads=1000).id
+    postgres.sql("INSERT INTO holders (link, holder, claimed) SELECT 'gone', 'h' || g, 1 FROM generate_series(1, 10) g", url.split("/")[-1].split("?")[0])
+    with psycopg.connect(url) as other:
+        other.execute("SELECT * FROM holders WHERE holder = 'h1' FOR UPDATE")
+        began = time.monotonic()
+        assert catalog.claim(link, "a client", now=1e6)
+        took = time.monotonic() - began
+        left = expired_holders(catalog)
+    assert took < 1 and left == 1
+
+
+def test_revoking_a_used_up_link_ends_its_holders_hold(db: str) -> None:
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt", max_downloads=1).id
+    assert catalog.claim(link, "a client") and catalog.claim(link, "a client", held=True)
+    catalog.revoke(link)
+    assert catalog.claim(link, "a client", held=True) is False
+
+
+def test_an_unlimited_link_records_no_holder(db: str) -> None:
+    catalog = Catalog(db)
+    link = catalog.add("ten.txt").id
+    assert catalog.claim(link, "a client")
+    with catalog._session() as run:
+        assert run("SELECT * FROM holders").fetchall() == []
+
+
+@pytest.mark.anyio
+async def test_healthz_is_503_on_a_read_only_postgresql(root: Path, postgres: Postgres) -> None:
+    url = postgres.database()
+    Catalog(url)
+    postgres.sql(f"ALTER DATABASE {url.split('/')[-1].split('?')[0]} SET default_transaction_read_only = on")
+    async with asgi_client(create_app(root, catalog=url)) as c:
+        health = await c.get("/healthz")
+    assert (health.status_code, health.json()) == (503, {"status": "unavailable", "detail": "the link catalog can't be read and written"})
+
+
+@pytest.mark.anyio
+async def test_a_row_lock_held_elsewhere_is_503_within_the_timeout_and_never_counts_later(root: Path, postgres: Postgres) -> None:
+    """The server's lock_timeout ends the wait: the call fails, it is not left behind to land later."""
+    url = postgres.database()
+    link = Catalog(url).add("ten.txt", max_downloads=5)
+    async with asgi_client(create_app(root, catalog=url)) as c:
+        with psycopg.connect(url) as other:
+            other.execute("SELECT * FROM links FOR UPDATE")
+            began = time.monotonic()
+            refused = await c.get(f"/files/{link.id}")
+            took = time.monotonic() - began
+        await anyio.sleep(1)
+    assert (refused.status_code, refused.json()) == (503, CATALOG_DOWN)
+    assert took < downloader.CATALOG_TIMEOUT_S + 1
+    assert Catalog(url).get(link.id).downloads == 0
 
 
 def test_a_role_without_ddl_rights_serves_and_one_that_cant_write_fails_in_one_line(root: Path, postgres: Postgres) -> None:
