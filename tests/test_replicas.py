@@ -177,7 +177,7 @@ def admin(url: str, method: str, path: str, body: dict | None = None) -> httpx.R
 
 
 def test_fifty_clients_racing_across_replicas_for_a_three_download_link_get_three_copies(files: tuple[Path, str], cluster: tuple[Cluster, str]) -> None:
-    (root, want), (nodes, catalog) = files, cluster
+    (_, want), (nodes, catalog) = files, cluster
     link = Catalog(catalog).add("big.bin", max_downloads=3)
     start = threading.Barrier(50)
 
@@ -201,7 +201,7 @@ def test_a_download_manager_on_a_one_time_link_counts_once_across_replicas(files
     """aria2c's eight segments land on all three replicas; the one with the last byte counts, the
     others are its holder's own download (recorded in PostgreSQL), and no second client gets it."""
     aria2c = need("aria2c")
-    (root, want), (nodes, catalog) = files, cluster
+    (_, want), (nodes, catalog) = files, cluster
     link = Catalog(catalog).add("big.bin", max_downloads=1)
     url = f"{nodes.url}/files/{link.id}"
     command = [aria2c, "-x8", "-s8", "-k1M", "--allow-overwrite=true", "--auto-file-renaming=false", "-d", str(tmp_path), "--console-log-level=warn"]
