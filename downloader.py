@@ -1865,7 +1865,7 @@ class Catalog:
         return link
 
     def get(self, link_id: str) -> Link | None:
-        if not is_link_id(link_id):
+        if not is_link_id(link_id):  # `get` and `revoke` take IDs from clients; `claim` and `holds` what `get` found
             return None  # the database never sees what we could not have made (a NUL, say)
         with self._session() as run:
             row = run("SELECT * FROM links WHERE id = :id", {"id": link_id}).fetchone()
@@ -1889,8 +1889,6 @@ class Catalog:
         `holds` (`held`) is that holder's own download going on: allowed within LINK_HOLD_S, not counted again."""
         now = time.time() if now is None else now
         args = {"id": link_id, "holder": holder, "now": now, "since": now - LINK_HOLD_S}
-        if not is_link_id(link_id):
-            return False
         if held:
             with self._session() as run:
                 return run(self.HELD, args).fetchone() is not None
@@ -1908,8 +1906,6 @@ class Catalog:
         one file's worth (`size`) it may fetch since; if so they are taken off."""
         now = time.time() if now is None else now
         args = {"id": link_id, "holder": holder, "wanted": wanted, "size": size, "since": now - LINK_HOLD_S}
-        if not is_link_id(link_id):
-            return False
         with self._session() as run:
             return run(
                 "UPDATE holders SET budget = coalesce(budget, :size) - :wanted WHERE link = :id AND holder = :holder"

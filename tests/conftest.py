@@ -99,7 +99,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     try:
         yield url
     finally:
-        server.sql(f"DROP DATABASE {url.split('/')[-1].split('?')[0]} WITH (FORCE)")
+        server.sql(f"DROP DATABASE {Postgres.dbname(url)} WITH (FORCE)")
 
 
 def need(program: str) -> str:

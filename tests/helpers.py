@@ -324,6 +324,11 @@ class Postgres:
         )
         return done.stdout.strip()
 
+    @staticmethod
+    def dbname(url: str) -> str:
+        """The database a url() names."""
+        return url.split("/")[-1].split("?")[0]
+
     def database(self) -> str:
         """The URL of a new, empty database."""
         self._count += 1

@@ -796,7 +796,7 @@ async def test_a_restart_of_postgresql_between_two_requests_costs_no_request(roo
 
 def test_a_statement_that_fails_leaves_its_connection_for_reuse(postgres: Postgres) -> None:
     url = postgres.database()
-    name = url.split("/")[-1].split("?")[0]
+    name = Postgres.dbname(url)
     catalog = Catalog(url)
     link = catalog.add("ten.txt")
 
@@ -849,7 +849,7 @@ def test_claims_racing_a_sweep_of_expired_holders_never_fail(postgres: Postgres)
     """Re-claims while thousands of expired holders are swept: no deadlock, no lock timeout."""
     url = postgres.database()
     catalog = Catalog(url)
-    name = url.split("/")[-1].split("?")[0]
+    name = Postgres.dbname(url)
     links = [catalog.add("ten.txt", max_downloads=1000).id for _ in range(6)]
     outcomes: list[object] = []
     for trial in range(5):
@@ -898,7 +898,7 @@ def test_a_sweep_skips_a_holder_row_another_transaction_locks(postgres: Postgres
     url = postgres.database()
     catalog = Catalog(url)
     link = catalog.add("ten.txt", max_downloads=1000).id
-    postgres.sql("INSERT INTO holders (link, holder, claimed) SELECT 'gone', 'h' || g, 1 FROM generate_series(1, 10) g", url.split("/")[-1].split("?")[0])
+    postgres.sql("INSERT INTO holders (link, holder, claimed) SELECT 'gone', 'h' || g, 1 FROM generate_series(1, 10) g", Postgres.dbname(url))
     with psycopg.connect(url) as other:
         other.execute("SELECT * FROM holders WHERE holder = 'h1' FOR UPDATE")
         began = time.monotonic()
@@ -928,7 +928,7 @@ def test_an_unlimited_link_records_no_holder(db: str) -> None:
 async def test_healthz_is_503_on_a_read_only_postgresql(root: Path, postgres: Postgres) -> None:
     url = postgres.database()
     Catalog(url)
-    postgres.sql(f"ALTER DATABASE {url.split('/')[-1].split('?')[0]} SET default_transaction_read_only = on")
+    postgres.sql(f"ALTER DATABASE {Postgres.dbname(url)} SET default_transaction_read_only = on")
     async with asgi_client(create_app(root, catalog=url)) as c:
         health = await c.get("/healthz")
     assert (health.status_code, health.json()) == (503, {"status": "unavailable", "detail": "the link catalog can't be read and written"})
@@ -953,7 +953,7 @@ async def test_a_row_lock_held_elsewhere_is_503_within_the_timeout_and_never_cou
 
 def test_a_role_without_ddl_rights_serves_and_one_that_cant_write_fails_in_one_line(root: Path, postgres: Postgres) -> None:
     url = postgres.database()
-    name = url.split("/")[-1].split("?")[0]
+    name = Postgres.dbname(url)
     link = Catalog(url).add("ten.txt", max_downloads=2)
     for role, rights in ((f"{name}_rw", "SELECT, INSERT, UPDATE, DELETE"), (f"{name}_ro", "SELECT")):
         postgres.sql(f"CREATE ROLE {role} LOGIN", name)  # roles belong to the server: named after the database
@@ -1025,8 +1025,8 @@ def test_a_catalog_from_before_schema_versions_is_migrated_keeping_its_links(tmp
 def test_a_catalog_from_a_newer_downloader_is_refused_in_one_line(root: Path, db: str, request: pytest.FixtureRequest) -> None:
     Catalog(db)
     if db.startswith("postgresql"):
-        request.getfixturevalue("postgres").sql("UPDATE downloader_schema SET version = 99", db.split("/")[-1].split("?")[0])
-        where = f"PostgreSQL database {db.split('/')[-1].split('?')[0]!r}"
+        request.getfixturevalue("postgres").sql("UPDATE downloader_schema SET version = 99", Postgres.dbname(db))
+        where = f"PostgreSQL database {Postgres.dbname(db)!r}"
     else:
         with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as newer:
             newer.execute("PRAGMA user_version = 99")
@@ -1054,7 +1054,7 @@ def test_replicas_starting_together_create_the_schema_once(postgres: Postgres) -
         worker.start()
     for worker in workers:
         worker.join(30)
-    name = url.split("/")[-1].split("?")[0]
+    name = Postgres.dbname(url)
     assert errors == []
     assert postgres.sql("SELECT version FROM downloader_schema", name) == str(len(Catalog.SCHEMA))
 
