@@ -2305,7 +2305,7 @@ class DownloadResponse(Download):
             if self.authorize is not None:
                 await self.authorize(info)
             if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
-                if not await anyio.to_thread.run_sync(self.gate):
+                if not await pass_gate(self.gate, started=False):  # (the catalog's gate is async)
                     raise HTTPError(410, LINK_GONE["used-up"])
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)

@@ -628,3 +628,16 @@ def test_offload_answers_with_x_accel_redirect_and_no_body(procs: Processes, roo
     assert got.body == b""
     via_link = fetch(server.port, "/download/link-in")  # the app resolves the link: nginx needs none
     assert (via_link.headers["X-Accel-Redirect"], via_link.body) == ("/_downloader_files/ten.txt", b"")
+
+
+@pytest.mark.anyio
+async def test_offload_counts_a_catalog_download_when_it_reaches_the_last_byte(root: Path, tmp_path: Path) -> None:
+    """nginx can't say whether a transfer completed, so the count is taken when a GET's range reaches the last
+    byte; ranges short of it and HEAD are not counted. (The gate is async since the catalog's calls have a
+    deadline: run in a thread unawaited, it counted nothing and every download was let through.)"""
+    app = downloader.create_app(root, offload="x-accel-redirect", catalog=str(tmp_path / "c.db"), admin_token="t")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        link = (await client.post("/api/links", json={"path": "ten.txt", "max_downloads": 1}, headers={"Authorization": "Bearer t"})).json()
+        for got in (await client.get(link["url"], headers={"Range": "bytes=0-4"}), await client.head(link["url"]), await client.get(link["url"])):
+            assert (got.status_code, got.headers["x-accel-redirect"]) == (200, "/_downloader_files/ten.txt")
+        assert (await client.get(link["url"])).status_code == 410
