@@ -14,13 +14,14 @@ The module reads top to bottom; a section uses only the sections above it
 | 3 | Path resolution          | URL path -> an open, checked regular file under the root    |
 | 4 | HTTP semantics           | RFC 9110 ranges, preconditions and header values; pure      |
 | 5 | Streaming                | bytes of an fd onto ASGI `send`: pace, stalls, disconnects  |
-| 6 | Signed links and catalog | HMAC links; the catalog of opaque IDs (SQLite, PostgreSQL)  |
-| 7 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
-| 8 | App and routes           | create_app, the routes, the ops middleware                  |
-| 9 | Server protocol          | uvicorn's HTTP/1.1 plus zerocopysend, bounded request heads |
-| 10 | CLI                     | argv -> environment -> uvicorn; subcommands; the lazy `app` |
+| 6 | Object storage           | an s3:// root: keys, HEAD, If-Match GETs, listing, presigning |
+| 7 | Signed links and catalog | HMAC links; the catalog of opaque IDs (SQLite, PostgreSQL)  |
+| 8 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
+| 9 | App and routes           | create_app, the routes, the ops middleware                  |
+| 10 | Server protocol         | uvicorn's HTTP/1.1 plus zerocopysend, bounded request heads |
+| 11 | CLI                     | argv -> environment -> uvicorn; subcommands; the lazy `app` |
 
-Sections 1-6 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
+Sections 1-7 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
 the small types defined here, so their tests need no HTTP.
 """
 
@@ -91,7 +92,7 @@ __all__ = [
 # 1. Limits and errors
 # =============================================================================
 # Every limit the service enforces has a name here and a row in the README. HTTPError is
-# the only exception whose outcome a client sees; error_response (section 7) makes it JSON.
+# the only exception whose outcome a client sees; error_response (section 8) makes it JSON.
 
 CHUNK_SIZE = 256 * 1024
 """The disk read and body message of the portable path (setting: chunk_size), with zero-copy also a
@@ -167,6 +168,18 @@ LINK_HOLD_S = 120.0
 """After a catalog link's last download is counted, the client it went to (same address and User-Agent) may
 still fetch ranges of it for this long, up to one file's worth of bytes in all: a download manager's other
 segments and retries. Counted from the count, never renewed."""
+S3_TIMEOUT_S = 10.0
+"""An object store that takes longer than this to answer a HEAD, a listing or a GET's first bytes, or to send a
+body's next chunk, has timed out: 504 before the head is sent, after it the read is asked again (S3_RETRIES)."""
+S3_CONNECT_TIMEOUT_S = 3.0  # connecting to the object store (its part of S3_TIMEOUT_S)
+S3_WINDOW = 8 * 1024 * 1024
+"""A proxied object is read in ranged GETs of this many bytes, each with If-Match on the announced ETag: an object
+replaced mid-download is seen within a window, and a slow client holds no GET open for long."""
+S3_RETRIES = 2  # a window whose GET fails mid-body is asked again from where it stopped this many times, then aborted
+S3_URL_TTL_S = 300
+"""Redirect mode: a presigned URL works this long (setting: s3_url_ttl). Each request through us gets a fresh one; a
+download that started goes on past it, but a client resuming from the presigned URL itself must come back to us."""
+MAX_S3_URL_TTL_S = 7 * 86400  # SigV4's longest presigned URL
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)  # of downloader_download_seconds
 
 
@@ -206,7 +219,7 @@ def not_found() -> HTTPError:
 ENV_PREFIX = "DOWNLOADER_"
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "downloads")
 
-# DOWNLOADER_* variables read by the command line (section 9), not by create_app:
+# DOWNLOADER_* variables read by the command line (section 11), not by create_app:
 SERVER_VARIABLES = ("HOST", "PORT", "WORKERS", "GRACE", "PROXY_HEADERS", "FORWARDED_ALLOW_IPS")
 
 
@@ -223,7 +236,7 @@ class SettingsError(ValueError):
 class Settings:
     """What one app serves and how. Field names are create_app's keyword arguments."""
 
-    root: str = DEFAULT_ROOT
+    root: str = DEFAULT_ROOT  # a real directory path, or s3://bucket/prefix (section 6)
     chunk_size: int = CHUNK_SIZE
     cache_control: str = DEFAULT_CACHE_CONTROL
     serve_hidden: bool = False
@@ -241,10 +254,16 @@ class Settings:
     metrics: bool = True  # GET /metrics in Prometheus format
     offload: str | None = None  # "x-accel-redirect": nginx sends the bytes
     offload_prefix: str = "/_downloader_files/"  # nginx's internal location for the root
+    s3_mode: str = "proxy"  # a bucket root: "proxy" streams objects through us, "redirect" answers 302 to a presigned URL
+    s3_url_ttl: int = S3_URL_TTL_S  # redirect mode: seconds a presigned URL works
 
     @property
     def listing_on(self) -> bool:
         return self.listing if self.listing is not None else not self.secret
+
+    @property
+    def is_bucket(self) -> bool:
+        return is_bucket_url(self.root)
 
 
 def _parse_bool(text: str) -> bool:
@@ -285,9 +304,29 @@ def _parse_keys(text: str) -> tuple[str, ...]:
     return keys
 
 
+def is_bucket_url(text: str) -> bool:
+    return text.startswith("s3://")
+
+
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's rules for bucket names, in short
+
+
+def _check_bucket_url(text: str) -> str:
+    """s3://bucket[/prefix], the prefix without slashes at its ends and with no segment a URL can't name."""
+    bucket, _, prefix = text[len("s3://"):].partition("/")
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise ValueError(f"{text!r} does not start with a bucket name (s3://bucket/prefix)")
+    prefix = prefix.strip("/")
+    if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
+        raise ValueError(f"{text!r} has an empty, . or .. segment in its prefix")
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+
 def _check_root(value: object) -> str:
+    if isinstance(value, str) and is_bucket_url(value.strip()):
+        return _check_bucket_url(value.strip())  # reached when the app is built (open_bucket)
     if not isinstance(value, (str, os.PathLike)) or not os.fspath(value).strip():
-        raise ValueError("must be a directory path")  # "" would mean the current directory
+        raise ValueError("must be a directory path, or s3://bucket/prefix")  # "" would mean the current directory
     real = os.path.realpath(os.fspath(value))
     if not os.path.isdir(real):
         raise ValueError(f"{os.fspath(value)!r} is not a directory")
@@ -389,6 +428,12 @@ def _check_offload(value: object) -> str:
     return str(value)
 
 
+def _check_s3_mode(value: object) -> str:
+    if value not in ("proxy", "redirect"):
+        raise ValueError("must be proxy or redirect")
+    return str(value)
+
+
 def _check_offload_prefix(value: object) -> str:
     text = _check_text(value)
     if not text.startswith("/") or not text.endswith("/") or "//" in text:
@@ -416,6 +461,8 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "metrics": (_parse_bool, _check_bool),
     "offload": (str, _check_offload),
     "offload_prefix": (str, _check_offload_prefix),
+    "s3_mode": (str, _check_s3_mode),
+    "s3_url_ttl": (_parse_int, _check_int(1, MAX_S3_URL_TTL_S, "seconds")),
 }
 
 
@@ -436,7 +483,26 @@ def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] =
             checked["root"] = _check_root(DEFAULT_ROOT)
         except ValueError:  # downloader.py copied alone: no sample files beside it
             raise SettingsError(label("root"), f"not set, and the default {DEFAULT_ROOT!r} (the sample files) is not a directory") from None
-    return Settings(**checked)  # type: ignore[arg-type]
+    settings = Settings(**checked)  # type: ignore[arg-type]
+    defaults = Settings()
+    check_combination(settings, {name for name in checked if getattr(settings, name) != getattr(defaults, name)}, label)
+    return settings
+
+
+def check_combination(settings: Settings, given: set[str], label: Callable[[str], str]) -> None:
+    """Settings that each pass but make no sense together (`given`: those set to other than their default): an
+    error rather than a setting silently ignored."""
+    if not settings.is_bucket:
+        for name in ("s3_mode", "s3_url_ttl"):
+            if name in given:
+                raise SettingsError(label(name), "applies only to a bucket root (root s3://bucket/prefix)")
+        return
+    if settings.offload:
+        raise SettingsError(label("offload"), "nginx sends files from disk: a bucket root can't be offloaded (s3_mode=redirect hands bytes to the store)")
+    if settings.s3_mode == "redirect" and settings.rate_limit:
+        raise SettingsError(label("rate_limit"), "can't apply in s3_mode=redirect: the object store sends the bytes")
+    if "s3_url_ttl" in given and settings.s3_mode != "redirect":
+        raise SettingsError(label("s3_url_ttl"), "applies only with s3_mode=redirect")
 
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
@@ -478,7 +544,8 @@ class FileInfo:
     size: int
     mtime_ns: int
     name: str  # the last segment of the path asked for: a link's own name, not its target's
-    path: str  # the real path opened
+    path: str  # the real path opened; an object's path below the bucket's prefix
+    etag: str | None = None  # the validator where the store has one (an object's ETag); else make_etag's
 
 
 class OpenFile(NamedTuple):
@@ -674,6 +741,7 @@ class ListedFile(NamedTuple):
     path: str  # relative to the root, "/"-separated
     size: int
     mtime: float
+    etag: str | None = None  # an object's (section 6)
 
 
 DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
@@ -1034,6 +1102,9 @@ def evaluate_preconditions(method: str, headers: Mapping[str, str], etag: str, m
     return None
 
 
+STRONG_ETAG = re.compile(r'"[\x21\x23-\x7e\x80-\xff]*"')  # RFC 9110 §8.8.3: entity-tag without W/
+
+
 def make_etag(size: int, mtime_ns: int) -> str:
     """A strong ETag of the size and nanosecond mtime; no inode, so replicas of a file agree on it."""
     return f'"{mtime_ns:x}-{size:x}"'
@@ -1184,13 +1255,13 @@ def plan_response(
 ) -> Plan:
     """The whole answer to a GET or HEAD of a file, decided in RFC 9110 order:
 
-    1. validators: a strong ETag and Last-Modified (never later than now) from the one fstat;
+    1. validators: a strong ETag and Last-Modified (never later than now) from the one fstat (or HEAD);
     2. preconditions (§13.2.2): 412 raises, 304 returns with the §15.4.5 headers;
     3. Range (§14.2), for GET and HEAD alike, unless If-Range says the file changed:
        416 raises, None or no Range is the whole file (200);
     4. one range: 206 with Content-Range; several: 206 multipart/byteranges.
     HEAD gets exactly the GET's headers; the caller leaves out the body."""
-    etag = make_etag(info.size, info.mtime_ns)
+    etag = info.etag or make_etag(info.size, info.mtime_ns)
     modified = info.mtime_ns / 1e9
     # RFC 9110 §8.8.2.1: Last-Modified is never later than the response's Date. uvicorn
     # refreshes its Date once a second, so the Date may trail our clock by up to a second.
@@ -1230,7 +1301,7 @@ def plan_response(
 # One send loop for every body: the head, then each piece of the plan (a body of one chunk
 # goes out with its head, in send_small); every send is awaited (that is the backpressure:
 # no queue, no read-ahead). File ranges go two ways. A server that offers ASGI's
-# http.response.zerocopysend (ours, section 9) is handed the checked descriptor, and the
+# http.response.zerocopysend (ours, section 10) is handed the checked descriptor, and the
 # kernel copies file to socket. Any other server gets FileChunks: CHUNK_SIZE reads, one at a
 # time (from the page cache in the event loop, else in a worker thread), and a sibling task
 # listens for http.disconnect (ASGI 2.3). An OSError from send (ASGI 2.4) is a client gone,
@@ -1584,7 +1655,7 @@ async def send_body(
                 group.cancel_scope.cancel()
     finally:
         for piece in pieces:
-            if isinstance(piece, ByteStream):
+            if isinstance(piece, AsyncIterable) and hasattr(piece, "aclose"):  # ByteStream, ObjectChunks
                 await piece.aclose()
     if failure is not None:
         raise failure
@@ -1635,7 +1706,306 @@ async def stop_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None
 
 
 # =============================================================================
-# 6. Signed links and catalog
+# 6. Object storage
+# =============================================================================
+# A root of s3://bucket/prefix serves a bucket's objects. A URL path names a key by section 3's rules
+# (split_url_path: no "..", no empty segment; hidden segments only with serve_hidden), always below the
+# prefix. obstore (Rust, async) makes the requests. Section 4 plans the answer from the object's HEAD as
+# from an fstat; ObjectChunks reads each range in S3_WINDOW GETs, every one with If-Match on the ETag
+# the response announced (S3-compatible servers ignore If-Range), so no download is spliced from two
+# versions, and an object replaced mid-download aborts it. presign_get writes SigV4 query-signed URLs
+# itself: obstore's signer can't add the response-content-disposition and -type overrides.
+
+
+class ObjectChanged(TransferAborted):
+    """The object no longer has the ETag the response announced (If-Match failed), or is gone."""
+
+
+def store_error_to_http(exc: BaseException) -> HTTPError:
+    """An object store failure as the client's answer: 404 for a missing key, 504 for one that took too long
+    (S3_TIMEOUT_S), 502 for anything else (refused, unreachable, credentials); never the store's text."""
+    if is_missing_object(exc):
+        return not_found()
+    if isinstance(exc, TimeoutError):
+        return HTTPError(504, "The object store timed out")
+    return HTTPError(502, "The object store failed")
+
+
+def is_missing_object(exc: BaseException) -> bool:
+    """obstore reports a missing key as FileNotFoundError (its requests) or its own NotFoundError."""
+    from obstore.exceptions import NotFoundError
+
+    return isinstance(exc, (FileNotFoundError, NotFoundError))
+
+
+def servable_key(path: str, serve_hidden: bool) -> bool:
+    """Would /download serve the object at `path` (below the prefix)? Keys no URL names (`a//b`, `./x`, a folder
+    marker `x/`) and hidden ones are never listed: listed if and only if served, as for files."""
+    try:
+        segments = split_url_path(path)
+    except HTTPError:
+        return False
+    return serve_hidden or not is_hidden(segments)
+
+
+def uri_encode(text: str, safe: str = "") -> str:
+    """SigV4's UriEncode: every byte but A-Z a-z 0-9 - _ . ~ (and `safe`) percent-encoded."""
+    return urllib.parse.quote(text, safe="-_.~" + safe)
+
+
+def presign_get(
+    endpoint: str, bucket: str, key: str, *, access_key: str, secret_key: str, region: str, expires_in: int, now: float,
+    session_token: str | None = None, overrides: Mapping[str, str] | None = None,
+) -> str:
+    """A presigned GET URL (AWS Signature Version 4, query string) that works for `expires_in` seconds from `now`:
+    path-style, endpoint/bucket/key, as obstore addresses the bucket (`bucket` "" for an endpoint that names it).
+    `overrides` are signed query parameters such as response-content-disposition, which S3 sends back as that header."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    scope = f"{stamp[:8]}/{region}/s3/aws4_request"
+    parts = urllib.parse.urlsplit(endpoint)
+    path = parts.path.rstrip("/") + (f"/{uri_encode(bucket)}" if bucket else "") + "/" + uri_encode(key, safe="/")
+    params = {
+        "X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{access_key}/{scope}", "X-Amz-Date": stamp,
+        "X-Amz-Expires": str(expires_in), "X-Amz-SignedHeaders": "host", **dict(overrides or {}),
+    }
+    if session_token:
+        params["X-Amz-Security-Token"] = session_token
+    query = "&".join(f"{name}={value}" for name, value in sorted((uri_encode(k), uri_encode(v)) for k, v in params.items()))
+    canonical = "\n".join(("GET", path, query, f"host:{parts.netloc}\n", "host", "UNSIGNED-PAYLOAD"))
+    to_sign = "\n".join(("AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()))
+    key_bytes = ("AWS4" + secret_key).encode()
+    for part in (stamp[:8], region, "s3", "aws4_request"):
+        key_bytes = hmac.new(key_bytes, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key_bytes, to_sign.encode(), hashlib.sha256).hexdigest()
+    return f"{parts.scheme}://{parts.netloc}{path}?{query}&X-Amz-Signature={signature}"
+
+
+class BucketError(Exception):
+    """A bucket that can't be used: str() is one line for start-up errors and /healthz."""
+
+
+class Bucket:
+    """The objects under s3://bucket/prefix, through obstore. Endpoint, region and credentials come from the
+    standard AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN); without keys obstore looks further (instance roles), and only redirect mode, which
+    signs URLs itself, needs them. obstore's retries are off: a failure is answered, or retried by ObjectChunks
+    from where it stopped. `on_error(kind)` counts upstream failures ("failed", "timeout", "changed")."""
+
+    def __init__(self, url: str, environ: Mapping[str, str], on_error: Callable[[str], None] | None = None) -> None:
+        from obstore.store import S3Store
+
+        self.url = url
+        self.name, _, self.prefix = url[len("s3://"):].partition("/")
+        self.endpoint = (environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or "").rstrip("/")
+        self.region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        if not self.endpoint:
+            self.endpoint = f"https://s3.{self.region}.amazonaws.com"
+        self.access_key = environ.get("AWS_ACCESS_KEY_ID")
+        self.secret_key = environ.get("AWS_SECRET_ACCESS_KEY")
+        self.session_token = environ.get("AWS_SESSION_TOKEN")
+        self.on_error = on_error or (lambda kind: None)
+        config: dict[str, object] = {"endpoint": self.endpoint, "region": self.region}
+        if self.access_key and self.secret_key:
+            config.update(access_key_id=self.access_key, secret_access_key=self.secret_key)
+            if self.session_token:
+                config["token"] = self.session_token
+        client = {"allow_http": self.endpoint.startswith("http://"), "connect_timeout": f"{S3_CONNECT_TIMEOUT_S:g}s"}
+        no_retries = {"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=S3_TIMEOUT_S),
+                      "backoff": {"init_backoff": datetime.timedelta(milliseconds=100), "max_backoff": datetime.timedelta(seconds=1), "base": 2.0}}
+        try:
+            # Metadata and listings get S3_TIMEOUT_S in all; a body's GET none (a slow client reads a window for
+            # long), but its every chunk has S3_TIMEOUT_S in ObjectChunks.
+            self.meta = S3Store(self.name, prefix=self.prefix or None, config=config, retry_config=no_retries,
+                                client_options={**client, "timeout": f"{S3_TIMEOUT_S:g}s"})
+            self.bodies = S3Store(self.name, prefix=self.prefix or None, config=config, retry_config=no_retries,
+                                  client_options={**client, "timeout": "1d"})
+        except Exception as exc:  # obstore's configuration errors
+            raise BucketError(f"can't set up the S3 client ({type(exc).__name__})") from None
+
+    def check(self) -> None:
+        """Lists one key (blocking): BucketError saying why the bucket can't be read."""
+        import obstore
+
+        try:
+            next(iter(obstore.list(self.meta, chunk_size=1)), None)
+        except Exception as exc:
+            raise BucketError(bucket_problem(exc)) from None
+
+    async def check_async(self) -> str | None:
+        """The problem /healthz reports, or None."""
+        import obstore
+
+        try:
+            with anyio.fail_after(S3_TIMEOUT_S):
+                await anext(aiter(obstore.list(self.meta, chunk_size=1)), None)
+        except Exception as exc:
+            return f"the bucket can't be read: {bucket_problem(exc)}"
+        return None
+
+    def failed(self, exc: BaseException) -> HTTPError:
+        answer = store_error_to_http(exc)
+        if answer.status != 404:
+            self.on_error("timeout" if answer.status == 504 else "failed")
+        return answer
+
+    async def head(self, path: str, *, serve_hidden: bool) -> FileInfo:
+        """The FileInfo of the object `path` names (its ETag as the validator); HTTPError 404, 502 or 504."""
+        import obstore
+
+        segments = split_url_path(path)
+        if not serve_hidden and is_hidden(segments):
+            raise not_found()
+        try:
+            with anyio.fail_after(S3_TIMEOUT_S):
+                meta = await obstore.head_async(self.meta, path)
+        except Exception as exc:
+            raise self.failed(exc) from None
+        etag = meta.get("e_tag") or ""
+        if not STRONG_ETAG.fullmatch(etag):  # (S3's are quoted hex digests; a store without ETags gets ours)
+            etag = make_etag(meta["size"], int(meta["last_modified"].timestamp()) * 10**9)
+        mtime_ns = int(meta["last_modified"].timestamp()) * 10**9
+        return FileInfo(meta["size"], mtime_ns, segments[-1], path, etag=etag)
+
+    async def open_window(self, path: str, etag: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """A GET of bytes start..stop-1 with If-Match: `etag`, its body as chunks of about `chunk_size`. ObjectChanged
+        when the object has another ETag or is gone; HTTPError 502/504 when the store fails."""
+        import obstore
+        from obstore.exceptions import PreconditionError
+
+        try:
+            with anyio.fail_after(S3_TIMEOUT_S):
+                result = await obstore.get_async(self.bodies, path, options={"range": (start, stop), "if_match": etag})
+        except Exception as exc:
+            if not isinstance(exc, PreconditionError) and not is_missing_object(exc):
+                raise self.failed(exc) from None
+            self.on_error("changed")
+            raise ObjectChanged("the object changed while being sent") from None
+        return result.stream(min_chunk_size=chunk_size)  # type: ignore[no-any-return]
+
+    async def list_after(self, after: str, *, folder: str = "", serve_hidden: bool) -> AsyncIterator[ListedFile]:
+        """The objects /download serves (below `folder`, after the path `after`), in path order: S3 lists keys in
+        UTF-8 byte order, which is code point order, as walk_files's. HTTPError 502/504 when the store fails."""
+        import obstore
+
+        prefix = folder + "/" if folder else None
+        offset = max(after, prefix or "")
+        stream = obstore.list(self.meta, prefix=prefix, offset=offset or None, chunk_size=MAX_LIST_LIMIT)
+        while True:
+            try:
+                with anyio.fail_after(S3_TIMEOUT_S):
+                    batch = await anext(aiter(stream), None)
+            except Exception as exc:
+                raise self.failed(exc) from None
+            if batch is None:
+                return
+            for meta in batch:
+                if meta["path"] > after and servable_key(meta["path"], serve_hidden):
+                    yield ListedFile(meta["path"], meta["size"], meta["last_modified"].timestamp(), meta.get("e_tag"))
+
+    def presign(self, path: str, expires_in: int, overrides: Mapping[str, str]) -> str:
+        if not (self.access_key and self.secret_key):
+            raise HTTPError(502, "The object store's URLs can't be signed: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set")
+        key = f"{self.prefix}/{path}" if self.prefix else path
+        return presign_get(
+            self.endpoint, self.name, key, access_key=self.access_key, secret_key=self.secret_key, region=self.region,
+            expires_in=expires_in, now=time.time(), session_token=self.session_token, overrides=overrides,
+        )
+
+
+def bucket_problem(exc: BaseException) -> str:
+    """One line on why a bucket can't be listed: obstore's messages run to many lines of debug output, and may
+    quote the store's XML."""
+    if isinstance(exc, TimeoutError):
+        return f"the object store did not answer within {S3_TIMEOUT_S:g} s"
+    status = re.search(r"status code: (\d{3})", str(exc))
+    code = int(status.group(1)) if status else None
+    if code == 404 or is_missing_object(exc):
+        return "no such bucket"
+    if code in (401, 403) or type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "access denied (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    if code is not None:
+        return f"the object store answered {code}"
+    if re.search(r"connect|dns|resolve", str(exc), re.IGNORECASE):
+        return "the object store can't be reached (AWS_ENDPOINT_URL)"
+    return f"the object store failed ({type(exc).__name__})"
+
+
+class ObjectChunks:
+    """Async iterator over the bytes `span` of one version of an object (its ETag), about `chunk_size` at a
+    time, in S3_WINDOW GETs (Bucket.open_window, If-Match). A GET that fails or stalls (S3_TIMEOUT_S) mid-body
+    is asked again from where it stopped, S3_RETRIES times; then, or when the object changed, TransferAborted.
+    close() drops the GET in flight, which closes its connection: a client gone stops the upstream read."""
+
+    def __init__(self, bucket: Bucket, path: str, etag: str, span: ByteRange, chunk_size: int = CHUNK_SIZE) -> None:
+        self.bucket, self.path, self.etag, self.chunk_size = bucket, path, etag, chunk_size
+        self._pos, self._stop, self._window_stop = span.start, span.stop, span.start
+        self._body: AsyncIterator[bytes] | None = None
+        self._failures = 0
+
+    @property
+    def done(self) -> bool:
+        return self._pos >= self._stop
+
+    async def open(self) -> None:
+        """Starts the first window's GET: the caller can still answer its failure (HTTPError, ObjectChanged)."""
+        if self._body is None and not self.done:
+            self._window_stop = min(self._pos + S3_WINDOW, self._stop)
+            self._body = await self.bucket.open_window(self.path, self.etag, self._pos, self._window_stop, self.chunk_size)
+
+    def __aiter__(self) -> ObjectChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self.done:
+            try:
+                await self.open()
+                assert self._body is not None
+                with anyio.fail_after(S3_TIMEOUT_S):
+                    data = await anext(self._body, None)
+                if data is None and self._pos < self._window_stop:
+                    raise OSError("the object store's body ended early")
+            except ObjectChanged:
+                self.close()
+                raise
+            except Exception as exc:  # the store failed (HTTPError: counted by Bucket.failed) or its body broke off
+                self.close()
+                if not isinstance(exc, HTTPError):
+                    self.bucket.on_error("timeout" if isinstance(exc, TimeoutError) else "failed")
+                self._failures += 1
+                if self._failures > S3_RETRIES:
+                    raise TransferAborted("the object store failed mid-transfer") from None
+                continue
+            if data is None:  # the window is done: the next starts at the next call
+                self._body = None
+                continue
+            if len(data) > self._window_stop - self._pos:
+                self.close()
+                raise TransferAborted("the object store sent more than was asked")
+            self._pos += len(data)
+            self._failures = 0
+            return bytes(data)
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        self._body = None  # obstore's stream, dropped: the request is cancelled and its connection closed
+
+    async def aclose(self) -> None:
+        self.close()
+
+
+def object_entry(bucket: Bucket, path: str, etag: str, size: int, chunk_size: int) -> Iterator[bytes]:
+    """One ZIP entry's bytes, read in the worker thread that builds the archive (ByteStream) from ObjectChunks
+    on the event loop: a changed object aborts the archive as a changed file does."""
+    chunks = ObjectChunks(bucket, path, etag, ByteRange(0, size), chunk_size)
+    try:
+        while (data := anyio.from_thread.run(anext, chunks, None)) is not None:
+            yield data
+    finally:
+        chunks.close()
+
+
+# =============================================================================
+# 7. Signed links and catalog
 # =============================================================================
 # Two ways to hand out a protected file: stateless signed links, an HMAC-SHA256 of the exact path and
 # expiry that any replica with the secret verifies (like S3 presigned URLs); and opaque IDs in a catalog
@@ -2107,7 +2477,7 @@ def check_link(link: Link | None, now: float) -> Link:
 
 
 # =============================================================================
-# 7. Responses
+# 8. Responses
 # =============================================================================
 # The ASGI objects a host app can return too: DownloadResponse (a file, by sections 4 and 5),
 # GeneratedDownload (stream_download, /zip) and error_response (the one HTTPError -> JSON).
@@ -2246,12 +2616,7 @@ class DownloadResponse(Download):
         try:
             opened = await self.open()
         except HTTPError as exc:
-            if exc.status == 404 and self.authorize is not None:
-                try:  # a client the hook refuses gets that refusal for a missing file too: no probing
-                    await self.authorize(None)
-                except HTTPError as refusal:
-                    exc = refusal
-            await self.send_error(exc, scope, receive, send)
+            await self.send_missing(exc, scope, receive, send)
             return
         if self.offload_prefix is not None:
             os.close(opened.fd)  # the front proxy opens the file itself
@@ -2267,33 +2632,54 @@ class DownloadResponse(Download):
             return opened
         return await anyio.to_thread.run_sync(self.open_under_root)
 
+    async def send_missing(self, exc: HTTPError, scope: Scope, receive: Receive, send: Send) -> None:
+        """The error of a file that can't be had; a client the hook refuses gets that refusal for a missing file
+        too (authorize(None)): no probing for which files exist."""
+        if exc.status == 404 and self.authorize is not None:
+            try:
+                await self.authorize(None)
+            except HTTPError as refusal:
+                exc = refusal
+        await self.send_error(exc, scope, receive, send)
+
     def open_under_root(self) -> OpenFile:
         assert self.root is not None
         root = self.root if self.root_is_real else os.path.realpath(self.root)
         return open_under_root(root, self.path, serve_hidden=self.serve_hidden)
 
     async def send_file(self, scope: Scope, receive: Receive, send: Send, opened: OpenFile) -> None:
-        """Plans the answer (section 4) and streams it (section 5); closes `opened.fd`."""
+        """send_planned from the open file; closes `opened.fd`."""
+        try:
+            await self.send_planned(scope, receive, send, opened.info, fd=opened.fd, zerocopy=offers_zerocopy(scope))
+        finally:
+            os.close(opened.fd)
+
+    async def send_planned(
+        self, scope: Scope, receive: Receive, send: Send, info: FileInfo, *, fd: int = -1, zerocopy: bool = False,
+        reader: Callable[[ByteRange], Awaitable[Piece]] | None = None,
+    ) -> None:
+        """Plans the answer (section 4) and streams it (section 5): the file's ranges from `fd`, or each made a
+        piece by `reader` (an object's ranges: ObjectChunks) before the head is sent."""
         try:
             if self.authorize is not None:
-                await self.authorize(opened.info)
-            plan = self.plan(scope, opened.info)
-            pieces: Sequence[bytes | ByteRange | Gate] = () if scope["method"] == "HEAD" else plan.pieces
+                await self.authorize(info)
+            plan = self.plan(scope, info)
+            pieces: Sequence[Piece] = () if scope["method"] == "HEAD" else plan.pieces
             if self.gate is not None and pieces:
                 # A body that goes out in one message is counted before its head: a refusal is still a 410.
-                held = hold_last_byte(plan.pieces, opened.info.size, self.gate)
-                small = sum(p.length if isinstance(p, ByteRange) else len(p) for p in pieces) <= self.chunk_size
-                pieces = [self.gate, *pieces] if small and self.gate in held else held
+                held = hold_last_byte(plan.pieces, info.size, self.gate)
+                small = sum(p.length if isinstance(p, ByteRange) else len(p) for p in plan.pieces) <= self.chunk_size
+                pieces = [self.gate, *plan.pieces] if small and self.gate in held else held
+            if reader is not None:
+                pieces = [await reader(p) if isinstance(p, ByteRange) else p for p in pieces]
             await send_body(
-                send, receive, self.start(plan.status, plan.headers), pieces, fd=opened.fd, zerocopy=offers_zerocopy(scope),
+                send, receive, self.start(plan.status, plan.headers), pieces, fd=fd, zerocopy=zerocopy,
                 chunk_size=self.chunk_size, rate_limit=self.rate_limit, stall_timeout_s=self.stall_timeout_s, client=ClientSocket(scope),
             )
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
         except TransferRefused:  # a catalog link used up by a racing download meanwhile
             await self.send_error(HTTPError(410, LINK_GONE["used-up"]), scope, receive, send)
-        finally:
-            os.close(opened.fd)
 
     async def send_offloaded(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
         """Hands the bytes to nginx (X-Accel-Redirect), which adds validators, ranges and conditional requests;
@@ -2302,11 +2688,7 @@ class DownloadResponse(Download):
         assert self.root is not None and self.offload_prefix is not None
         requested = request_headers(scope)
         try:
-            if self.authorize is not None:
-                await self.authorize(info)
-            if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
-                if not await pass_gate(self.gate, started=False):  # (the catalog's gate is async)
-                    raise HTTPError(410, LINK_GONE["used-up"])
+            await self.check_handed_over(scope, requested, info)
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
             return
@@ -2322,6 +2704,15 @@ class DownloadResponse(Download):
         await send(self.start(200, headers))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def check_handed_over(self, scope: Scope, requested: Mapping[str, str], info: FileInfo) -> None:
+        """Before the bytes are handed to another server (offload, a presigned URL), which can't tell us whether a
+        transfer completed: authorize, and a catalog link counts a download when a GET reaches the last byte."""
+        if self.authorize is not None:
+            await self.authorize(info)
+        if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
+            if not await pass_gate(self.gate, started=False):
+                raise HTTPError(410, LINK_GONE["used-up"])
+
     def plan(self, scope: Scope, info: FileInfo) -> Plan:
         name = self.filename or info.name
         requested = request_headers(scope)
@@ -2330,6 +2721,72 @@ class DownloadResponse(Download):
             disposition=disposition_for(name, self.disposition, requested), cache_control=self.cache_control,
             now=time.time(), boundary=secrets.token_hex(16),
         )
+
+
+class ObjectResponse(DownloadResponse):
+    """DownloadResponse's answer for an object of a bucket (section 6): its metadata from a HEAD, its ranges read
+    by ObjectChunks, opened before the head is sent so that a failure is still a JSON error. The object replaced
+    between the HEAD and the first GET: planned again, once. With `redirect_ttl`, a GET that passes every check
+    (signature, catalog, authorize, preconditions) is a 302 to a presigned URL of the object that works that many
+    seconds, carrying our Content-Disposition and Content-Type; HEAD and answers without a body stay ours."""
+
+    def __init__(self, path: str, *, bucket: Bucket, redirect_ttl: int | None = None, **options: Any) -> None:
+        super().__init__(path, **options)
+        self.bucket = bucket
+        self.redirect_ttl = redirect_ttl
+
+    async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for _ in range(2):
+            try:
+                info = await self.bucket.head(self.path, serve_hidden=self.serve_hidden)
+            except HTTPError as exc:
+                await self.send_missing(exc, scope, receive, send)
+                return
+            try:
+                if self.redirect_ttl is not None and scope["method"] == "GET":
+                    await self.send_redirect(scope, receive, send, info)
+                else:
+                    await self.send_planned(scope, receive, send, info, reader=self.reader(info))
+                return
+            except ObjectChanged:
+                if self.sent_headers is not None:
+                    raise  # mid-body: the transfer is aborted
+                continue  # the first GET, before the head: the HEAD is out of date
+        await self.send_error(HTTPError(503, "The object is changing", headers={"Retry-After": "1"}), scope, receive, send)
+
+    def reader(self, info: FileInfo) -> Callable[[ByteRange], Awaitable[Piece]]:
+        """ObjectChunks for each range; the first one's GET started (the others start when the body reaches them)."""
+        opened = False
+
+        async def read(span: ByteRange) -> ObjectChunks:
+            nonlocal opened
+            chunks = ObjectChunks(self.bucket, info.path, info.etag or "", span, self.chunk_size)
+            if not opened:
+                await chunks.open()
+                opened = True
+            return chunks
+
+        return read
+
+    async def send_redirect(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
+        requested = request_headers(scope)
+        try:
+            plan = self.plan(scope, info)  # 304, 412 and 416 are answered here, without a round trip
+            if plan.status in (200, 206):
+                await self.check_handed_over(scope, requested, info)
+                name = self.filename or info.name
+                overrides = {
+                    "response-content-disposition": disposition_for(name, self.disposition, requested),
+                    "response-content-type": self.media_type or media_type_for(name, _MEDIA_TYPES),
+                    "response-cache-control": no_transform(self.cache_control),
+                }
+                location = self.bucket.presign(info.path, self.redirect_ttl or S3_URL_TTL_S, overrides)
+                plan = Plan(302, [("Location", location), ("Cache-Control", "private, no-store"), ("Content-Length", "0")], [])
+        except HTTPError as exc:
+            await self.send_error(exc, scope, receive, send)
+            return
+        await send(self.start(plan.status, plan.headers))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class GeneratedDownload(Download):
@@ -2434,23 +2891,23 @@ def coalesced(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
         getattr(source, "close", lambda: None)()  # the entry being read closes its file
 
 
-def folder_zip(settings: Settings, folder: str) -> GeneratedDownload:
-    """The folder (checked, "" for the root) as a ZIP of the files /download serves there, built while sent.
-    Entries are stored, so the size is known first (Content-Length); with zip_compression they are deflated
-    (chunked), except COMPRESSED_SUFFIXES. Blocking (it walks the folder)."""
+def folder_zip(settings: Settings, folder: str, files: Sequence[ListedFile], entry_bytes: Callable[[ListedFile], Iterable[bytes]]) -> GeneratedDownload:
+    """The folder (checked, "" for the root) as a ZIP of its `files` (those /download serves there, at most
+    MAX_ZIP_FILES), each read by `entry_bytes` when the stream reaches it, built while sent. Entries are stored,
+    so the size is known first (Content-Length); with zip_compression they are deflated (chunked), except
+    COMPRESSED_SUFFIXES."""
     import zipstream
 
-    files = list(itertools.islice(walk_files(settings.root, folder=folder, serve_hidden=settings.serve_hidden), MAX_ZIP_FILES + 1))
     if len(files) > MAX_ZIP_FILES:  # refused before any entry is made
         raise HTTPError(413, f"The folder holds more than {MAX_ZIP_FILES} files")
     compress = settings.zip_compression
     archive = zipstream.ZipStream(compress_type=zipstream.ZIP_DEFLATED if compress else zipstream.ZIP_STORED, sized=not compress)
     for f in files:
         stored = compress and os.path.splitext(f.path)[1].lower() in COMPRESSED_SUFFIXES
-        entry = _entry_bytes(settings.root, f.path, f.size, settings.serve_hidden, settings.chunk_size)
+        entry = entry_bytes(f)
         arcname = f.path[len(folder) + 1 :] if folder else f.path
         archive.add(entry, arcname, size=f.size, compress_type=zipstream.ZIP_STORED if stored else None)
-    name = (folder.rsplit("/", 1)[-1] if folder else os.path.basename(settings.root)) or "download"
+    name = (folder.rsplit("/", 1)[-1] if folder else settings.root.rstrip("/").rsplit("/", 1)[-1]) or "download"
     return GeneratedDownload(
         coalesced(archive, settings.chunk_size), filename=f"{name}.zip", media_type="application/zip", size=None if compress else len(archive),
         rate_limit=settings.rate_limit, stall_timeout_s=settings.stall_timeout,
@@ -2458,7 +2915,7 @@ def folder_zip(settings: Settings, folder: str) -> GeneratedDownload:
 
 
 # =============================================================================
-# 8. App and routes
+# 9. App and routes
 # =============================================================================
 # Endpoints are plain functions of a Request; what an app serves lives in one Service, found through
 # request.app (the innermost app, so mounted too). create_app only assembles. Every error a client
@@ -2523,14 +2980,6 @@ def readable_root(root: str) -> str:
     return root
 
 
-def list_page(root: str, *, after: str, limit: int, serve_hidden: bool) -> tuple[list[ListedFile], str | None]:
-    """One page of walk_files and the cursor of the next (None on the last page)."""
-    files = list(itertools.islice(walk_files(root, after=after, serve_hidden=serve_hidden), limit + 1))
-    if len(files) > limit:
-        return files[:limit], encode_cursor(files[limit - 1].path)
-    return files, None
-
-
 def page_html(blob_limit: int, zip_on: bool) -> bytes | None:
     """static/index.html with the blob limit and /zip switch in its meta tags; None without static/."""
     try:
@@ -2546,6 +2995,16 @@ def page_html(blob_limit: int, zip_on: bool) -> bytes | None:
 def json_response(content: object, status: int = 200) -> Response:
     body = json.dumps(content, ensure_ascii=False).encode("utf-8")
     return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def open_bucket(url: str, label: str, metrics: Metrics | None = None) -> Bucket:
+    """The bucket at `url`, checked by listing a key; SettingsError (named `label`) saying why it can't be read."""
+    bucket = Bucket(url, os.environ, on_error=None if metrics is None else metrics.upstream_error)
+    try:
+        bucket.check()
+    except BucketError as exc:
+        raise SettingsError(label, f"{url}: {exc}") from None
+    return bucket
 
 
 def open_catalog(location: str, label: str) -> Catalog:
@@ -2566,6 +3025,7 @@ class Service:
         self.settings = settings
         self.catalog = open_catalog(settings.catalog, "catalog") if settings.catalog else None
         self.metrics = Metrics() if settings.metrics else None
+        self.bucket = open_bucket(settings.root, "root", self.metrics) if settings.is_bucket else None
         self.log = open_access_log(settings.access_log)
         # /zip has no signature or per-file hook check: it exists only where anyone may list.
         self.zip_on = settings.listing_on and not settings.secret and settings.authorize is None
@@ -2590,6 +3050,13 @@ class Service:
 
     def file_response(self, request: Request, path: str, **options: object) -> DownloadResponse:
         config = self.settings
+        if self.bucket is not None:
+            return ObjectResponse(
+                path, bucket=self.bucket, redirect_ttl=config.s3_url_ttl if config.s3_mode == "redirect" else None,
+                serve_hidden=config.serve_hidden, cache_control=config.cache_control, chunk_size=config.chunk_size,
+                authorize=file_check(config.authorize, request), rate_limit=config.rate_limit, stall_timeout_s=config.stall_timeout,
+                **options,
+            )
         return DownloadResponse(
             path, root=config.root, serve_hidden=config.serve_hidden, cache_control=config.cache_control,
             chunk_size=config.chunk_size, authorize=file_check(config.authorize, request), rate_limit=config.rate_limit,
@@ -2664,12 +3131,54 @@ class Service:
         if value is None or self.catalog is None:
             return False
         try:
-            size = (await anyio.to_thread.run_sync(lambda: os.stat(candidate_path(self.settings.root, link.path, serve_hidden=True)))).st_size
+            size = (await self.file_info(link.path, serve_hidden=True)).size
             ranges = parse_range(value, size)
-        except (OSError, HTTPError):
+        except HTTPError:
             return False
         wanted = size if ranges is None else sum(r.length for r in ranges)
         return bool(await self.catalog_call(self.catalog.holds, link.id, holder, wanted, size))
+
+    async def file_info(self, path: str, *, serve_hidden: bool | None = None) -> FileInfo:
+        """What /download would serve at `path` (HTTPError if nothing): the CLI's sign and add, the admin API, holds."""
+        hidden = self.settings.serve_hidden if serve_hidden is None else serve_hidden
+        if self.bucket is not None:
+            return await self.bucket.head(path, serve_hidden=hidden)
+
+        def stat() -> FileInfo:
+            opened = open_under_root(self.settings.root, path, serve_hidden=hidden)
+            os.close(opened.fd)
+            return opened.info
+
+        return await anyio.to_thread.run_sync(stat)
+
+    async def list_files(self, *, after: str, limit: int, folder: str = "") -> list[ListedFile]:
+        """Up to `limit` files /download serves (below `folder`), in path order after `after`: 503 when the root
+        can't be read, 502/504 when the bucket fails."""
+        config = self.settings
+        if self.bucket is None:
+            return await anyio.to_thread.run_sync(lambda: list(itertools.islice(
+                walk_files(readable_root(config.root), folder=folder, after=after, serve_hidden=config.serve_hidden), limit)))
+        files = []
+        async with contextlib.aclosing(self.bucket.list_after(after, folder=folder, serve_hidden=config.serve_hidden)) as listed:
+            async for f in listed:
+                files.append(f)
+                if len(files) >= limit:
+                    break
+        return files
+
+    async def resolve_folder(self, url_path: str) -> str:
+        """The folder `url_path` names ("" for the root), else 404; in a bucket, one that some object is in."""
+        config = self.settings
+        if self.bucket is None:
+            return await anyio.to_thread.run_sync(lambda: resolve_folder(readable_root(config.root), url_path, serve_hidden=config.serve_hidden))
+        folder = url_path.rstrip("/")
+        if folder:
+            segments = split_url_path(folder)
+            if not config.serve_hidden and is_hidden(segments):
+                raise not_found()
+            if not await self.list_files(after="", limit=1, folder=folder):
+                raise not_found()
+        return folder
 
     def check_admin(self, request: Request) -> Catalog:
         """The catalog, once the bearer token checks out; 404 where there is no admin API."""
@@ -2739,11 +3248,6 @@ def link_json(link: Link, prefix: str) -> dict[str, object]:
     return {**shown, "url": f"{prefix}/files/{link.id}"}
 
 
-def check_servable(settings: Settings, path: str) -> None:
-    """HTTPError unless /download would serve `path` (the CLI's sign and add, the admin API)."""
-    os.close(open_under_root(settings.root, path, serve_hidden=settings.serve_hidden).fd)
-
-
 async def download(request: Request) -> Response:
     service = service_of(request)
     path = request.path_params["path"]
@@ -2772,12 +3276,15 @@ async def zip_folder(request: Request) -> Response:
     if service.active_zips >= MAX_ACTIVE_ZIPS:  # archives cost CPU per file: a few at a time
         raise HTTPError(503, "Too many archives in progress", headers={"Retry-After": str(RETRY_AFTER_S)})
     config = service.settings
-    folder = request.path_params["folder"]
     service.active_zips += 1
     try:
-        archive = await anyio.to_thread.run_sync(
-            lambda: folder_zip(config, resolve_folder(readable_root(config.root), folder, serve_hidden=config.serve_hidden))
-        )
+        folder = await service.resolve_folder(request.path_params["folder"])
+        files = await service.list_files(after="", limit=MAX_ZIP_FILES + 1, folder=folder)
+        bucket = service.bucket
+        if bucket is None:
+            archive = folder_zip(config, folder, files, lambda f: _entry_bytes(config.root, f.path, f.size, config.serve_hidden, config.chunk_size))
+        else:
+            archive = folder_zip(config, folder, files, lambda f: object_entry(bucket, f.path, f.etag or "", f.size, config.chunk_size))
     except BaseException:
         service.active_zips -= 1
         raise
@@ -2791,9 +3298,9 @@ async def list_files(request: Request) -> Response:
     config = service.settings
     limit = list_limit(request.query_params.get("limit"))
     after = decode_cursor(request.query_params.get("cursor", ""))
-    files, next_cursor = await anyio.to_thread.run_sync(
-        lambda: list_page(readable_root(config.root), after=after, limit=limit, serve_hidden=config.serve_hidden)
-    )
+    files = await service.list_files(after=after, limit=limit + 1)
+    next_cursor = encode_cursor(files[limit - 1].path) if len(files) > limit else None
+    files = files[:limit]
     prefix = request.scope.get("root_path", "")
     now = time.time()
 
@@ -2822,11 +3329,8 @@ async def create_link(request: Request) -> Response:
     catalog = service.check_admin(request)
     path, options = await read_link_request(request, time.time())
 
-    def add() -> Link:
-        check_servable(service.settings, path)
-        return catalog.add(path, **options)  # type: ignore[arg-type]
-
-    link = await service.catalog_call(add)
+    await service.file_info(path)
+    link = await service.catalog_call(functools.partial(catalog.add, path, **options))
     return json_response(link_json(link, request.scope.get("root_path", "")), status=201)
 
 
@@ -2840,7 +3344,10 @@ async def revoke_link(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     service = service_of(request)
-    problem = await anyio.to_thread.run_sync(root_health, service.settings.root)
+    if service.bucket is not None:
+        problem = await service.bucket.check_async()
+    else:
+        problem = await anyio.to_thread.run_sync(root_health, service.settings.root)
     if problem is None and service.catalog is not None:
         try:
             await service.catalog_call(service.catalog.check)
@@ -2918,6 +3425,7 @@ class Metrics:
         self.active = prom.Gauge("downloader_active_downloads", "Downloads in progress", registry=self.registry, multiprocess_mode="livesum")
         self.duration = prom.Histogram("downloader_download_seconds", "Time from request to last byte", registry=self.registry, buckets=DURATION_BUCKETS_S)
         self.by_status: dict[int, object] = {}  # labels() looks the child up anew each time
+        self.upstream = prom.Counter("downloader_upstream_errors", "Object store failures by kind: failed, timeout, changed", ["kind"], registry=self.registry)
 
     def count(self, status: int, sent: int, duration: float) -> None:
         child = self.by_status.get(status)
@@ -2927,6 +3435,9 @@ class Metrics:
         if sent:
             self.sent.inc(sent)
         self.duration.observe(duration)
+
+    def upstream_error(self, kind: str) -> None:
+        self.upstream.labels(kind).inc()
 
     def render(self) -> bytes:
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -3063,7 +3574,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
 
 
 # =============================================================================
-# 9. Server protocol
+# 10. Server protocol
 # =============================================================================
 # downloader:HTTPProtocol is uvicorn's HTTP/1.1 protocol (httptools, else h11) with what a
 # file server needs and uvicorn lacks. It offers ASGI's http.response.zerocopysend on
@@ -3390,7 +3901,7 @@ def http_protocol(parser: str = "auto") -> type:
 
 
 # =============================================================================
-# 10. CLI
+# 11. CLI
 # =============================================================================
 # `python downloader.py [--root DIR] [--port P] ...`: flags become DOWNLOADER_* variables (reaching
 # every worker); all is checked before the URL is announced (a problem: one line naming the flag or
@@ -3557,7 +4068,10 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
         raise SettingsError("--ttl", str(exc)) from None
     if args.command in ("sign", "add"):
         try:
-            check_servable(settings, args.path)
+            if settings.is_bucket:
+                anyio.run(functools.partial(open_bucket(settings.root, "root").head, args.path, serve_hidden=settings.serve_hidden))
+            else:
+                os.close(open_under_root(settings.root, args.path, serve_hidden=settings.serve_hidden).fd)
         except HTTPError as exc:
             print(f"downloader: cannot {args.command} {args.path!r}: {exc.detail} (no file under {settings.root} by that path)", file=sys.stderr)
             return 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import PROJECT, Postgres, Server, failed, uvicorn_server
+from helpers import PROJECT, Postgres, Seaweed, Server, failed, uvicorn_server
 
 sys.path.insert(0, str(PROJECT))
 
@@ -78,6 +78,16 @@ async def client(root: Path) -> Iterator[httpx.AsyncClient]:
 def postgres() -> Iterator[Postgres]:
     """One throwaway PostgreSQL server for the whole run (helpers.Postgres): skips where it isn't installed."""
     server = Postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def seaweed() -> Iterator[Seaweed]:
+    """One throwaway SeaweedFS for the whole run (helpers.Seaweed); tests keep apart by key prefix."""
+    server = Seaweed()
     try:
         yield server
     finally:

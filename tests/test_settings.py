@@ -43,7 +43,7 @@ def test_env_values_are_parsed(tmp_path: Path) -> None:
         ({"DOWNLOADER_OFFLOAD_PREFIX": "internal"}, "DOWNLOADER_OFFLOAD_PREFIX: must be a path that starts and ends with /, like /_downloader_files/"),
         ({"DOWNLOADER_CATALOG": "/no/such/dir/c.db"}, "DOWNLOADER_CATALOG: folder '/no/such/dir' does not exist"),
         ({"DOWNLOADER_CATALOG": "/"}, "DOWNLOADER_CATALOG: '/' is a directory, not a file"),
-        ({"DOWNLOADER_ROOT": ""}, "DOWNLOADER_ROOT: must be a directory path"),
+        ({"DOWNLOADER_ROOT": ""}, "DOWNLOADER_ROOT: must be a directory path, or s3://bucket/prefix"),
         ({"DOWNLOADER_ACCESS_LOG": ""}, "DOWNLOADER_ACCESS_LOG: must be a file path"),
         ({"DOWNLOADER_ACCESS_LOG": "/"}, "DOWNLOADER_ACCESS_LOG: '/' is a directory, not a file"),
         ({"DOWNLOADER_ACCESS_LOG": "/no/such/dir/a.log"}, "DOWNLOADER_ACCESS_LOG: folder '/no/such/dir' does not exist"),
