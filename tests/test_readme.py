@@ -26,7 +26,7 @@ EXAMPLES = {
     "catalog-cli": "test_readme", "catalog-python": "test_readme", "authorize": "test_readme",
     "sidecar": "test_readme", "systemd": "test_readme",
     "starlette": "test_embed", "fastapi": "test_embed", "nginx": "test_ops",
-    "scale-out": "test_replicas", "nginx-upstream": "test_replicas",
+    "scale-out": "test_replicas", "nginx-upstream": "test_replicas", "s3": "test_s3",
 }
 
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,7 +32,7 @@ import pytest
 import test_conditional as conditional
 import test_ranges as ranges
 from conftest import SECRET, TEN, UNICODE_NAME, asgi_request, need
-from helpers import MIB, PROJECT, Relay, Seaweed, Server, clean_env, cli_server, failed, parse_byteranges, run_cli, wait_for
+from helpers import MIB, PROJECT, Relay, Seaweed, Server, cli_server, failed, free_port, parse_byteranges, run_cli, wait_for
 
 import downloader
 from downloader import ByteRange, HTTPError, presign_get, servable_key, store_error_to_http
@@ -638,3 +639,30 @@ def test_cli_sign_and_add_check_the_object(seaweed: Seaweed, tmp_path: Path) -> 
     assert run_cli("add", "here.txt", **env).stdout.count("/files/") == 1
     missing = run_cli("add", "gone.txt", **env)
     assert missing.returncode == 1 and "Not Found" in missing.stderr
+
+
+def test_the_readme_example_serves_a_bucket(seaweed: Seaweed, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """README, Object storage: its exports (endpoint, bucket and keys made this server's) and its command."""
+    readme = (PROJECT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"<!-- example: s3 -->\s*```sh\n(.*?)```", readme, re.S).group(1)
+    env: dict[str, str] = {}
+    command: list[str] = []
+    for line in block.splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            env.update(word.split("=", 1) for word in words[1:])
+        elif words[:2] == ["python", "downloader.py"]:
+            command = words
+    assert sorted(env) == ["AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_SECRET_ACCESS_KEY", "DOWNLOADER_ROOT"]
+    assert env["DOWNLOADER_ROOT"] == "s3://downloads/public" and seaweed.bucket == "downloads"
+    put_all(seaweed, "public", {"readme.txt": b"from the bucket"})
+    env.update({k: v for k, v in seaweed.env().items() if k.startswith("AWS_")})
+    port = str(free_port())
+    assert command[2:] == ["--port", "8002"]
+    server = Server([sys.executable, "downloader.py", "--port", port], tmp_path / "server.log", env=env, port=int(port))
+    try:
+        got = httpx.get(f"{server.url}/download/readme.txt")
+        assert (got.status_code, got.content) == (200, b"from the bucket")
+        assert [f["path"] for f in httpx.get(f"{server.url}/api/files").json()["files"]] == ["readme.txt"]
+    finally:
+        server.stop(show_log=failed(request))
