@@ -1813,10 +1813,11 @@ class Bucket:
         no_retries = {"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=S3_TIMEOUT_S),
                       "backoff": {"init_backoff": datetime.timedelta(milliseconds=100), "max_backoff": datetime.timedelta(seconds=1), "base": 2.0}}
         try:
-            # Metadata and listings get S3_TIMEOUT_S in all; a body's GET none (a slow client reads a window for
-            # long), but its every chunk has S3_TIMEOUT_S in ObjectChunks.
+            # Metadata and listings get S3_TIMEOUT_S (ours, anyio's, which comes first: a TimeoutError, 504; the
+            # client's own, a little later, bounds the start-up check); a body's GET none (a slow client reads a
+            # window for long), but its every chunk has S3_TIMEOUT_S in ObjectChunks.
             self.meta = S3Store(self.name, prefix=self.prefix or None, config=config, retry_config=no_retries,
-                                client_options={**client, "timeout": f"{S3_TIMEOUT_S:g}s"})
+                                client_options={**client, "timeout": f"{S3_TIMEOUT_S + 1:g}s"})
             self.bodies = S3Store(self.name, prefix=self.prefix or None, config=config, retry_config=no_retries,
                                   client_options={**client, "timeout": "1d"})
         except Exception as exc:  # obstore's configuration errors
@@ -1915,7 +1916,7 @@ class Bucket:
 def bucket_problem(exc: BaseException) -> str:
     """One line on why a bucket can't be listed: obstore's messages run to many lines of debug output, and may
     quote the store's XML."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
         return f"the object store did not answer within {S3_TIMEOUT_S:g} s"
     status = re.search(r"status code: (\d{3})", str(exc))
     code = int(status.group(1)) if status else None
