@@ -4011,6 +4011,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args, settings, (args.base_url or f"http://{shown}:{options.port}").rstrip("/") if hasattr(args, "base_url") else "")
         if settings.catalog:
             open_catalog(settings.catalog, "catalog")  # its columns too, before anything is announced
+        if settings.is_bucket:
+            open_bucket(settings.root, "root")
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:  # (socket.gaierror is one)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import obstore  # noqa: E402
 
 import downloader  # noqa: E402
+from bench_catalog import wrk  # noqa: E402
 from helpers import MIB, Seaweed, Server, free_port, write_file  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -51,15 +51,6 @@ def fetch(url: str, size: int, pid: int | None) -> tuple[float, float | None]:
         raise SystemExit(f"{url}: {status}, {got} bytes of {size}")
     per_gib = (cpu_seconds(pid) - cpu) * 1024 * MIB / size if pid else None
     return size / MIB / took, per_gib
-
-
-def wrk(url: str, seconds: float) -> float | None:
-    if shutil.which("wrk") is None:
-        return None
-    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{int(seconds)}s", url], capture_output=True, text=True).stdout
-    if re.search(r"Non-2xx or 3xx responses: (\d+)", out) and "302" not in url:
-        raise SystemExit(f"wrk saw errors on {url}:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
 def main() -> None:
@@ -103,9 +94,9 @@ def main() -> None:
                 url = url or bucket.presign("big.bin", 600, {})
                 results[name].append(fetch(url, size, pid))
         rps = {
-            "disk 1 KiB": wrk(f"{disk.url}/download/one.bin", args.seconds),
-            "proxy 1 KiB": wrk(f"{proxy.url}/download/one.bin", args.seconds),
-            "redirect 302": wrk(f"{redirect.url}/download/one.bin", args.seconds),
+            "disk 1 KiB": wrk(disk.port, "/download/one.bin", args.seconds),
+            "proxy 1 KiB": wrk(proxy.port, "/download/one.bin", args.seconds),
+            "redirect 302": wrk(redirect.port, "/download/one.bin", args.seconds),
         }
     finally:
         for server in servers:
