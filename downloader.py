@@ -63,6 +63,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -171,10 +172,15 @@ segments and retries. Counted from the count, never renewed."""
 S3_TIMEOUT_S = 10.0
 """An object store that takes longer than this to answer a HEAD, a listing or a GET's first bytes, or to send a
 body's next chunk, has timed out: 504 before the head is sent, after it the read is asked again (S3_RETRIES)."""
+S3_HEALTH_TIMEOUT_S = 2.0  # /healthz's listing of one key: a probe gets its 503 before its own timeout
 S3_CONNECT_TIMEOUT_S = 3.0  # connecting to the object store (its part of S3_TIMEOUT_S)
 S3_WINDOW = 8 * 1024 * 1024
 """A proxied object is read in ranged GETs of this many bytes, each with If-Match on the announced ETag: an object
 replaced mid-download is seen within a window, and a slow client holds no GET open for long."""
+S3_LIST_PAGE = 1000  # keys one ListObjectsV2 asks for (S3's most)
+LIST_SCAN_KEYS = 10_000
+"""A listing page of a bucket reads at most this many keys (ten of the store's pages) looking for files to list:
+past hidden or unnameable keys it ends early, with a cursor where it stopped."""
 S3_RETRIES = 2  # a window whose GET fails mid-body is asked again from where it stopped this many times, then aborted
 S3_URL_TTL_S = 300
 """Redirect mode: a presigned URL works this long (setting: s3_url_ttl). Each request through us gets a fresh one; a
@@ -315,7 +321,7 @@ def _check_bucket_url(text: str) -> str:
     """s3://bucket[/prefix], the prefix without slashes at its ends and with no segment a URL can't name."""
     bucket, _, prefix = text[len("s3://"):].partition("/")
     if not BUCKET_NAME.fullmatch(bucket):
-        raise ValueError(f"{text!r} does not start with a bucket name (s3://bucket/prefix)")
+        raise ValueError(f"{text!r}: {bucket!r} is not a bucket name (3 to 63 lower-case letters, digits, dots and hyphens): s3://bucket/prefix")
     prefix = prefix.strip("/")
     if prefix and any(segment in ("", ".", "..") for segment in prefix.split("/")):
         raise ValueError(f"{text!r} has an empty, . or .. segment in its prefix")
@@ -1261,7 +1267,7 @@ def plan_response(
        416 raises, None or no Range is the whole file (200);
     4. one range: 206 with Content-Range; several: 206 multipart/byteranges.
     HEAD gets exactly the GET's headers; the caller leaves out the body."""
-    etag = info.etag or make_etag(info.size, info.mtime_ns)
+    etag = info.etag if STRONG_ETAG.fullmatch(info.etag or "") else make_etag(info.size, info.mtime_ns)
     modified = info.mtime_ns / 1e9
     # RFC 9110 §8.8.2.1: Last-Modified is never later than the response's Date. uvicorn
     # refreshes its Date once a second, so the Date may trail our clock by up to a second.
@@ -1713,7 +1719,7 @@ async def stop_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None
 # prefix. obstore (Rust, async) makes the requests. Section 4 plans the answer from the object's HEAD as
 # from an fstat; ObjectChunks reads each range in S3_WINDOW GETs, every one with If-Match on the ETag
 # the response announced (S3-compatible servers ignore If-Range), so no download is spliced from two
-# versions, and an object replaced mid-download aborts it. presign_get writes SigV4 query-signed URLs
+# versions, and an object replaced mid-download aborts it. presign_url writes SigV4 query-signed URLs
 # itself: obstore's signer can't add the response-content-disposition and -type overrides.
 
 
@@ -1738,14 +1744,18 @@ def is_missing_object(exc: BaseException) -> bool:
     return isinstance(exc, (FileNotFoundError, NotFoundError))
 
 
+ASCII_CONTROLS = re.compile("[\x00-\x1f\x7f]")  # in a key, refused by obstore (object_store's paths)
+
+
 def servable_key(path: str, serve_hidden: bool) -> bool:
     """Would /download serve the object at `path` (below the prefix)? Keys no URL names (`a//b`, `./x`, a folder
-    marker `x/`) and hidden ones are never listed: listed if and only if served, as for files."""
+    marker `x/`, `/x`), keys with an ASCII control character (the S3 client can't fetch them) and hidden ones
+    are never listed: listed if and only if served, as for files."""
     try:
         segments = split_url_path(path)
     except HTTPError:
         return False
-    return serve_hidden or not is_hidden(segments)
+    return not ASCII_CONTROLS.search(path) and (serve_hidden or not is_hidden(segments))
 
 
 def uri_encode(text: str, safe: str = "") -> str:
@@ -1753,25 +1763,30 @@ def uri_encode(text: str, safe: str = "") -> str:
     return urllib.parse.quote(text, safe="-_.~" + safe)
 
 
-def presign_get(
+def presign_url(
     endpoint: str, bucket: str, key: str, *, access_key: str, secret_key: str, region: str, expires_in: int, now: float,
-    session_token: str | None = None, overrides: Mapping[str, str] | None = None,
+    session_token: str | None = None, overrides: Mapping[str, str] | None = None, headers: Mapping[str, str] | None = None,
+    method: str = "GET",
 ) -> str:
-    """A presigned GET URL (AWS Signature Version 4, query string) that works for `expires_in` seconds from `now`:
+    """A presigned URL (AWS Signature Version 4, query string) of a GET, or `method`, that works for `expires_in` seconds from `now`:
     path-style, endpoint/bucket/key, as obstore addresses the bucket (`bucket` "" for an endpoint that names it).
-    `overrides` are signed query parameters such as response-content-disposition, which S3 sends back as that header."""
+    `overrides` are signed query parameters, such as response-content-disposition (which S3 sends back as that
+    header) or a ListObjectsV2's. `headers` are signed too: the URL works only with exactly these (a Range)."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
     scope = f"{stamp[:8]}/{region}/s3/aws4_request"
     parts = urllib.parse.urlsplit(endpoint)
     path = parts.path.rstrip("/") + (f"/{uri_encode(bucket)}" if bucket else "") + "/" + uri_encode(key, safe="/")
+    signed = {"host": parts.netloc, **{name.lower(): " ".join(value.split()) for name, value in (headers or {}).items()}}
+    names = ";".join(sorted(signed))
     params = {
         "X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Credential": f"{access_key}/{scope}", "X-Amz-Date": stamp,
-        "X-Amz-Expires": str(expires_in), "X-Amz-SignedHeaders": "host", **dict(overrides or {}),
+        "X-Amz-Expires": str(expires_in), "X-Amz-SignedHeaders": names, **dict(overrides or {}),
     }
     if session_token:
         params["X-Amz-Security-Token"] = session_token
     query = "&".join(f"{name}={value}" for name, value in sorted((uri_encode(k), uri_encode(v)) for k, v in params.items()))
-    canonical = "\n".join(("GET", path, query, f"host:{parts.netloc}\n", "host", "UNSIGNED-PAYLOAD"))
+    canonical_headers = "".join(f"{name}:{signed[name]}\n" for name in sorted(signed))
+    canonical = "\n".join((method, path, query, canonical_headers, names, "UNSIGNED-PAYLOAD"))
     to_sign = "\n".join(("AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()))
     key_bytes = ("AWS4" + secret_key).encode()
     for part in (stamp[:8], region, "s3", "aws4_request"):
@@ -1800,10 +1815,14 @@ class Bucket:
         self.region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         if not self.endpoint:
             self.endpoint = f"https://s3.{self.region}.amazonaws.com"
+        parts = urllib.parse.urlsplit(self.endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise BucketError("AWS_ENDPOINT_URL must be an http:// or https:// URL, like http://127.0.0.1:8333")
         self.access_key = environ.get("AWS_ACCESS_KEY_ID")
         self.secret_key = environ.get("AWS_SECRET_ACCESS_KEY")
         self.session_token = environ.get("AWS_SESSION_TOKEN")
         self.on_error = on_error or (lambda kind: None)
+        self.holds_objects = True  # (as the start-up check found)
         config: dict[str, object] = {"endpoint": self.endpoint, "region": self.region}
         if self.access_key and self.secret_key:
             config.update(access_key_id=self.access_key, secret_access_key=self.secret_key)
@@ -1823,24 +1842,26 @@ class Bucket:
         except Exception as exc:  # obstore's configuration errors
             raise BucketError(f"can't set up the S3 client ({type(exc).__name__})") from None
 
-    def check(self) -> None:
-        """Lists one key (blocking): BucketError saying why the bucket can't be read."""
+    def check(self) -> bool:
+        """Lists one key (blocking): whether the prefix holds any; BucketError saying why the bucket can't be read."""
         import obstore
 
         try:
-            next(iter(obstore.list(self.meta, chunk_size=1)), None)
+            if self.access_key and self.secret_key:
+                return bool(self.list_request("", "", 1)[0])
+            return next(iter(obstore.list(self.meta, chunk_size=1)), None) is not None
         except Exception as exc:
             raise BucketError(bucket_problem(exc)) from None
 
     async def check_async(self) -> str | None:
-        """The problem /healthz reports, or None."""
-        import obstore
-
+        """The problem /healthz reports (a listing of one key fails, or takes S3_HEALTH_TIMEOUT_S), or None."""
         try:
-            with anyio.fail_after(S3_TIMEOUT_S):
-                await anext(aiter(obstore.list(self.meta, chunk_size=1)), None)
-        except Exception as exc:
-            return f"the bucket can't be read: {bucket_problem(exc)}"
+            with anyio.fail_after(S3_HEALTH_TIMEOUT_S):
+                await self.list_keys("", "", 1)
+        except TimeoutError:
+            return f"the bucket can't be read: the object store did not answer within {S3_HEALTH_TIMEOUT_S:g} s"
+        except HTTPError as exc:
+            return f"the bucket can't be read: {bucket_problem(exc.__cause__ or exc)}"
         return None
 
     def failed(self, exc: BaseException) -> HTTPError:
@@ -1853,29 +1874,30 @@ class Bucket:
         """The FileInfo of the object `path` names (its ETag as the validator); HTTPError 404, 502 or 504."""
         import obstore
 
-        segments = split_url_path(path)
-        if not serve_hidden and is_hidden(segments):
+        split_url_path(path)  # 400 for a NUL
+        if not servable_key(path, serve_hidden):
             raise not_found()
         try:
             with anyio.fail_after(S3_TIMEOUT_S):
                 meta = await obstore.head_async(self.meta, path)
         except Exception as exc:
             raise self.failed(exc) from None
-        etag = meta.get("e_tag") or ""
-        if not STRONG_ETAG.fullmatch(etag):  # (S3's are quoted hex digests; a store without ETags gets ours)
-            etag = make_etag(meta["size"], int(meta["last_modified"].timestamp()) * 10**9)
         mtime_ns = int(meta["last_modified"].timestamp()) * 10**9
-        return FileInfo(meta["size"], mtime_ns, segments[-1], path, etag=etag)
+        return FileInfo(meta["size"], mtime_ns, path.rsplit("/", 1)[-1], path, etag=meta.get("e_tag") or None)
 
-    async def open_window(self, path: str, etag: str, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
-        """A GET of bytes start..stop-1 with If-Match: `etag`, its body as chunks of about `chunk_size`. ObjectChanged
-        when the object has another ETag or is gone; HTTPError 502/504 when the store fails."""
+    async def open_window(self, info: FileInfo, start: int, stop: int, chunk_size: int) -> AsyncIterator[bytes]:
+        """A GET of bytes start..stop-1 of the object `info` describes, with If-Match on its ETag (a store without
+        strong ETags: If-Unmodified-Since its Last-Modified), its body as chunks of about `chunk_size`.
+        ObjectChanged when the object has changed or is gone; HTTPError 502/504 when the store fails."""
         import obstore
         from obstore.exceptions import PreconditionError
 
+        guard: dict[str, object] = {"if_match": info.etag}
+        if not STRONG_ETAG.fullmatch(info.etag or ""):
+            guard = {"if_unmodified_since": datetime.datetime.fromtimestamp(info.mtime_ns // 10**9, datetime.timezone.utc)}
         try:
             with anyio.fail_after(S3_TIMEOUT_S):
-                result = await obstore.get_async(self.bodies, path, options={"range": (start, stop), "if_match": etag})
+                result = await obstore.get_async(self.bodies, info.path, options={"range": (start, stop), **guard})
         except Exception as exc:
             if not isinstance(exc, PreconditionError) and not is_missing_object(exc):
                 raise self.failed(exc) from None
@@ -1883,43 +1905,85 @@ class Bucket:
             raise ObjectChanged("the object changed while being sent") from None
         return result.stream(min_chunk_size=chunk_size)  # type: ignore[no-any-return]
 
-    async def list_after(self, after: str, *, folder: str = "", serve_hidden: bool) -> AsyncIterator[ListedFile]:
-        """The objects /download serves (below `folder`, after the path `after`), in path order: S3 lists keys in
-        UTF-8 byte order, which is code point order, as walk_files's. HTTPError 502/504 when the store fails."""
+    async def list_page(
+        self, after: str, limit: int, *, folder: str = "", serve_hidden: bool, bounded: bool = True
+    ) -> tuple[list[ListedFile], str | None]:
+        """Up to `limit` objects /download serves (below `folder`) after the key `after`, in the store's listing
+        order (S3's is UTF-8 byte order; SeaweedFS's goes folder by folder), and the key the next page starts
+        after (None: no more). Keys it can't serve are skipped, LIST_SCAN_KEYS at most when `bounded`: then the
+        page ends early, its cursor where the reading stopped. HTTPError 502/504 when the store fails."""
+        files: list[ListedFile] = []
+        position, scanned = after, 0
+        while True:
+            entries, more = await self.list_keys(folder + "/" if folder else "", position, S3_LIST_PAGE)
+            for i, entry in enumerate(entries):
+                scanned, position = scanned + 1, entry.path
+                if servable_key(entry.path, serve_hidden):
+                    files.append(entry)
+                    if len(files) == limit:
+                        return files, entry.path if more or i < len(entries) - 1 else None
+            if not more or not entries:
+                return files, None
+            if bounded and scanned >= LIST_SCAN_KEYS:
+                return files, position
+
+    async def list_keys(self, prefix: str, start_after: str, max_keys: int) -> tuple[list[ListedFile], bool]:
+        """One page of ListObjectsV2 below our prefix (and `prefix`), after the key `start_after`; whether more
+        follow. Requested and read by us (list_request) where the keys are known: obstore's listing fails a whole
+        page on a key it can't parse (`a//b`, a control character), which S3 allows. Without keys (an instance's
+        role), through obstore. HTTPError 502/504 when the store fails."""
         import obstore
 
-        prefix = folder + "/" if folder else None
-        offset = max(after, prefix or "")
-        stream = obstore.list(self.meta, prefix=prefix, offset=offset or None, chunk_size=MAX_LIST_LIMIT)
-        while True:
-            try:
-                with anyio.fail_after(S3_TIMEOUT_S):
-                    batch = await anext(aiter(stream), None)
-            except Exception as exc:
-                raise self.failed(exc) from None
-            if batch is None:
-                return
-            for meta in batch:
-                if meta["path"] > after and servable_key(meta["path"], serve_hidden):
-                    yield ListedFile(meta["path"], meta["size"], meta["last_modified"].timestamp(), meta.get("e_tag"))
+        try:
+            with anyio.fail_after(S3_TIMEOUT_S):
+                if self.access_key and self.secret_key:
+                    return await anyio.to_thread.run_sync(self.list_request, prefix, start_after, max_keys, abandon_on_cancel=True)
+                stream = obstore.list(self.meta, prefix=prefix or None, offset=start_after or None, chunk_size=max_keys)
+                batch = await anext(aiter(stream), None) or []
+        except Exception as exc:
+            raise self.failed(exc) from exc  # (the cause: /healthz says what it was)
+        listed = [ListedFile(m["path"], m["size"], m["last_modified"].timestamp(), m.get("e_tag")) for m in batch]
+        return listed, len(listed) == max_keys
 
-    def presign(self, path: str, expires_in: int, overrides: Mapping[str, str]) -> str:
-        if not (self.access_key and self.secret_key):
-            raise HTTPError(502, "The object store's URLs can't be signed: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set")
-        key = f"{self.prefix}/{path}" if self.prefix else path
-        return presign_get(
+    def list_request(self, prefix: str, start_after: str, max_keys: int) -> tuple[list[ListedFile], bool]:
+        """list_keys by a presigned ListObjectsV2 GET (keys URL-encoded: any byte survives the XML). Blocking."""
+        import xml.etree.ElementTree as ElementTree
+
+        ours = self.prefix + "/" if self.prefix else ""
+        query = {"list-type": "2", "encoding-type": "url", "max-keys": str(max_keys), "prefix": ours + prefix}
+        if start_after:
+            query["start-after"] = ours + start_after
+        url = self.presign("", 60, query, in_prefix=False)
+        with urllib.request.urlopen(url, timeout=S3_TIMEOUT_S) as response:
+            tree = ElementTree.fromstring(response.read())
+        ns = {"s3": tree.tag.partition("}")[0].lstrip("{")} if tree.tag.startswith("{") else {}
+        find = (lambda node, name: node.findtext(f"s3:{name}", "", ns)) if ns else (lambda node, name: node.findtext(name, ""))
+        listed = []
+        for item in tree.iterfind("s3:Contents" if ns else "Contents", ns):
+            key = urllib.parse.unquote_plus(find(item, "Key"), errors="surrogateescape")  # (form encoding: " " is "+", as botocore reads it)
+            modified = datetime.datetime.fromisoformat(find(item, "LastModified").replace("Z", "+00:00")).timestamp()
+            listed.append(ListedFile(key[len(ours):], int(find(item, "Size") or 0), modified, find(item, "ETag") or None))
+        return listed, find(tree, "IsTruncated") == "true"
+
+    def presign(
+        self, path: str, expires_in: int, overrides: Mapping[str, str], *, headers: Mapping[str, str] | None = None, in_prefix: bool = True
+    ) -> str:
+        """presign_url of the object `path` (with `in_prefix` False: of `path` in the bucket) with our keys."""
+        assert self.access_key and self.secret_key  # (redirect mode needs them: Service checks at start)
+        key = f"{self.prefix}/{path}" if self.prefix and in_prefix else path
+        return presign_url(
             self.endpoint, self.name, key, access_key=self.access_key, secret_key=self.secret_key, region=self.region,
-            expires_in=expires_in, now=time.time(), session_token=self.session_token, overrides=overrides,
+            expires_in=expires_in, now=time.time(), session_token=self.session_token, overrides=overrides, headers=headers,
         )
 
 
 def bucket_problem(exc: BaseException) -> str:
     """One line on why a bucket can't be listed: obstore's messages run to many lines of debug output, and may
     quote the store's XML."""
-    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+    if isinstance(exc, TimeoutError) or re.search(r"timed out|kind: Timeout", str(exc)):
         return f"the object store did not answer within {S3_TIMEOUT_S:g} s"
-    status = re.search(r"status code: (\d{3})", str(exc))
-    code = int(status.group(1)) if status else None
+    status = re.search(r"status code: (\d{3})", str(exc))  # obstore's; urllib's HTTPError has a code
+    code = int(status.group(1)) if status else getattr(exc, "code", None) if isinstance(getattr(exc, "code", None), int) else None
     if code == 404 or is_missing_object(exc):
         return "no such bucket"
     if code in (401, 403) or type(exc).__name__ in ("PermissionDeniedError", "UnauthenticatedError"):
@@ -1932,13 +1996,13 @@ def bucket_problem(exc: BaseException) -> str:
 
 
 class ObjectChunks:
-    """Async iterator over the bytes `span` of one version of an object (its ETag), about `chunk_size` at a
+    """Async iterator over the bytes `span` of one version of an object (`info`: its ETag), about `chunk_size` at a
     time, in S3_WINDOW GETs (Bucket.open_window, If-Match). A GET that fails or stalls (S3_TIMEOUT_S) mid-body
     is asked again from where it stopped, S3_RETRIES times; then, or when the object changed, TransferAborted.
     close() drops the GET in flight, which closes its connection: a client gone stops the upstream read."""
 
-    def __init__(self, bucket: Bucket, path: str, etag: str, span: ByteRange, chunk_size: int = CHUNK_SIZE) -> None:
-        self.bucket, self.path, self.etag, self.chunk_size = bucket, path, etag, chunk_size
+    def __init__(self, bucket: Bucket, info: FileInfo, span: ByteRange, chunk_size: int = CHUNK_SIZE) -> None:
+        self.bucket, self.info, self.chunk_size = bucket, info, chunk_size
         self._pos, self._stop, self._window_stop = span.start, span.stop, span.start
         self._body: AsyncIterator[bytes] | None = None
         self._failures = 0
@@ -1951,7 +2015,7 @@ class ObjectChunks:
         """Starts the first window's GET: the caller can still answer its failure (HTTPError, ObjectChanged)."""
         if self._body is None and not self.done:
             self._window_stop = min(self._pos + S3_WINDOW, self._stop)
-            self._body = await self.bucket.open_window(self.path, self.etag, self._pos, self._window_stop, self.chunk_size)
+            self._body = await self.bucket.open_window(self.info, self._pos, self._window_stop, self.chunk_size)
 
     def __aiter__(self) -> ObjectChunks:
         return self
@@ -1994,10 +2058,11 @@ class ObjectChunks:
         self.close()
 
 
-def object_entry(bucket: Bucket, path: str, etag: str, size: int, chunk_size: int) -> Iterator[bytes]:
+def object_entry(bucket: Bucket, listed: ListedFile, chunk_size: int) -> Iterator[bytes]:
     """One ZIP entry's bytes, read in the worker thread that builds the archive (ByteStream) from ObjectChunks
     on the event loop: a changed object aborts the archive as a changed file does."""
-    chunks = ObjectChunks(bucket, path, etag, ByteRange(0, size), chunk_size)
+    info = FileInfo(listed.size, int(listed.mtime) * 10**9, listed.path.rsplit("/", 1)[-1], listed.path, etag=listed.etag)
+    chunks = ObjectChunks(bucket, info, ByteRange(0, listed.size), chunk_size)
     try:
         while (data := anyio.from_thread.run(anext, chunks, None)) is not None:
             yield data
@@ -2657,12 +2722,13 @@ class DownloadResponse(Download):
 
     async def send_planned(
         self, scope: Scope, receive: Receive, send: Send, info: FileInfo, *, fd: int = -1, zerocopy: bool = False,
-        reader: Callable[[ByteRange], Awaitable[Piece]] | None = None,
+        reader: Callable[[ByteRange], Awaitable[Piece]] | None = None, authorized: bool = False,
     ) -> None:
         """Plans the answer (section 4) and streams it (section 5): the file's ranges from `fd`, or each made a
-        piece by `reader` (an object's ranges: ObjectChunks) before the head is sent."""
+        piece by `reader` (an object's ranges: ObjectChunks) before the head is sent. authorize first, unless
+        `authorized` already."""
         try:
-            if self.authorize is not None:
+            if self.authorize is not None and not authorized:
                 await self.authorize(info)
             plan = self.plan(scope, info)
             pieces: Sequence[Piece] = () if scope["method"] == "HEAD" else plan.pieces
@@ -2761,7 +2827,7 @@ class ObjectResponse(DownloadResponse):
 
         async def read(span: ByteRange) -> ObjectChunks:
             nonlocal opened
-            chunks = ObjectChunks(self.bucket, info.path, info.etag or "", span, self.chunk_size)
+            chunks = ObjectChunks(self.bucket, info, span, paced_chunk_size(self.chunk_size, self.rate_limit))
             if not opened:
                 await chunks.open()
                 opened = True
@@ -2770,18 +2836,32 @@ class ObjectResponse(DownloadResponse):
         return read
 
     async def send_redirect(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
+        """authorize, then the plan: 304, 412 and 416 are answered here. The whole file asked for without a Range,
+        or one range, becomes a 302 to a presigned URL. What the store would answer otherwise is proxied: a Range
+        we ignore (If-Range failed: the store ignores If-Range and would splice) or several ranges (stores may
+        send the whole file). Behind a gate (a catalog link) the URL is signed with the request's Range, so it
+        serves that range only: one that stops short of the last byte, not counted, can't fetch the whole object."""
         requested = request_headers(scope)
         try:
-            plan = self.plan(scope, info)  # 304, 412 and 416 are answered here, without a round trip
+            if self.authorize is not None:
+                await self.authorize(info)
+            plan = self.plan(scope, info)
+            if (plan.status == 200 and "range" in requested) or (plan.status == 206 and len(plan.pieces) > 1):
+                await self.send_planned(scope, receive, send, info, reader=self.reader(info), authorized=True)
+                return
             if plan.status in (200, 206):
-                await self.check_handed_over(scope, requested, info)
+                bound = {}
+                if self.gate is not None:
+                    if reaches_end(requested.get("range"), info.size) and not await pass_gate(self.gate, started=False):
+                        raise HTTPError(410, LINK_GONE["used-up"])
+                    bound = {"Range": requested["range"]} if "range" in requested else {}
                 name = self.filename or info.name
-                overrides = {
-                    "response-content-disposition": disposition_for(name, self.disposition, requested),
+                overrides = {  # (the ASCII filename= and RFC 8187's filename*: no UTF-8 filename= for curl, see content_disposition)
+                    "response-content-disposition": content_disposition(name, self.disposition),
                     "response-content-type": self.media_type or media_type_for(name, _MEDIA_TYPES),
                     "response-cache-control": no_transform(self.cache_control),
                 }
-                location = self.bucket.presign(info.path, self.redirect_ttl or S3_URL_TTL_S, overrides)
+                location = self.bucket.presign(info.path, self.redirect_ttl or S3_URL_TTL_S, overrides, headers=bound)
                 plan = Plan(302, [("Location", location), ("Cache-Control", "private, no-store"), ("Content-Length", "0")], [])
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
@@ -2857,8 +2937,9 @@ COMPRESSED_SUFFIXES = frozenset(
 )
 
 
-def _entry_bytes(root: str, path: str, size: int, serve_hidden: bool, chunk_size: int) -> Iterator[bytes]:
+def _entry_bytes(root: str, listed: ListedFile, *, serve_hidden: bool, chunk_size: int) -> Iterator[bytes]:
     """One ZIP entry's bytes, opened when the stream reaches it; a file gone or resized since aborts."""
+    path, size = listed.path, listed.size
     try:
         opened = open_under_root(root, path, serve_hidden=serve_hidden)
     except HTTPError:
@@ -2998,11 +3079,17 @@ def json_response(content: object, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-def open_bucket(url: str, label: str, metrics: Metrics | None = None) -> Bucket:
-    """The bucket at `url`, checked by listing a key; SettingsError (named `label`) saying why it can't be read."""
-    bucket = Bucket(url, os.environ, on_error=None if metrics is None else metrics.upstream_error)
+def open_bucket(url: str, label: str, metrics: Metrics | None = None, *, signing: bool = False) -> Bucket:
+    """The bucket at `url`, checked by listing a key; SettingsError (named `label`) saying why it can't be read,
+    or (`signing`: redirect mode) that its URLs can't be signed."""
     try:
-        bucket.check()
+        bucket = Bucket(url, os.environ, on_error=None if metrics is None else metrics.upstream_error)
+    except BucketError as exc:
+        raise SettingsError(label, f"{url}: {exc}") from None
+    if signing and not (bucket.access_key and bucket.secret_key):
+        raise SettingsError("s3_mode", "redirect signs URLs itself: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set")
+    try:
+        bucket.holds_objects = bucket.check()
     except BucketError as exc:
         raise SettingsError(label, f"{url}: {exc}") from None
     return bucket
@@ -3026,7 +3113,7 @@ class Service:
         self.settings = settings
         self.catalog = open_catalog(settings.catalog, "catalog") if settings.catalog else None
         self.metrics = Metrics() if settings.metrics else None
-        self.bucket = open_bucket(settings.root, "root", self.metrics) if settings.is_bucket else None
+        self.bucket = open_bucket(settings.root, "root", self.metrics, signing=settings.s3_mode == "redirect") if settings.is_bucket else None
         self.log = open_access_log(settings.access_log)
         # /zip has no signature or per-file hook check: it exists only where anyone may list.
         self.zip_on = settings.listing_on and not settings.secret and settings.authorize is None
@@ -3152,32 +3239,30 @@ class Service:
 
         return await anyio.to_thread.run_sync(stat)
 
-    async def list_files(self, *, after: str, limit: int, folder: str = "") -> list[ListedFile]:
-        """Up to `limit` files /download serves (below `folder`), in path order after `after`: 503 when the root
-        can't be read, 502/504 when the bucket fails."""
+    async def list_files(self, *, after: str, limit: int, folder: str = "", bounded: bool = True) -> tuple[list[ListedFile], str | None]:
+        """Up to `limit` files /download serves (below `folder`), after the path `after` in listing order, and the
+        path the next page starts after (None: the last page). 503 when the root can't be read, 502/504 when the
+        bucket fails (Bucket.list_page: LIST_SCAN_KEYS at most when `bounded`)."""
         config = self.settings
-        if self.bucket is None:
-            return await anyio.to_thread.run_sync(lambda: list(itertools.islice(
-                walk_files(readable_root(config.root), folder=folder, after=after, serve_hidden=config.serve_hidden), limit)))
-        files = []
-        async with contextlib.aclosing(self.bucket.list_after(after, folder=folder, serve_hidden=config.serve_hidden)) as listed:
-            async for f in listed:
-                files.append(f)
-                if len(files) >= limit:
-                    break
-        return files
+        if self.bucket is not None:
+            return await self.bucket.list_page(after, limit, folder=folder, serve_hidden=config.serve_hidden, bounded=bounded)
+
+        def walk() -> tuple[list[ListedFile], str | None]:
+            files = list(itertools.islice(walk_files(readable_root(config.root), folder=folder, after=after, serve_hidden=config.serve_hidden), limit + 1))
+            return (files[:limit], files[limit - 1].path) if len(files) > limit else (files, None)
+
+        return await anyio.to_thread.run_sync(walk)
 
     async def resolve_folder(self, url_path: str) -> str:
-        """The folder `url_path` names ("" for the root), else 404; in a bucket, one that some object is in."""
+        """The folder `url_path` names ("" for the root), else 404; in a bucket, one that an object /download
+        serves is in."""
         config = self.settings
         if self.bucket is None:
             return await anyio.to_thread.run_sync(lambda: resolve_folder(readable_root(config.root), url_path, serve_hidden=config.serve_hidden))
         folder = url_path.rstrip("/")
         if folder:
-            segments = split_url_path(folder)
-            if not config.serve_hidden and is_hidden(segments):
-                raise not_found()
-            if not await self.list_files(after="", limit=1, folder=folder):
+            split_url_path(folder)  # 400 for a NUL
+            if not servable_key(folder, config.serve_hidden) or not (await self.list_files(after="", limit=1, folder=folder, bounded=False))[0]:
                 raise not_found()
         return folder
 
@@ -3280,12 +3365,13 @@ async def zip_folder(request: Request) -> Response:
     service.active_zips += 1
     try:
         folder = await service.resolve_folder(request.path_params["folder"])
-        files = await service.list_files(after="", limit=MAX_ZIP_FILES + 1, folder=folder)
+        files, _ = await service.list_files(after="", limit=MAX_ZIP_FILES + 1, folder=folder, bounded=False)
         bucket = service.bucket
         if bucket is None:
-            archive = folder_zip(config, folder, files, lambda f: _entry_bytes(config.root, f.path, f.size, config.serve_hidden, config.chunk_size))
+            entry_bytes = functools.partial(_entry_bytes, config.root, serve_hidden=config.serve_hidden, chunk_size=config.chunk_size)
         else:
-            archive = folder_zip(config, folder, files, lambda f: object_entry(bucket, f.path, f.etag or "", f.size, config.chunk_size))
+            entry_bytes = functools.partial(object_entry, bucket, chunk_size=config.chunk_size)
+        archive = await anyio.to_thread.run_sync(folder_zip, config, folder, files, entry_bytes)  # a loop over up to MAX_ZIP_FILES
     except BaseException:
         service.active_zips -= 1
         raise
@@ -3299,9 +3385,8 @@ async def list_files(request: Request) -> Response:
     config = service.settings
     limit = list_limit(request.query_params.get("limit"))
     after = decode_cursor(request.query_params.get("cursor", ""))
-    files = await service.list_files(after=after, limit=limit + 1)
-    next_cursor = encode_cursor(files[limit - 1].path) if len(files) > limit else None
-    files = files[:limit]
+    files, after_last = await service.list_files(after=after, limit=limit)
+    next_cursor = None if after_last is None else encode_cursor(after_last)
     prefix = request.scope.get("root_path", "")
     now = time.time()
 
@@ -3926,7 +4011,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="downloader.py", description="Serve the files under a directory as downloads.", allow_abbrev=False)
-    parser.add_argument("--root", help="directory to serve (DOWNLOADER_ROOT; default: the sample files)")
+    parser.add_argument("--root", help="directory to serve, or s3://bucket/prefix (DOWNLOADER_ROOT; default: the sample files)")
     parser.add_argument("--host", help="address to listen on (DOWNLOADER_HOST; default 127.0.0.1)")
     parser.add_argument("--port", help="port to listen on, 0 for any free one (DOWNLOADER_PORT; default 8000)")
     parser.add_argument("--workers", help="worker processes (DOWNLOADER_WORKERS; default 1)")
@@ -4011,8 +4096,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_command(args, settings, (args.base_url or f"http://{shown}:{options.port}").rstrip("/") if hasattr(args, "base_url") else "")
         if settings.catalog:
             open_catalog(settings.catalog, "catalog")  # its columns too, before anything is announced
-        if settings.is_bucket:
-            open_bucket(settings.root, "root")
+        if settings.is_bucket and not open_bucket(settings.root, "root", signing=settings.s3_mode == "redirect").holds_objects:
+            print(f"downloader: note: {settings.root} holds no objects (yet): is the prefix spelt right?", file=sys.stderr)
         try:
             sock = bind_socket(options.host, options.port)
         except OSError as exc:  # (socket.gaierror is one)

@@ -374,6 +374,7 @@ class Seaweed:
         ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         grpc = {name: free_port() for name in ports}
         self.port = ports["s3"]
+        self.ports = [*ports.values(), *grpc.values()]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         command = [weed, "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
                    "-master.volumeSizeLimitMB=1024", "-volume.max=8", "-s3", f"-s3.config={self.dir / 's3.json'}",
@@ -424,12 +425,16 @@ class Seaweed:
         return (self.dir / "weed.log").read_text(errors="replace")
 
     def close(self) -> None:
-        """Kills it (its data is thrown away: nothing to shut down cleanly) and removes its dir."""
+        """Kills it (its data is thrown away: nothing to shut down cleanly) and removes its dir, and the Unix
+        sockets it makes in /tmp, named by its ports."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        for port in self.ports:
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 class Relay:

@@ -35,7 +35,7 @@ from conftest import SECRET, TEN, UNICODE_NAME, asgi_request, need
 from helpers import MIB, PROJECT, Relay, Seaweed, Server, cli_server, failed, free_port, parse_byteranges, run_cli, wait_for
 
 import downloader
-from downloader import ByteRange, HTTPError, presign_get, servable_key, store_error_to_http
+from downloader import ByteRange, HTTPError, presign_url, servable_key, store_error_to_http
 
 pytestmark = pytest.mark.anyio
 
@@ -61,7 +61,7 @@ OUTSIDE = {"secret.txt": SECRET}  # in the bucket, beside the prefix served: nev
 def test_presign_matches_the_aws_documentation_example() -> None:
     """AWS's worked example of a query-string presigned GET (S3 API reference, "Authenticating Requests: Using
     Query Parameters", virtual-hosted style): the same URL and signature, byte for byte."""
-    url = presign_get(
+    url = presign_url(
         "https://examplebucket.s3.amazonaws.com", "", "test.txt", access_key="AKIAIOSFODNN7EXAMPLE",
         secret_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", region="us-east-1", expires_in=86400,
         now=calendar.timegm((2013, 5, 24, 0, 0, 0)),
@@ -75,7 +75,7 @@ def test_presign_matches_the_aws_documentation_example() -> None:
 
 
 def test_presign_path_style_encodes_key_and_signs_overrides() -> None:
-    url = presign_get(
+    url = presign_url(
         "http://127.0.0.1:9000", "bucket", "a dir/é+&?.txt", access_key="AK", secret_key="SK", region="eu-west-1",
         expires_in=60, now=0, session_token="TOKEN", overrides={"response-content-disposition": 'attachment; filename="x"'},
     )
@@ -87,6 +87,22 @@ def test_presign_path_style_encodes_key_and_signs_overrides() -> None:
     assert params["X-Amz-Credential"] == ["AK/19700101/eu-west-1/s3/aws4_request"]
     names = [part.split("=")[0] for part in query.split("&")]
     assert names[:-1] == sorted(names[:-1]) and names[-1] == "X-Amz-Signature"  # SigV4's canonical order
+
+
+ANNOUNCED_ETAGS = [
+    ('"0123abcd"', '"0123abcd"'),  # a store's strong ETag is the validator
+    ('"d41d8cd98f00b204e9800998ecf8427e-3"', '"d41d8cd98f00b204e9800998ecf8427e-3"'),  # a multipart upload's
+    ('W/"weak"', downloader.make_etag(10, 10**18)),  # not strong: ours, from size and time
+    (None, downloader.make_etag(10, 10**18)),
+    ("unquoted", downloader.make_etag(10, 10**18)),
+]
+
+
+@pytest.mark.parametrize(("store_etag", "announced"), ANNOUNCED_ETAGS)
+def test_the_validator_is_the_stores_etag_when_strong(store_etag: str | None, announced: str) -> None:
+    info = downloader.FileInfo(10, 10**18, "f.txt", "f.txt", etag=store_etag)
+    plan = downloader.plan_response("GET", {}, info, media_type="text/plain", disposition="", cache_control="no-cache", now=2e9, boundary="b")
+    assert dict(plan.headers)["ETag"] == announced
 
 
 SERVABLE_KEYS = [
@@ -130,8 +146,9 @@ ROOT_SETTINGS = [
     ({"DOWNLOADER_ROOT": "s3://bucket"}, "s3://bucket"),
     ({"DOWNLOADER_ROOT": "s3://bucket/"}, "s3://bucket"),
     ({"DOWNLOADER_ROOT": " s3://my.bucket-1/a/b/ "}, "s3://my.bucket-1/a/b"),
-    ({"DOWNLOADER_ROOT": "s3://Bucket/x"}, "DOWNLOADER_ROOT: 's3://Bucket/x' does not start with a bucket name (s3://bucket/prefix)"),
-    ({"DOWNLOADER_ROOT": "s3://"}, "DOWNLOADER_ROOT: 's3://' does not start with a bucket name (s3://bucket/prefix)"),
+    ({"DOWNLOADER_ROOT": "s3://Bucket/x"},
+     "DOWNLOADER_ROOT: 's3://Bucket/x': 'Bucket' is not a bucket name (3 to 63 lower-case letters, digits, dots and hyphens): s3://bucket/prefix"),
+    ({"DOWNLOADER_ROOT": "s3://"}, "DOWNLOADER_ROOT: 's3://': '' is not a bucket name (3 to 63 lower-case letters, digits, dots and hyphens): s3://bucket/prefix"),
     ({"DOWNLOADER_ROOT": "s3://bucket/a/../b"}, "DOWNLOADER_ROOT: 's3://bucket/a/../b' has an empty, . or .. segment in its prefix"),
     ({"DOWNLOADER_ROOT": "s3://bucket/a//b"}, "DOWNLOADER_ROOT: 's3://bucket/a//b' has an empty, . or .. segment in its prefix"),
     ({"DOWNLOADER_S3_MODE": "redirect"}, "DOWNLOADER_S3_MODE: applies only to a bucket root (root s3://bucket/prefix)"),
@@ -314,25 +331,72 @@ async def test_no_key_outside_the_prefix_or_unnameable_is_served(aws: Seaweed, m
 
 
 async def test_listing_is_what_is_served_and_pages_by_cursor(aws: Seaweed, mirrored: tuple[str, Path, int]) -> None:
+    """The same entries as the disk's listing (the store's order may differ: SeaweedFS lists folder by folder),
+    each served; and paging by cursor gives each once, in the whole listing's order."""
     prefix, root, _ = mirrored
     async with asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as bucket, asgi_client(downloader.create_app(root)) as disk:
         whole = (await bucket.get("/api/files")).json()
-        assert whole == (await disk.get("/api/files")).json()
+        from_disk = (await disk.get("/api/files")).json()
+        assert sorted(whole["files"], key=lambda f: f["path"]) == from_disk["files"]
+        assert whole["next_cursor"] is None
         paths = [f["path"] for f in whole["files"]]
-        assert paths == sorted(p for p in FILES if not p.startswith("."))
         for f in whole["files"]:
             got = await bucket.get(f["url"])
             assert (got.status_code, got.content) == (200, FILES[f["path"]])
-        paged, cursor = [], ""
-        while True:
-            page = (await bucket.get("/api/files", params={"limit": 2, **({"cursor": cursor} if cursor else {})})).json()
-            paged += [f["path"] for f in page["files"]]
-            if not (cursor := page["next_cursor"]):
-                break
-        assert paged == paths
+        assert await pages(bucket, 2) == paths
     async with asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}", serve_hidden=True)) as hidden:
         listed = [f["path"] for f in (await hidden.get("/api/files")).json()["files"]]
-        assert listed == sorted(FILES)
+        assert sorted(listed) == sorted(FILES)
+
+
+async def pages(client: httpx.AsyncClient, limit: int) -> list[str]:
+    """Every path of /api/files, following next_cursor `limit` at a time."""
+    paged, cursor = [], ""
+    while True:
+        page = (await client.get("/api/files", params={"limit": limit, **({"cursor": cursor} if cursor else {})})).json()
+        paged += [f["path"] for f in page["files"]]
+        if not (cursor := page["next_cursor"]):
+            return paged
+
+
+def put_raw(seaweed: Seaweed, key: str, body: bytes) -> None:
+    """An object under a key obstore won't write (a control character), by a presigned PUT."""
+    url = presign_url(seaweed.endpoint, seaweed.bucket, key, access_key=seaweed.KEY, secret_key=seaweed.SECRET_KEY, region=seaweed.REGION,
+                      expires_in=60, now=time.time(), method="PUT")
+    assert httpx.put(url, content=body).status_code == 200
+
+
+async def test_listing_pages_in_the_stores_order_past_keys_it_cant_serve(aws: Seaweed) -> None:
+    """SeaweedFS lists a/... before a!...: the cursor follows the store's order (start-after), so paging one by one
+    lists every file once. A key with a control character (S3 allows it; obstore's own listing fails a whole
+    page on it) is skipped, and neither the listing nor /healthz fails."""
+    prefix = new_prefix()
+    names = ["a/b.txt", "a/z/y.txt", "a!.txt", "a-c.txt", "a.txt", "docs.pdf", "docs/x.txt", "docs-old.txt", "b.txt"]
+    put_all(aws, prefix, {name: name.encode() for name in names})
+    put_raw(aws, f"{prefix}/tab\there.txt", b"unservable")
+    async with asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as client:
+        listed = [f["path"] for f in (await client.get("/api/files")).json()["files"]]
+        assert sorted(listed) == sorted(names)
+        for limit in (1, 2, 3):
+            assert await pages(client, limit) == listed
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/download/tab%09here.txt")).status_code == 404
+        zipped = await client.get("/zip/a")
+        with zipfile.ZipFile(io.BytesIO(zipped.content)) as archive:
+            assert sorted(archive.namelist()) == ["b.txt", "z/y.txt"]
+
+
+async def test_a_listing_page_reads_a_bounded_number_of_keys(aws: Seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hidden keys are skipped LIST_SCAN_KEYS at most per page: the page ends early, its cursor where the reading
+    stopped, and following it lists the files beyond."""
+    monkeypatch.setattr(downloader, "LIST_SCAN_KEYS", 3)
+    monkeypatch.setattr(downloader, "S3_LIST_PAGE", 2)  # the store's page: two keys
+    prefix = new_prefix()
+    put_all(aws, prefix, {**{f".cache/{i}": b"h" for i in range(6)}, "z.txt": b"z"})
+    async with asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as client:
+        first = (await client.get("/api/files")).json()
+        assert first["files"] == [] and first["next_cursor"]
+        assert await pages(client, 10) == ["z.txt"]
 
 
 async def test_zip_of_a_bucket_folder(aws: Seaweed, mirrored: tuple[str, Path, int]) -> None:
@@ -389,6 +453,13 @@ async def test_redirect_mode_sends_a_presigned_url_with_our_name_and_type(aws: S
         ranged = httpx.get(location, headers={"Range": "bytes=10-19"})
         assert (ranged.status_code, ranged.content) == (206, b"x" * 10)
         assert (await client.get(path, headers={"If-None-Match": ours.headers["etag"]})).status_code == 304  # no redirect
+        # What the store would answer otherwise is ours: a Range ignored (If-Range failed; the store would splice),
+        # several ranges (the store may send the whole file; our HEAD promised multipart).
+        stale = await client.get(path, headers={"Range": "bytes=5-", "If-Range": '"an-older-version"'})
+        assert (stale.status_code, stale.content, stale.headers["etag"]) == (200, b"x" * 1000, ours.headers["etag"])
+        several = await client.get(path, headers={"Range": "bytes=0-1,5-6"})
+        assert several.status_code == 206 and several.headers["content-type"].startswith("multipart/byteranges")
+        assert [body for _, body in parse_byteranges(several)] == [b"xx", b"xx"]
         assert (await client.get(path, headers={"If-Match": '"other"'})).status_code == 412
         assert (await client.get(path, headers={"Range": "bytes=5000-"})).status_code == 416
         assert (await client.get("/download/missing.bin")).status_code == 404
@@ -415,6 +486,61 @@ async def test_presigned_url_expires_and_a_tampered_one_is_refused(aws: Seaweed)
         assert httpx.get(url).status_code == 403, url
     time.sleep(3.1)
     assert httpx.get(location).status_code == 403  # expired
+
+
+async def test_redirect_binds_a_catalog_links_range_to_its_url(aws: Seaweed, tmp_path: Path) -> None:
+    """Behind a catalog link, a range short of the last byte is not counted, so its URL must serve only that range:
+    it is signed with the Range header. Without it, or with another, the store refuses the URL."""
+    prefix = new_prefix()
+    put_all(aws, prefix, {"one.bin": bytes(range(256)) * 40})
+    app = downloader.create_app(f"s3://{aws.bucket}/{prefix}", s3_mode="redirect", catalog=str(tmp_path / "c.db"), admin_token="t")
+    async with asgi_client(app) as client:
+        link = (await client.post("/api/links", json={"path": "one.bin", "max_downloads": 1}, headers={"Authorization": "Bearer t"})).json()
+        for _ in range(3):
+            moved = await client.get(link["url"], headers={"Range": "bytes=0-0"})
+            assert moved.status_code == 302
+            location = moved.headers["location"]
+            assert "X-Amz-SignedHeaders=host%3Brange&" in location
+            assert httpx.get(location, headers={"Range": "bytes=0-0"}).content == b"\x00"
+            assert httpx.get(location).status_code == 403
+            assert httpx.get(location, headers={"Range": "bytes=0-"}).status_code == 403
+        assert (await client.get("/api/links", headers={"Authorization": "Bearer t"})).json()["links"][0]["downloads"] == 0
+        whole = await client.get(link["url"])
+        assert whole.status_code == 302 and httpx.get(whole.headers["location"]).content == bytes(range(256)) * 40
+        assert (await client.get(link["url"], headers={"User-Agent": "other", "Range": "bytes=0-0"})).status_code == 410
+
+
+async def test_redirect_mode_asks_authorize_before_any_answer(aws: Seaweed) -> None:
+    """A 304, 412 or 416 would say the file exists, and its ETag: the hook refuses first, as in proxy mode."""
+    prefix = new_prefix()
+    put_all(aws, prefix, {"f.txt": b"0123456789"})
+    app = downloader.create_app(f"s3://{aws.bucket}/{prefix}", s3_mode="redirect", authorize=lambda request, file: False)
+    async with asgi_client(app) as client:
+        for headers in ({"If-None-Match": "*"}, {"If-Match": '"other"'}, {"Range": "bytes=999-"}, {}):
+            for path in ("/download/f.txt", "/download/missing.txt"):
+                got = await client.get(path, headers=headers)
+                assert (got.status_code, "etag" in got.headers) == (403, False), (path, headers)
+
+
+def test_redirect_mode_needs_keys_at_start_up(seaweed: Seaweed) -> None:
+    env = {k: v for k, v in seaweed.env(DOWNLOADER_S3_MODE="redirect").items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    done = run_cli("--port", "0", **env)
+    assert (done.returncode, done.stderr) == (
+        2, "downloader: DOWNLOADER_S3_MODE: redirect signs URLs itself: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set\n")
+
+
+async def test_paths_no_key_can_have_are_404_not_store_errors(aws: Seaweed, tmp_path: Path) -> None:
+    """A control character in a path (obstore refuses such keys) is a missing file, never a 502 or a 500, and no
+    upstream error is counted; a folder marker (`photos/`, as consoles make) is not listed."""
+    prefix = new_prefix()
+    put_all(aws, prefix, {"photos/a.jpg": b"jpg"})
+    put_raw(aws, f"{prefix}/photos/", b"")
+    async with asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as client:
+        for path in ("/download/a%01b.txt", "/download/a%09b.txt", "/download/a%7Fb.txt", "/zip/a%01b", "/download/photos", "/download/photos/"):
+            assert (await client.get(path)).status_code == 404, path
+        assert (await client.get("/api/files", params={"cursor": downloader.encode_cursor("a\x01//../b")})).status_code == 200
+        assert [f["path"] for f in (await client.get("/api/files")).json()["files"]] == ["photos/a.jpg"]
+        assert "downloader_upstream_errors_total{" not in (await client.get("/metrics")).text
 
 
 # ---------------------------------------------------------------------------
@@ -451,6 +577,10 @@ async def test_store_failures_are_clear_json_errors(aws: Seaweed, relay: Relay, 
         slow = await client.get("/download/f.txt")
         assert (slow.status_code, slow.json()) == (504, {"detail": "The object store timed out"})
         assert time.monotonic() - began < 5
+        began = time.monotonic()
+        probe = await client.get("/healthz")
+        assert probe.status_code == 503 and "the object store did not answer within" in probe.json()["detail"]
+        assert time.monotonic() - began < 3  # S3_HEALTH_TIMEOUT_S: before a probe's own timeout
         metrics = (await client.get("/metrics")).text
         assert re.search(r'downloader_upstream_errors_total\{kind="failed"\} [1-9]', metrics), metrics
         assert re.search(r'downloader_upstream_errors_total\{kind="timeout"\} [1-9]', metrics), metrics
@@ -461,6 +591,7 @@ async def test_store_failures_are_clear_json_errors(aws: Seaweed, relay: Relay, 
 
 START_UP_ERRORS = [
     ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the object store can't be reached (AWS_ENDPOINT_URL)"),
+    ({"AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "AWS_ENDPOINT_URL must be an http:// or https:// URL, like http://127.0.0.1:8333"),
     ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "access denied (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
     ({"DOWNLOADER_ROOT": "s3://no-such-bucket-here"}, "no such bucket"),
 ]
@@ -672,3 +803,36 @@ def test_the_readme_example_serves_a_bucket(seaweed: Seaweed, tmp_path: Path, re
         assert [f["path"] for f in httpx.get(f"{server.url}/api/files").json()["files"]] == ["readme.txt"]
     finally:
         server.stop(show_log=failed(request))
+
+
+def test_aria2c_and_curl_follow_redirect_mode(seaweed: Seaweed, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """aria2c -x8 follows each connection's 302; on a one-time catalog link every segment's URL is bound to its
+    range, and the download is counted once. curl -L -OJ saves the name the 302 carried (ASCII and filename*)."""
+    prefix = new_prefix()
+    digest = put_big(seaweed, prefix, "big.bin", 24 * MIB, tmp_path)
+    env = seaweed.env(prefix, DOWNLOADER_S3_MODE="redirect", DOWNLOADER_CATALOG=str(tmp_path / "c.db"))
+    aria2c, curl = need("aria2c"), need("curl")
+    with cli_server(Path("unused"), tmp_path / "server.log", **env) as server:
+        for name, url in (("plain.bin", f"{server.url}/download/big.bin"), ("link.bin", None)):
+            if url is None:
+                added = run_cli("add", "big.bin", "--max-downloads", "1", "--name", "r\u00e9sum\u00e9.bin", "--base-url", server.url, **env)
+                url = added.stdout.split()[1]
+            done = subprocess.run([aria2c, "-q", "-x8", "-s8", "-k1M", "-d", str(tmp_path), "-o", name, url], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
+        assert httpx.get(url).status_code == 410  # the link's one download was counted
+        listed = run_cli("list", **env).stdout
+        assert "\t1\t1\t" in listed, listed
+        work = tmp_path / "curl"
+        work.mkdir()
+        subprocess.run([curl, "-sSfLOJ", f"{server.url}/download/big.bin"], cwd=work, check=True, timeout=120)
+        assert [p.name for p in work.iterdir()] == ["big.bin"]
+        if failed(request):
+            print(server)
+
+
+def test_an_empty_prefix_is_served_with_a_note(seaweed: Seaweed, tmp_path: Path) -> None:
+    """A prefix with no objects may be a new one, or a typo: served, with a note on stderr."""
+    with cli_server(Path("unused"), tmp_path / "server.log", **seaweed.env("nothing-here-" + new_prefix())) as server:
+        assert httpx.get(f"{server.url}/api/files").json() == {"files": [], "next_cursor": None}
+        assert "holds no objects (yet): is the prefix spelt right?" in server.log_text()
