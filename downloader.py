@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -1815,9 +1816,15 @@ class Bucket:
         self.region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         if not self.endpoint:
             self.endpoint = f"https://s3.{self.region}.amazonaws.com"
-        parts = urllib.parse.urlsplit(self.endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        try:
+            parts = urllib.parse.urlsplit(self.endpoint)
+            usable = parts.scheme in ("http", "https") and parts.hostname and not (parts.username or parts.query or parts.fragment)
+            _ = parts.port  # ValueError for a port that isn't one
+        except ValueError:
+            usable = False
+        if not usable:
             raise BucketError("AWS_ENDPOINT_URL must be an http:// or https:// URL, like http://127.0.0.1:8333")
+        self.endpoint = urllib.parse.urlunsplit(parts)  # (the scheme in lower case, as both clients read it)
         self.access_key = environ.get("AWS_ACCESS_KEY_ID")
         self.secret_key = environ.get("AWS_SECRET_ACCESS_KEY")
         self.session_token = environ.get("AWS_SESSION_TOKEN")
@@ -1954,13 +1961,21 @@ class Bucket:
         if start_after:
             query["start-after"] = ours + start_after
         url = self.presign("", 60, query, in_prefix=False)
-        with urllib.request.urlopen(url, timeout=S3_TIMEOUT_S) as response:
-            tree = ElementTree.fromstring(response.read())
+        deadline, body = time.monotonic() + S3_TIMEOUT_S, bytearray()
+        with urllib.request.urlopen(url, timeout=S3_TIMEOUT_S) as response:  # (a timeout per read: the deadline bounds them all)
+            while data := response.read1(65536):
+                body += data
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the listing took too long")
+        tree = ElementTree.fromstring(bytes(body))
         ns = {"s3": tree.tag.partition("}")[0].lstrip("{")} if tree.tag.startswith("{") else {}
         find = (lambda node, name: node.findtext(f"s3:{name}", "", ns)) if ns else (lambda node, name: node.findtext(name, ""))
+        encoded = find(tree, "EncodingType") == "url"  # (a store may not encode them)
         listed = []
         for item in tree.iterfind("s3:Contents" if ns else "Contents", ns):
-            key = urllib.parse.unquote_plus(find(item, "Key"), errors="surrogateescape")  # (form encoding: " " is "+", as botocore reads it)
+            key = find(item, "Key")
+            if encoded:
+                key = urllib.parse.unquote_plus(key, errors="surrogateescape")  # (form encoding: " " is "+", as botocore reads it)
             modified = datetime.datetime.fromisoformat(find(item, "LastModified").replace("Z", "+00:00")).timestamp()
             listed.append(ListedFile(key[len(ours):], int(find(item, "Size") or 0), modified, find(item, "ETag") or None))
         return listed, find(tree, "IsTruncated") == "true"
@@ -1990,7 +2005,7 @@ def bucket_problem(exc: BaseException) -> str:
         return "access denied (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
     if code is not None:
         return f"the object store answered {code}"
-    if re.search(r"connect|dns|resolve", str(exc), re.IGNORECASE):
+    if re.search(r"connect|dns|resolve", str(exc), re.IGNORECASE) or isinstance(exc, urllib.error.URLError):
         return "the object store can't be reached (AWS_ENDPOINT_URL)"
     return f"the object store failed ({type(exc).__name__})"
 
@@ -2790,6 +2805,9 @@ class DownloadResponse(Download):
         )
 
 
+SINGLE_RANGE = re.compile(r"bytes=(\d+-\d*|-\d+)")  # one range as every store reads it alike
+
+
 class ObjectResponse(DownloadResponse):
     """DownloadResponse's answer for an object of a bucket (section 6): its metadata from a HEAD, its ranges read
     by ObjectChunks, opened before the head is sent so that a failure is still a JSON error. The object replaced
@@ -2837,16 +2855,19 @@ class ObjectResponse(DownloadResponse):
 
     async def send_redirect(self, scope: Scope, receive: Receive, send: Send, info: FileInfo) -> None:
         """authorize, then the plan: 304, 412 and 416 are answered here. The whole file asked for without a Range,
-        or one range, becomes a 302 to a presigned URL. What the store would answer otherwise is proxied: a Range
-        we ignore (If-Range failed: the store ignores If-Range and would splice) or several ranges (stores may
-        send the whole file). Behind a gate (a catalog link) the URL is signed with the request's Range, so it
+        or one range written `bytes=N-M`, `bytes=N-` or `bytes=-N`, becomes a 302 to a presigned URL. What the
+        store might answer otherwise is proxied: a Range we ignore (If-Range failed: the store ignores If-Range
+        and would splice), several ranges (stores may send the whole file), a Range in any other spelling. Behind a gate (a catalog link) the URL is signed with the request's Range, so it
         serves that range only: one that stops short of the last byte, not counted, can't fetch the whole object."""
         requested = request_headers(scope)
         try:
             if self.authorize is not None:
                 await self.authorize(info)
             plan = self.plan(scope, info)
-            if (plan.status == 200 and "range" in requested) or (plan.status == 206 and len(plan.pieces) > 1):
+            # (a Range in any other form may be read otherwise by the store: a URL signed with it would then serve
+            # what we didn't count, such as the whole file for "BYTES=0-0" or "bytes=0-0,99999-")
+            canonical = "range" not in requested or bool(SINGLE_RANGE.fullmatch(requested["range"]))
+            if plan.status in (200, 206) and not (canonical and len(plan.pieces) <= 1 and (plan.status == 206 or "range" not in requested)):
                 await self.send_planned(scope, receive, send, info, reader=self.reader(info), authorized=True)
                 return
             if plan.status in (200, 206):

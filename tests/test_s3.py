@@ -504,6 +504,11 @@ async def test_redirect_binds_a_catalog_links_range_to_its_url(aws: Seaweed, tmp
             assert httpx.get(location, headers={"Range": "bytes=0-0"}).content == b"\x00"
             assert httpx.get(location).status_code == 403
             assert httpx.get(location, headers={"Range": "bytes=0-"}).status_code == 403
+        # A Range in another spelling may be read otherwise by the store (AWS and SeaweedFS send the whole object
+        # for these): not redirected but proxied, and answered as we read it.
+        for odd in ("BYTES=0-0", "bytes = 0-0", "bytes=0-0,999999-", "bytes=0-0, 20000-20001"):
+            proxied = await client.get(link["url"], headers={"Range": odd})
+            assert (proxied.status_code, proxied.content) == (206, b"\x00"), odd
         assert (await client.get("/api/links", headers={"Authorization": "Bearer t"})).json()["links"][0]["downloads"] == 0
         whole = await client.get(link["url"])
         assert whole.status_code == 302 and httpx.get(whole.headers["location"]).content == bytes(range(256)) * 40
@@ -592,9 +597,18 @@ async def test_store_failures_are_clear_json_errors(aws: Seaweed, relay: Relay, 
 START_UP_ERRORS = [
     ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the object store can't be reached (AWS_ENDPOINT_URL)"),
     ({"AWS_ENDPOINT_URL": "127.0.0.1:9000"}, "AWS_ENDPOINT_URL must be an http:// or https:// URL, like http://127.0.0.1:8333"),
+    ({"AWS_ENDPOINT_URL": "http://[::1"}, "AWS_ENDPOINT_URL must be an http:// or https:// URL, like http://127.0.0.1:8333"),
+    ({"AWS_ENDPOINT_URL": "http://user:pw@127.0.0.1:9"}, "AWS_ENDPOINT_URL must be an http:// or https:// URL, like http://127.0.0.1:8333"),
+    ({"AWS_ENDPOINT_URL": "http://no-such-host.invalid:8333"}, "the object store can't be reached (AWS_ENDPOINT_URL)"),
     ({"AWS_SECRET_ACCESS_KEY": "wrong"}, "access denied (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"),
     ({"DOWNLOADER_ROOT": "s3://no-such-bucket-here"}, "no such bucket"),
 ]
+
+
+def test_an_endpoint_in_capitals_is_read_as_both_clients_read_it(seaweed: Seaweed) -> None:
+    """The listing (urllib) and the downloads (obstore, which allows http only when told) agree on HTTP://."""
+    env = seaweed.env(AWS_ENDPOINT_URL=seaweed.endpoint.replace("http://", "HTTP://"))
+    assert downloader.Bucket(f"s3://{seaweed.bucket}", env).endpoint == seaweed.endpoint
 
 
 @pytest.mark.parametrize(("change", "reason"), START_UP_ERRORS, ids=[r for _, r in START_UP_ERRORS])
