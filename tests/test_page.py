@@ -379,6 +379,17 @@ RECORD_STATUSES = """() => {
 }"""
 
 
+def cut_and_resumed(page: sync_api.Page, proxy: CuttableProxy) -> tuple[sync_api.Download, str]:
+    """BIG_NAME downloaded through the paced proxy, its connection cut at 20%: the download and its last status."""
+    proxy.bps = PROXY_BPS
+    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
+        cut_at(page, proxy, BIG_NAME, 20)
+        network(page)
+        status = wait_for_state(page, BIG_NAME, "done")
+    return info.value, status
+
+
 def record_statuses(page: sync_api.Page) -> Callable[[str], list[tuple[str, float]]]:
     """Start recording status lines; the function returned gives one row's (text, ms)
     so far, a text repeated in a row kept once."""
@@ -1054,14 +1065,9 @@ def test_dropped_connection_resumes_with_range_and_if_range(
     """RFC 9110 §14.2, §13.1.5: continue with Range: bytes=N- and the first response's ETag."""
     statuses = record_statuses(page)
     requests, responses = download_requests(page)
-    proxy.bps = PROXY_BPS
-    with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
-        page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
-        cut_at(page, proxy, BIG_NAME, 20)
-        network(page)
-        wait_for_state(page, BIG_NAME, "done")
-    assert info.value.suggested_filename == BIG_NAME
-    assert sha256(saved_bytes(info.value, tmp_path)) == sha256(listed[BIG_NAME])
+    download, _ = cut_and_resumed(page, proxy)
+    assert download.suggested_filename == BIG_NAME
+    assert sha256(saved_bytes(download, tmp_path)) == sha256(listed[BIG_NAME])
     assert "range" not in requests[0]
     assert responses[0].status == 200
     resumed = [h for h in requests if "range" in h]
@@ -1338,14 +1344,10 @@ def test_page_lists_a_bucket_and_resumes_a_cut_download_from_it(
             shown = page.locator("li.file").evaluate_all("rows => rows.map(r => r.dataset.path)")
             assert sorted(shown) == sorted(files)
             requests, responses = download_requests(page)
-            proxy.bps = PROXY_BPS
-            with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
-                page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
-                cut_at(page, proxy, BIG_NAME, 20)
-                network(page)
-                assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
-            assert info.value.suggested_filename == BIG_NAME
-            assert sha256(saved_bytes(info.value, tmp_path)) == sha256(files[BIG_NAME])
+            download, status = cut_and_resumed(page, proxy)
+            assert status == f"Downloaded “{BIG_NAME}”."
+            assert download.suggested_filename == BIG_NAME
+            assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
             etag = responses[0].headers["etag"]
             assert etag == object_etag
             resumed = [h for h in requests if "range" in h]
