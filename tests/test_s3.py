@@ -152,6 +152,7 @@ ROOT_SETTINGS = [
     ({"DOWNLOADER_ROOT": "s3://bucket/a/../b"}, "DOWNLOADER_ROOT: 's3://bucket/a/../b' has an empty, . or .. segment in its prefix"),
     ({"DOWNLOADER_ROOT": "s3://bucket/a//b"}, "DOWNLOADER_ROOT: 's3://bucket/a//b' has an empty, . or .. segment in its prefix"),
     ({"DOWNLOADER_S3_MODE": "redirect"}, "DOWNLOADER_S3_MODE: applies only to a bucket root (root s3://bucket/prefix)"),
+    ({"DOWNLOADER_S3_URL_TTL": "60"}, "DOWNLOADER_S3_URL_TTL: applies only to a bucket root (root s3://bucket/prefix)"),
     ({"DOWNLOADER_ROOT": "s3://bucket", "DOWNLOADER_S3_MODE": "sideways"}, "DOWNLOADER_S3_MODE: must be proxy or redirect"),
     ({"DOWNLOADER_ROOT": "s3://bucket", "DOWNLOADER_S3_URL_TTL": "60"}, "DOWNLOADER_S3_URL_TTL: applies only with s3_mode=redirect"),
     ({"DOWNLOADER_ROOT": "s3://bucket", "DOWNLOADER_S3_MODE": "redirect", "DOWNLOADER_S3_URL_TTL": "0"},
@@ -172,6 +173,55 @@ def test_bucket_settings(environ: dict[str, str], want: str) -> None:
         with pytest.raises(downloader.SettingsError) as caught:
             downloader.settings_from_env(environ)
         assert str(caught.value) == want
+
+
+class ScriptedBucket:
+    """ObjectChunks's bucket, its GETs' bodies scripted: each a list of chunks, an exception breaking it there."""
+
+    def __init__(self, *bodies: list) -> None:
+        self.bodies, self.calls, self.errors = list(bodies), [], []
+        self.on_error = self.errors.append
+
+    async def open_window(self, info, start: int, stop: int, chunk_size: int):
+        self.calls.append((start, stop))
+        body = self.bodies.pop(0)
+
+        async def stream():
+            for piece in body:
+                if isinstance(piece, BaseException):
+                    raise piece
+                yield piece
+
+        return stream()
+
+
+SCRIPTED = downloader.FileInfo(10, 0, "f", "f", etag='"e"')
+
+
+async def read_all(chunks: downloader.ObjectChunks) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+async def test_a_body_broken_mid_window_is_asked_again_from_where_it_stopped() -> None:
+    bucket = ScriptedBucket([b"ab", ConnectionResetError()], [b"cdef"])
+    assert await read_all(downloader.ObjectChunks(bucket, SCRIPTED, ByteRange(0, 6))) == b"abcdef"
+    assert (bucket.calls, bucket.errors) == ([(0, 6), (2, 6)], ["failed"])
+
+
+async def test_retries_count_per_break_not_per_transfer() -> None:
+    """S3_RETRIES (2) breaks in a row abort; three breaks, each after progress, don't."""
+    bucket = ScriptedBucket([b"a", OSError()], [b"b", OSError()], [b"c", OSError()], [b"def"])
+    assert await read_all(downloader.ObjectChunks(bucket, SCRIPTED, ByteRange(0, 6))) == b"abcdef"
+    stuck = ScriptedBucket([b"a", OSError()], [OSError()], [OSError()], [b"never"])
+    with pytest.raises(downloader.TransferAborted, match="failed mid-transfer"):
+        await read_all(downloader.ObjectChunks(stuck, SCRIPTED, ByteRange(0, 6)))
+    assert stuck.calls == [(0, 6), (1, 6), (1, 6)]
+
+
+async def test_a_store_that_sends_more_than_asked_aborts() -> None:
+    """A store that ignores the Range (the whole object for bytes 2-4) never puts other bytes in the body."""
+    with pytest.raises(downloader.TransferAborted, match="more than was asked"):
+        await read_all(downloader.ObjectChunks(ScriptedBucket([b"0123456789"]), SCRIPTED, ByteRange(2, 5)))
 
 
 # ---------------------------------------------------------------------------
@@ -850,3 +900,53 @@ def test_an_empty_prefix_is_served_with_a_note(seaweed: Seaweed, tmp_path: Path)
     with cli_server(Path("unused"), tmp_path / "server.log", **seaweed.env("nothing-here-" + new_prefix())) as server:
         assert httpx.get(f"{server.url}/api/files").json() == {"files": [], "next_cursor": None}
         assert "holds no objects (yet): is the prefix spelt right?" in server.log_text()
+
+
+async def test_a_folder_behind_many_hidden_keys_is_found_and_zipped(aws: Seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a folder exists, and what /zip holds, read past LIST_SCAN_KEYS (it bounds /api/files pages only)."""
+    monkeypatch.setattr(downloader, "LIST_SCAN_KEYS", 3)
+    monkeypatch.setattr(downloader, "S3_LIST_PAGE", 2)
+    prefix = new_prefix()
+    put_all(aws, prefix, {**{f"d/.cache/{i}": b"h" for i in range(6)}, "d/z.txt": b"z"})
+    async with asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as client:
+        zipped = await client.get("/zip/d")
+        assert zipped.status_code == 200
+        assert zipfile.ZipFile(io.BytesIO(zipped.content)).namelist() == ["z.txt"]
+
+
+async def test_store_reads_start_when_needed(aws: Seaweed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the first range's GET starts before the head (the others when the body reaches them: not 100 connections
+    for 100 ranges at once); a hidden or unnameable folder is 404 without a listing."""
+    prefix = new_prefix()
+    put_all(aws, prefix, {"f.bin": bytes(range(64)), ".git/config": b"secret", "a.txt": b"a"})
+    app = downloader.create_app(f"s3://{aws.bucket}/{prefix}")
+    bucket = app.state.service.bucket
+    opened, listed, at_start = [], [], []
+    open_window, list_keys = bucket.open_window, bucket.list_keys
+
+    async def counted_open(*args):
+        opened.append(args[1:3])
+        return await open_window(*args)
+
+    async def counted_list(*args):
+        listed.append(args)
+        return await list_keys(*args)
+
+    monkeypatch.setattr(bucket, "open_window", counted_open)
+    monkeypatch.setattr(bucket, "list_keys", counted_list)
+
+    async def watched(scope, receive, send):
+        async def send_watched(message):
+            if message["type"] == "http.response.start":
+                at_start.append(len(opened))
+            await send(message)
+        await app(scope, receive, send_watched)
+
+    async with asgi_client(watched) as client:
+        got = await client.get("/download/f.bin", headers={"Range": "bytes=0-0,10-10,20-20,30-30"})
+        assert got.status_code == 206 and len(parse_byteranges(got)) == 4
+        assert (at_start, len(opened)) == ([1], 4)
+        listed.clear()
+        for path in ("/zip/.git", "/zip/a%01b"):
+            assert (await client.get(path)).status_code == 404
+        assert listed == []
