@@ -950,3 +950,24 @@ async def test_store_reads_start_when_needed(aws: Seaweed, monkeypatch: pytest.M
         for path in ("/zip/.git", "/zip/a%01b"):
             assert (await client.get(path)).status_code == 404
         assert listed == []
+
+
+async def test_without_keys_the_listing_goes_through_obstore(aws: Seaweed) -> None:
+    """With no keys in the environment (an instance's role) the listing is obstore's: the same files, pages and
+    folders. (SeaweedFS needs keys, so the bucket's own signing keys are dropped after it is built: obstore keeps
+    the ones it was configured with, and only our own ListObjectsV2 request is off.)"""
+    prefix = new_prefix()
+    names = ["a/b.txt", "a/z/y.txt", "a!.txt", "a.txt", ".hidden", "d/.cache/x", "d/z.txt"]
+    put_all(aws, prefix, {name: name.encode() for name in names})
+    app = downloader.create_app(f"s3://{aws.bucket}/{prefix}")
+    async with asgi_client(app) as client:
+        ours = [f["path"] for f in (await client.get("/api/files")).json()["files"]]
+        app.state.service.bucket.access_key = None
+        listed = [f["path"] for f in (await client.get("/api/files")).json()["files"]]
+        assert listed == ours and sorted(listed) == sorted(n for n in names if not downloader.is_hidden(n.split("/")))
+        for limit in (1, 2):
+            assert await pages(client, limit) == listed
+        zipped = await client.get("/zip/d")
+        assert zipfile.ZipFile(io.BytesIO(zipped.content)).namelist() == ["z.txt"]
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/zip/nothing")).status_code == 404
