@@ -1268,7 +1268,7 @@ def plan_response(
        416 raises, None or no Range is the whole file (200);
     4. one range: 206 with Content-Range; several: 206 multipart/byteranges.
     HEAD gets exactly the GET's headers; the caller leaves out the body."""
-    etag = info.etag if STRONG_ETAG.fullmatch(info.etag or "") else make_etag(info.size, info.mtime_ns)
+    etag = info.etag if info.etag and STRONG_ETAG.fullmatch(info.etag) else make_etag(info.size, info.mtime_ns)
     modified = info.mtime_ns / 1e9
     # RFC 9110 §8.8.2.1: Last-Modified is never later than the response's Date. uvicorn
     # refreshes its Date once a second, so the Date may trail our clock by up to a second.
@@ -1662,8 +1662,8 @@ async def send_body(
                 group.cancel_scope.cancel()
     finally:
         for piece in pieces:
-            if isinstance(piece, AsyncIterable) and hasattr(piece, "aclose"):  # ByteStream, ObjectChunks
-                await piece.aclose()
+            if (close := getattr(piece, "aclose", None)) is not None:  # ByteStream, ObjectChunks
+                await close()
     if failure is not None:
         raise failure
     return sent
@@ -1829,7 +1829,7 @@ class Bucket:
         self.secret_key = environ.get("AWS_SECRET_ACCESS_KEY")
         self.session_token = environ.get("AWS_SESSION_TOKEN")
         self.on_error = on_error or (lambda kind: None)
-        self.holds_objects = True  # (as the start-up check found)
+        self.holds_objects = True  # whether check() found a key
         config: dict[str, object] = {"endpoint": self.endpoint, "region": self.region}
         if self.access_key and self.secret_key:
             config.update(access_key_id=self.access_key, secret_access_key=self.secret_key)
@@ -1849,14 +1849,15 @@ class Bucket:
         except Exception as exc:  # obstore's configuration errors
             raise BucketError(f"can't set up the S3 client ({type(exc).__name__})") from None
 
-    def check(self) -> bool:
-        """Lists one key (blocking): whether the prefix holds any; BucketError saying why the bucket can't be read."""
+    def check(self) -> None:
+        """Lists one key (blocking), noting whether the prefix holds any; BucketError saying why the bucket can't be read."""
         import obstore
 
         try:
             if self.access_key and self.secret_key:
-                return bool(self.list_request("", "", 1)[0])
-            return next(iter(obstore.list(self.meta, chunk_size=1)), None) is not None
+                self.holds_objects = bool(self.list_request("", "", 1)[0])
+            else:
+                self.holds_objects = next(iter(obstore.list(self.meta, chunk_size=1)), None) is not None
         except Exception as exc:
             raise BucketError(bucket_problem(exc)) from None
 
@@ -1968,11 +1969,14 @@ class Bucket:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the listing took too long")
         tree = ElementTree.fromstring(bytes(body))
-        ns = {"s3": tree.tag.partition("}")[0].lstrip("{")} if tree.tag.startswith("{") else {}
-        find = (lambda node, name: node.findtext(f"s3:{name}", "", ns)) if ns else (lambda node, name: node.findtext(name, ""))
+        ns = tree.tag[: tree.tag.index("}") + 1] if tree.tag.startswith("{") else ""  # S3's XML namespace, as ElementTree writes it
+
+        def find(node: ElementTree.Element, name: str) -> str:
+            return node.findtext(ns + name, "")
+
         encoded = find(tree, "EncodingType") == "url"  # (a store may not encode them)
         listed = []
-        for item in tree.iterfind("s3:Contents" if ns else "Contents", ns):
+        for item in tree.iterfind(ns + "Contents"):
             key = find(item, "Key")
             if encoded:
                 key = urllib.parse.unquote_plus(key, errors="surrogateescape")  # (form encoding: " " is "+", as botocore reads it)
@@ -2770,7 +2774,9 @@ class DownloadResponse(Download):
         assert self.root is not None and self.offload_prefix is not None
         requested = request_headers(scope)
         try:
-            await self.check_handed_over(scope, requested, info)
+            if self.authorize is not None:
+                await self.authorize(info)
+            await self.count_at_last_byte(scope, requested, info)
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
             return
@@ -2786,11 +2792,9 @@ class DownloadResponse(Download):
         await send(self.start(200, headers))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def check_handed_over(self, scope: Scope, requested: Mapping[str, str], info: FileInfo) -> None:
+    async def count_at_last_byte(self, scope: Scope, requested: Mapping[str, str], info: FileInfo) -> None:
         """Before the bytes are handed to another server (offload, a presigned URL), which can't tell us whether a
-        transfer completed: authorize, and a catalog link counts a download when a GET reaches the last byte."""
-        if self.authorize is not None:
-            await self.authorize(info)
+        transfer completed: a catalog link counts a download when a GET reaches the last byte (410 when used up)."""
         if self.gate is not None and scope["method"] == "GET" and reaches_end(requested.get("range"), info.size):
             if not await pass_gate(self.gate, started=False):
                 raise HTTPError(410, LINK_GONE["used-up"])
@@ -2871,11 +2875,8 @@ class ObjectResponse(DownloadResponse):
                 await self.send_planned(scope, receive, send, info, reader=self.reader(info), authorized=True)
                 return
             if plan.status in (200, 206):
-                bound = {}
-                if self.gate is not None:
-                    if reaches_end(requested.get("range"), info.size) and not await pass_gate(self.gate, started=False):
-                        raise HTTPError(410, LINK_GONE["used-up"])
-                    bound = {"Range": requested["range"]} if "range" in requested else {}
+                await self.count_at_last_byte(scope, requested, info)
+                bound = {"Range": requested["range"]} if self.gate is not None and "range" in requested else {}
                 name = self.filename or info.name
                 overrides = {  # (the ASCII filename= and RFC 8187's filename*: no UTF-8 filename= for curl, see content_disposition)
                     "response-content-disposition": content_disposition(name, self.disposition),
@@ -3110,7 +3111,7 @@ def open_bucket(url: str, label: str, metrics: Metrics | None = None, *, signing
     if signing and not (bucket.access_key and bucket.secret_key):
         raise SettingsError("s3_mode", "redirect signs URLs itself: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set")
     try:
-        bucket.holds_objects = bucket.check()
+        bucket.check()
     except BucketError as exc:
         raise SettingsError(label, f"{url}: {exc}") from None
     return bucket
