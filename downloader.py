@@ -2015,7 +2015,7 @@ def bucket_problem(exc: BaseException) -> str:
 
 
 class ObjectChunks:
-    """Async iterator over the bytes `span` of one version of an object (`info`: its ETag), about `chunk_size` at a
+    """Async iterator over the bytes `span` of one version of an object (`info`: its ETag), `chunk_size` at most at a
     time, in S3_WINDOW GETs (Bucket.open_window, If-Match). A GET that fails or stalls (S3_TIMEOUT_S) mid-body
     is asked again from where it stopped, S3_RETRIES times; then, or when the object changed, TransferAborted.
     close() drops the GET in flight, which closes its connection: a client gone stops the upstream read."""
@@ -2024,6 +2024,7 @@ class ObjectChunks:
         self.bucket, self.info, self.chunk_size = bucket, info, chunk_size
         self._pos, self._stop, self._window_stop = span.start, span.stop, span.start
         self._body: AsyncIterator[bytes] | None = None
+        self._pending = memoryview(b"")  # received, not yet returned: obstore's chunks are `chunk_size` at least, not at most
         self._failures = 0
 
     @property
@@ -2041,6 +2042,10 @@ class ObjectChunks:
 
     async def __anext__(self) -> bytes:
         while not self.done:
+            if self._pending:  # at most chunk_size a time: the rate limit's pace (paced_chunk_size) and the message size
+                data, self._pending = self._pending[: self.chunk_size], self._pending[self.chunk_size :]
+                self._pos += len(data)
+                return bytes(data)
             try:
                 await self.open()
                 assert self._body is not None
@@ -2065,13 +2070,12 @@ class ObjectChunks:
             if len(data) > self._window_stop - self._pos:
                 self.close()
                 raise TransferAborted("the object store sent more than was asked")
-            self._pos += len(data)
-            self._failures = 0
-            return bytes(data)
+            self._pending, self._failures = memoryview(data), 0
         raise StopAsyncIteration
 
     def close(self) -> None:
         self._body = None  # obstore's stream, dropped: the request is cancelled and its connection closed
+        self._pending = memoryview(b"")
 
     async def aclose(self) -> None:
         self.close()

@@ -63,9 +63,16 @@ def test_uvicorn_with_bad_setting_stops_with_one_line(tmp_path: Path) -> None:
         (["--bogus"], {}, "unrecognized arguments: --bogus (python downloader.py --help)"),
         (["--prox"], {}, "unrecognized arguments: --prox (python downloader.py --help)"),
         (["--port"], {}, "argument --port: expected one argument (python downloader.py --help)"),
+        (["--root", "s3://Bad_Bucket"], {},
+         "--root: 's3://Bad_Bucket': 'Bad_Bucket' is not a bucket name (3 to 63 lower-case letters, digits, dots and hyphens): s3://bucket/prefix"),
+        (["--root", "s3://bucket/a/../b"], {}, "--root: 's3://bucket/a/../b' has an empty, . or .. segment in its prefix"),
+        ([], {"DOWNLOADER_S3_MODE": "sideways"}, "DOWNLOADER_S3_MODE: must be proxy or redirect"),
+        ([], {"DOWNLOADER_S3_MODE": "redirect"}, "DOWNLOADER_S3_MODE: applies only to a bucket root (root s3://bucket/prefix)"),
+        ([], {"DOWNLOADER_ROOT": "s3://bucket", "DOWNLOADER_S3_URL_TTL": "abc"}, "DOWNLOADER_S3_URL_TTL: must be a whole number, got 'abc'"),
     ],
     ids=["port-flag", "port-env", "workers", "port-superscript", "host", "root-flag-empty", "root-env-empty", "root-blank", "log-folder", "log-dir", "catalog-dir",
-         "host-not-here", "unknown-flag", "abbreviated-flag", "flag-without-value"],
+         "host-not-here", "unknown-flag", "abbreviated-flag", "flag-without-value", "bucket-name", "bucket-prefix", "s3-mode", "s3-mode-on-disk",
+         "s3-url-ttl"],
 )
 def test_bad_start_up_is_one_line_naming_the_flag_or_variable(args: list[str], env: dict[str, str], line: str) -> None:
     """Issue "No surprises" #1, #2, #10: nothing is announced, nothing is served."""

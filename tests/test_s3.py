@@ -31,7 +31,7 @@ import pytest
 
 import test_conditional as conditional
 import test_ranges as ranges
-from conftest import SECRET, TEN, UNICODE_NAME, asgi_request, need
+from conftest import SECRET, TEN, UNICODE_NAME, asgi_exchange, asgi_request, need
 from helpers import MIB, PROJECT, Relay, Seaweed, Server, cli_server, failed, free_port, parse_byteranges, run_cli, wait_for
 
 import downloader
@@ -971,3 +971,40 @@ async def test_without_keys_the_listing_goes_through_obstore(aws: Seaweed) -> No
         assert zipfile.ZipFile(io.BytesIO(zipped.content)).namelist() == ["z.txt"]
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/zip/nothing")).status_code == 404
+
+
+def test_a_store_connection_cut_mid_body_is_read_again_from_where_it_stopped(seaweed: Seaweed, tmp_path: Path) -> None:
+    """Through a Relay whose open connections are reset each MiB the client gets (new ones still pass): the
+    client gets every byte, once, in order, and the store's failures are counted."""
+    prefix = new_prefix()
+    digest = put_big(seaweed, prefix, "cut.bin", 12 * MIB, tmp_path)
+    relay = Relay(seaweed.port)
+    env = seaweed.env(prefix, AWS_ENDPOINT_URL=relay.url, DOWNLOADER_RATE_LIMIT=str(4 * MIB))
+    try:
+        with cli_server(Path("unused"), tmp_path / "server.log", **env) as server:
+            got, cuts = hashlib.sha256(), 0
+            with httpx.stream("GET", f"{server.url}/download/cut.bin", timeout=30) as response:
+                received = 0
+                for chunk in response.iter_bytes():
+                    got.update(chunk)
+                    received += len(chunk)
+                    if received >= (cuts + 1) * MIB and cuts < 8:
+                        relay.fail("pass")
+                        cuts += 1
+            assert (received, got.hexdigest()) == (12 * MIB, digest)
+            failed_reads = re.search(r'downloader_upstream_errors_total\{kind="failed"\} (\d+)', httpx.get(f"{server.url}/metrics").text)
+            assert failed_reads and int(failed_reads.group(1)) >= 1, server.log_text()[-2000:]
+    finally:
+        relay.close()
+
+
+async def test_a_proxied_object_is_paced_in_the_rate_limits_steps(aws: Seaweed) -> None:
+    """At 32 KiB/s, body messages of an eighth of a second's worth (4 KiB, paced_chunk_size), not 256 KiB bursts."""
+    prefix = new_prefix()
+    put_all(aws, prefix, {"slow.bin": bytes(64 * 1024)})
+    app = downloader.create_app(f"s3://{aws.bucket}/{prefix}", rate_limit=32 * 1024)
+    began = time.monotonic()
+    status, _, body, messages = await asgi_exchange(app, b"/download/slow.bin")
+    assert (status, len(body)) == (200, 64 * 1024)
+    assert max(len(m["body"]) for m in messages) <= 4096
+    assert time.monotonic() - began >= 1.5  # 64 KiB at 32 KiB/s: about 2 s
