@@ -2015,16 +2015,16 @@ def bucket_problem(exc: BaseException) -> str:
 
 
 class ObjectChunks:
-    """Async iterator over the bytes `span` of one version of an object (`info`: its ETag), `chunk_size` at most at a
-    time, in S3_WINDOW GETs (Bucket.open_window, If-Match). A GET that fails or stalls (S3_TIMEOUT_S) mid-body
+    """Async iterator over the bytes `span` of one version of an object (`info`: its ETag), `chunk_size` at least
+    (but at the end) and `cap` at most at a time (obstore's chunks, unsplit: bigger ones cost less), in S3_WINDOW GETs (Bucket.open_window, If-Match). A GET that fails or stalls (S3_TIMEOUT_S) mid-body
     is asked again from where it stopped, S3_RETRIES times; then, or when the object changed, TransferAborted.
     close() drops the GET in flight, which closes its connection: a client gone stops the upstream read."""
 
-    def __init__(self, bucket: Bucket, info: FileInfo, span: ByteRange, chunk_size: int = CHUNK_SIZE) -> None:
-        self.bucket, self.info, self.chunk_size = bucket, info, chunk_size
+    def __init__(self, bucket: Bucket, info: FileInfo, span: ByteRange, chunk_size: int = CHUNK_SIZE, cap: int | None = None) -> None:
+        self.bucket, self.info, self.chunk_size, self.cap = bucket, info, chunk_size, cap
         self._pos, self._stop, self._window_stop = span.start, span.stop, span.start
         self._body: AsyncIterator[bytes] | None = None
-        self._pending = memoryview(b"")  # received, not yet returned: obstore's chunks are `chunk_size` at least, not at most
+        self._pending = memoryview(b"")  # received, not yet returned: obstore's chunks are `chunk_size` at least, `cap` at most
         self._failures = 0
 
     @property
@@ -2042,8 +2042,8 @@ class ObjectChunks:
 
     async def __anext__(self) -> bytes:
         while not self.done:
-            if self._pending:  # at most chunk_size a time: the rate limit's pace (paced_chunk_size) and the message size
-                data, self._pending = self._pending[: self.chunk_size], self._pending[self.chunk_size :]
+            if self._pending:  # the rest of a chunk bigger than `cap`
+                data, self._pending = self._pending[: self.cap], self._pending[self.cap :]
                 self._pos += len(data)
                 return bytes(data)
             try:
@@ -2070,7 +2070,12 @@ class ObjectChunks:
             if len(data) > self._window_stop - self._pos:
                 self.close()
                 raise TransferAborted("the object store sent more than was asked")
-            self._pending, self._failures = memoryview(data), 0
+            self._failures = 0
+            if self.cap is not None and len(data) > self.cap:  # a rate limit's steps (paced_chunk_size)
+                self._pending = memoryview(data)
+                continue
+            self._pos += len(data)
+            return bytes(data)
         raise StopAsyncIteration
 
     def close(self) -> None:
@@ -2853,7 +2858,8 @@ class ObjectResponse(DownloadResponse):
 
         async def read(span: ByteRange) -> ObjectChunks:
             nonlocal opened
-            chunks = ObjectChunks(self.bucket, info, span, paced_chunk_size(self.chunk_size, self.rate_limit))
+            step = paced_chunk_size(self.chunk_size, self.rate_limit)
+            chunks = ObjectChunks(self.bucket, info, span, step, cap=step if self.rate_limit else None)
             if not opened:
                 await chunks.open()
                 opened = True
