@@ -1218,6 +1218,43 @@ def coding_guard(accept_encoding: str | None) -> list[tuple[str, str]]:
     return [("Content-Encoding", "")] if any(c and c != "identity" for c in codings) else []
 
 
+SF_KEY = re.compile(r"[a-z*][a-z0-9_\-.*]*")  # RFC 8941 §3.1.2: a Dictionary's key
+SF_INTEGER = re.compile(r"-?\d{1,15}")
+
+
+def parse_want_digest(value: str | None) -> dict[str, int] | None:
+    """A Want-Repr-Digest or Want-Content-Digest field (RFC 9530 §4): algorithm -> preference, 0 (not acceptable)
+    to 10 (most preferred), from an RFC 8941 Dictionary of Integers. None for no field, or one that doesn't parse
+    (RFC 8941 §4.2: the whole field is then ignored). A key without a value is Boolean true, not an Integer: ignored."""
+    if value is None:
+        return None
+    wanted: dict[str, int] = {}
+    for member in value.split(","):
+        member = member.strip(" \t")
+        key, _, rest = member.partition("=")
+        if not SF_KEY.fullmatch(key):
+            return None
+        number, _, params = rest.partition(";")
+        if not rest:  # a bare key: Boolean true
+            continue
+        if not SF_INTEGER.fullmatch(number) or not 0 <= int(number) <= 10:
+            return None  # (RFC 9530: preferences are 0 to 10)
+        wanted[key] = int(number)
+    return wanted
+
+
+def digest_headers(sha256: bytes, want: str | None) -> list[tuple[str, str]]:
+    """The digest fields of a representation whose SHA-256 is `sha256`: Repr-Digest (RFC 9530, a Byte Sequence:
+    `sha-256=:<base64>:`) and RFC 3230's `Digest: SHA-256=<base64>`, which aria2 checks (a mismatch fails the
+    download, exit 32). Left out when Want-Repr-Digest says sha-256 is not acceptable (`sha-256=0`); other
+    algorithms asked for are ignored (RFC 9530 §4: a server may send none it was asked for)."""
+    wanted = parse_want_digest(want)
+    if wanted is not None and wanted.get("sha-256", 1) == 0:
+        return []
+    encoded = base64.b64encode(sha256).decode("ascii")
+    return [("Repr-Digest", f"sha-256=:{encoded}:"), ("Digest", f"SHA-256={encoded}")]
+
+
 NOT_MODIFIED_HEADERS = ("Cache-Control", "Content-Location", "Date", "ETag", "Expires", "Vary", "Last-Modified")
 """RFC 9110 §15.4.5: a 304 carries these of the 200's headers (Last-Modified because the
 issue of cache updates asks for it) and no representation metadata besides."""
