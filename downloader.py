@@ -553,6 +553,7 @@ class FileInfo:
     name: str  # the last segment of the path asked for: a link's own name, not its target's
     path: str  # the real path opened; an object's path below the bucket's prefix
     etag: str | None = None  # the validator where the store has one (an object's ETag); else make_etag's
+    identity: tuple[int, int, int, int, int] | None = None  # a file's content_identity (a digest's key); None for objects
 
 
 class OpenFile(NamedTuple):
@@ -677,7 +678,30 @@ def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False,
         raise os_error_to_http(exc) from None
     finally:
         os.close(handle)
-    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real))
+    return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real, identity=content_identity(st)))
+
+
+def content_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What identifies a file's content without reading it: device, inode, size, mtime_ns and ctime_ns. A write,
+    or a file put back with the same size and mtime (touch -d), changes the ctime; another file, the inode."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+HASH_CHUNK = 1024 * 1024  # the hasher's read
+
+
+def hash_file(fd: int, identity: tuple[int, int, int, int, int]) -> bytes | None:
+    """The SHA-256 of the open file, if its content_identity is `identity` before and after it was read; None
+    if it changed meanwhile (its digest would be of neither version). Blocking."""
+    if content_identity(os.fstat(fd)) != identity:
+        return None
+    digest, offset = hashlib.sha256(), 0
+    while data := os.pread(fd, HASH_CHUNK, offset):
+        digest.update(data)
+        offset += len(data)
+    if offset != identity[2] or content_identity(os.fstat(fd)) != identity:
+        return None
+    return digest.digest()
 
 
 def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False) -> OpenFile:
@@ -700,7 +724,7 @@ def open_checked(candidate: str, *, root: str | None, serve_hidden: bool = False
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
             raise not_found()
-        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real))
+        return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real, identity=content_identity(st)))
     except BaseException:
         os.close(fd)
         raise

@@ -55,3 +55,29 @@ def test_repr_digest_is_the_sha256sum_of_the_bytes() -> None:
     """The same digest as `sha256sum` prints, in base64 (RFC 8941 Byte Sequence)."""
     (_, value), _ = digest_headers(DIGEST, None)
     assert base64.b64decode(value.removeprefix("sha-256=:").removesuffix(":")).hex() == "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+
+
+def test_hash_file_is_sha256sum_and_the_identity_it_was_taken_for(tmp_path) -> None:
+    import os
+    import time
+
+    from downloader import content_identity, hash_file
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * (3 * 1024 * 1024 + 5))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        identity = content_identity(os.fstat(fd))
+        assert hash_file(fd, identity) == hashlib.sha256(path.read_bytes()).digest()
+        # Rewritten with the same size, its mtime put back: the ctime moves, so the identity is another.
+        before = os.stat(path)
+        time.sleep(0.01)
+        with open(path, "r+b") as f:
+            f.write(b"y")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+        assert content_identity(after) != identity
+        assert hash_file(fd, identity) is None  # never the old digest for the new bytes
+    finally:
+        os.close(fd)
