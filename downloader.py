@@ -15,13 +15,14 @@ The module reads top to bottom; a section uses only the sections above it
 | 4 | HTTP semantics           | RFC 9110 ranges, preconditions and header values; pure      |
 | 5 | Streaming                | bytes of an fd onto ASGI `send`: pace, stalls, disconnects  |
 | 6 | Object storage           | an s3:// root: keys, HEAD, If-Match GETs, listing, presigning |
-| 7 | Signed links and catalog | HMAC links; the catalog of opaque IDs (SQLite, PostgreSQL)  |
-| 8 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
-| 9 | App and routes           | create_app, the routes, the ops middleware                  |
-| 10 | Server protocol         | uvicorn's HTTP/1.1 plus zerocopysend, bounded request heads |
-| 11 | CLI                     | argv -> environment -> uvicorn; subcommands; the lazy `app` |
+| 7 | Digests                  | SHA-256 of every file, by a paced background thread; cached |
+| 8 | Signed links and catalog | HMAC links; the catalog of opaque IDs (SQLite, PostgreSQL)  |
+| 9 | Responses                | DownloadResponse, stream_download, /zip, error_response     |
+| 10 | App and routes          | create_app, the routes, the ops middleware                  |
+| 11 | Server protocol         | uvicorn's HTTP/1.1 plus zerocopysend, bounded request heads |
+| 12 | CLI                     | argv -> environment -> uvicorn; subcommands; the lazy `app` |
 
-Sections 1-7 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
+Sections 1-8 know nothing of Starlette: they take and return str, int, bytes, os.stat_result and
 the small types defined here, so their tests need no HTTP.
 """
 
@@ -94,7 +95,7 @@ __all__ = [
 # 1. Limits and errors
 # =============================================================================
 # Every limit the service enforces has a name here and a row in the README. HTTPError is
-# the only exception whose outcome a client sees; error_response (section 8) makes it JSON.
+# the only exception whose outcome a client sees; error_response (section 9) makes it JSON.
 
 CHUNK_SIZE = 256 * 1024
 """The disk read and body message of the portable path (setting: chunk_size), with zero-copy also a
@@ -145,7 +146,6 @@ GRACE_S = 30.0  # after SIGTERM, the seconds in-flight downloads get to finish b
 DRAIN_S = 5.0  # past the grace period the server cancels what still runs; the app waits this long for it to log
 RETRY_AFTER_S = 5  # the Retry-After of a 503 when max_active_downloads are already running
 DEFAULT_BLOB_LIMIT = 200 * 1024 * 1024  # the page keeps files up to this size in memory (setting: blob_limit)
-MAX_ZIP_FILES = 100_000  # more files than this in one folder and /zip answers 413
 MAX_ACTIVE_ZIPS = 4  # archives one process builds at once; beyond it /zip answers 503 with Retry-After
 DEFAULT_LIST_LIMIT = 100  # files per /api/files page unless `limit` asks for others, up to MAX_LIST_LIMIT
 MAX_LIST_LIMIT = 1000
@@ -187,6 +187,18 @@ S3_URL_TTL_S = 300
 """Redirect mode: a presigned URL works this long (setting: s3_url_ttl). Each request through us gets a fresh one; a
 download that started goes on past it, but a client resuming from the presigned URL itself must come back to us."""
 MAX_S3_URL_TTL_S = 7 * 86400  # SigV4's longest presigned URL
+DEFAULT_HASH_RATE = 64 * 1024 * 1024
+"""Bytes per second the background hasher reads at most (setting: hash_rate), in one thread per app (section 7):
+about 4% of a core for SHA-256, so a tree being hashed costs requests little (README: Integrity)."""
+HASH_CHUNK = 1024 * 1024  # the hasher's read
+HASH_RESCAN_S = 300.0  # the hasher walks the root again this often for new and changed files (a file requested first)
+HASH_QUEUE = 10_000  # files asked for with their digest unknown, waiting to be hashed first; more wait for the next walk
+HASH_LEASE_S = 30.0
+"""Of the processes sharing a digest cache (`--workers N`, replicas on one disk), one hashes a root: the holder of a
+lease in the cache that it renews while it works. Held no longer than this after it stopped, another takes over."""
+DIGEST_POLL_S = 2.0  # the other processes read the holder's new digests this often at most (when a lookup misses)
+DIGEST_ROWS = 1_000_000  # files the digest cache keeps at most (about 150 bytes each); beyond, those unseen longest go
+MAX_FOLDER_FILES = 100_000  # more files than this in one folder and /zip and /sha256sums answer 413
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)  # of downloader_download_seconds
 
 
@@ -224,9 +236,10 @@ def not_found() -> HTTPError:
 # (the same names, upper-cased). A bad value stops start-up with one line naming it.
 
 ENV_PREFIX = "DOWNLOADER_"
+DEFAULT_DIGEST_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "downloader", "digests.sqlite3")
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "downloads")
 
-# DOWNLOADER_* variables read by the command line (section 11), not by create_app:
+# DOWNLOADER_* variables read by the command line (section 12), not by create_app:
 SERVER_VARIABLES = ("HOST", "PORT", "WORKERS", "GRACE", "PROXY_HEADERS", "FORWARDED_ALLOW_IPS")
 
 
@@ -263,6 +276,9 @@ class Settings:
     offload_prefix: str = "/_downloader_files/"  # nginx's internal location for the root
     s3_mode: str = "proxy"  # a bucket root: "proxy" streams objects through us, "redirect" answers 302 to a presigned URL
     s3_url_ttl: int = S3_URL_TTL_S  # redirect mode: seconds a presigned URL works
+    digests: bool = True  # hash the root's files in the background and announce their SHA-256 (section 7)
+    digest_cache: str = DEFAULT_DIGEST_CACHE  # the SQLite file digests are kept in across restarts; "off": in memory only
+    hash_rate: int = DEFAULT_HASH_RATE  # bytes per second the hasher reads at most
 
     @property
     def listing_on(self) -> bool:
@@ -448,6 +464,15 @@ def _check_offload_prefix(value: object) -> str:
     return text
 
 
+def _check_digest_cache(value: object) -> str:
+    if value == "off":
+        return "off"
+    path = os.path.abspath(os.fspath(value)) if isinstance(value, (str, os.PathLike)) and os.fspath(value).strip() else ""
+    if not path or os.path.isdir(path):
+        raise ValueError("must be a file path (its folder is made if missing), or off (digests in memory only)")
+    return path
+
+
 # name -> (text of a DOWNLOADER_* variable -> value, or None when Python-only; value check)
 SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object], object]]] = {
     "root": (str, _check_root),
@@ -470,6 +495,9 @@ SETTING_RULES: dict[str, tuple[Callable[[str], object] | None, Callable[[object]
     "offload_prefix": (str, _check_offload_prefix),
     "s3_mode": (str, _check_s3_mode),
     "s3_url_ttl": (_parse_int, _check_int(1, MAX_S3_URL_TTL_S, "seconds")),
+    "digests": (_parse_bool, _check_bool),
+    "digest_cache": (str, _check_digest_cache),
+    "hash_rate": (_parse_int, _check_int(1024 * 1024, 2**40, "bytes per second")),
 }
 
 
@@ -499,11 +527,18 @@ def make_settings(values: Mapping[str, object], *, label: Callable[[str], str] =
 def check_combination(settings: Settings, given: set[str], label: Callable[[str], str]) -> None:
     """Settings that each pass but make no sense together (`given`: those set to other than their default): an
     error rather than a setting silently ignored."""
+    if not settings.digests:
+        for name in ("digest_cache", "hash_rate"):
+            if name in given:
+                raise SettingsError(label(name), "applies only with digests on")
     if not settings.is_bucket:
         for name in ("s3_mode", "s3_url_ttl"):
             if name in given:
                 raise SettingsError(label(name), "applies only to a bucket root (root s3://bucket/prefix)")
         return
+    for name in ("digest_cache", "hash_rate"):
+        if name in given:
+            raise SettingsError(label(name), "applies only to a directory root: objects are not hashed (README: Integrity)")
     if settings.offload:
         raise SettingsError(label("offload"), "nginx sends files from disk: a bucket root can't be offloaded (s3_mode=redirect hands bytes to the store)")
     if settings.s3_mode == "redirect" and settings.rate_limit:
@@ -544,6 +579,9 @@ OPEN_FLAGS = (
 )
 
 
+Identity = tuple[int, int, int, int, int]  # content_identity: device, inode, size, mtime_ns, ctime_ns
+
+
 @dataclass(frozen=True, slots=True)
 class FileInfo:
     """What the headers need to know about one opened file."""
@@ -553,7 +591,8 @@ class FileInfo:
     name: str  # the last segment of the path asked for: a link's own name, not its target's
     path: str  # the real path opened; an object's path below the bucket's prefix
     etag: str | None = None  # the validator where the store has one (an object's ETag); else make_etag's
-    identity: tuple[int, int, int, int, int] | None = None  # a file's content_identity (a digest's key); None for objects
+    identity: Identity | None = None  # a file's content_identity (a digest's key); None for objects
+    sha256: bytes | None = None  # the digest of the whole file, once known (section 7)
 
 
 class OpenFile(NamedTuple):
@@ -681,24 +720,24 @@ def open_pinned(candidate: str, *, root: str | None, serve_hidden: bool = False,
     return OpenFile(fd, FileInfo(st.st_size, st.st_mtime_ns, os.path.basename(candidate), real, identity=content_identity(st)))
 
 
-def content_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+def content_identity(st: os.stat_result) -> Identity:
     """What identifies a file's content without reading it: device, inode, size, mtime_ns and ctime_ns. A write,
     or a file put back with the same size and mtime (touch -d), changes the ctime; another file, the inode."""
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-HASH_CHUNK = 1024 * 1024  # the hasher's read
-
-
-def hash_file(fd: int, identity: tuple[int, int, int, int, int]) -> bytes | None:
+def hash_file(fd: int, identity: Identity, pace: Callable[[int], bool] | None = None) -> bytes | None:
     """The SHA-256 of the open file, if its content_identity is `identity` before and after it was read; None
-    if it changed meanwhile (its digest would be of neither version). Blocking."""
+    if it changed meanwhile (its digest would be of neither version), or `pace`, told each read's size, said
+    stop (False). Blocking."""
     if content_identity(os.fstat(fd)) != identity:
         return None
     digest, offset = hashlib.sha256(), 0
     while data := os.pread(fd, HASH_CHUNK, offset):
         digest.update(data)
         offset += len(data)
+        if pace is not None and not pace(len(data)):
+            return None
     if offset != identity[2] or content_identity(os.fstat(fd)) != identity:
         return None
     return digest.digest()
@@ -773,6 +812,7 @@ class ListedFile(NamedTuple):
     size: int
     mtime: float
     etag: str | None = None  # an object's (section 6)
+    identity: Identity | None = None  # a file's content_identity
 
 
 DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC
@@ -879,7 +919,7 @@ def walk_files(root: str, *, folder: str = "", after: str = "", serve_hidden: bo
             elif not entry.endswith("/") and key > after:
                 st = _entry_stat(name, name in links, dir_fd, directory, root, serve_hidden)
                 if st is not None and stat.S_ISREG(st.st_mode):
-                    yield ListedFile(key, st.st_size, st.st_mtime)
+                    yield ListedFile(key, st.st_size, st.st_mtime, identity=content_identity(st))
 
     def start() -> Iterator[ListedFile]:
         fds = [os.open(root, DIR_FLAGS)]
@@ -1323,7 +1363,8 @@ def plan_response(
 ) -> Plan:
     """The whole answer to a GET or HEAD of a file, decided in RFC 9110 order:
 
-    1. validators: a strong ETag and Last-Modified (never later than now) from the one fstat (or HEAD);
+    1. validators: a strong ETag and Last-Modified (never later than now) from the one fstat (or HEAD), and the
+       file's digest when known (info.sha256);
     2. preconditions (§13.2.2): 412 raises, 304 returns with the §15.4.5 headers;
     3. Range (§14.2), for GET and HEAD alike, unless If-Range says the file changed:
        416 raises, None or no Range is the whole file (200);
@@ -1338,6 +1379,8 @@ def plan_response(
         media_type=media_type, disposition=disposition, cache_control=cache_control, validators=Validators(etag, mtime),
         accept_ranges="bytes",
     ) + coding_guard(request_headers.get("accept-encoding"))
+    if info.sha256 is not None:  # of the whole file, on ranges and HEAD too (RFC 9530 §3); not on a 304
+        headers += digest_headers(info.sha256, request_headers.get("want-repr-digest"))
 
     status = evaluate_preconditions(method, request_headers, etag, mtime)
     if status == 412:
@@ -1369,7 +1412,7 @@ def plan_response(
 # One send loop for every body: the head, then each piece of the plan (a body of one chunk
 # goes out with its head, in send_small); every send is awaited (that is the backpressure:
 # no queue, no read-ahead). File ranges go two ways. A server that offers ASGI's
-# http.response.zerocopysend (ours, section 10) is handed the checked descriptor, and the
+# http.response.zerocopysend (ours, section 11) is handed the checked descriptor, and the
 # kernel copies file to socket. Any other server gets FileChunks: CHUNK_SIZE reads, one at a
 # time (from the page cache in the event loop, else in a worker thread), and a sibling task
 # listens for http.disconnect (ASGI 2.3). An OSError from send (ASGI 2.4) is a client gone,
@@ -2160,7 +2203,249 @@ def object_entry(bucket: Bucket, listed: ListedFile, chunk_size: int) -> Iterato
 
 
 # =============================================================================
-# 7. Signed links and catalog
+# 7. Digests
+# =============================================================================
+# The SHA-256 of every file served, never computed on the request path: a request looks its file's
+# content_identity up in a dict (Digests.lookup), and one thread per app fills the dict, reading at most
+# hash_rate bytes a second, from an SQLite file that keeps digests across restarts. A file changed in any
+# way (even rewritten with its size and mtime put back) has another identity: its old digest is never
+# announced. Objects are not hashed (README: Integrity).
+
+DIGEST_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, identity TEXT NOT NULL, sha256 BLOB NOT NULL, seen REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS hashers (root TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
+)
+TAKE_LEASE = (  # the root's lease, if free, lapsed or ours already: one statement, so two takers can't both win
+    "INSERT INTO hashers (root, owner, until) VALUES (?, ?, ?) ON CONFLICT (root) DO UPDATE"
+    " SET owner = excluded.owner, until = excluded.until WHERE hashers.owner = excluded.owner OR hashers.until < ?"
+)
+log = logging.getLogger("downloader")
+
+
+def sha256sum_line(sha256: bytes, name: str) -> str:
+    """One line of a SHA256SUMS file as `sha256sum -c` reads it: a name with a backslash, CR or LF is escaped,
+    and the line then starts with a backslash (GNU coreutils' format)."""
+    if not any(c in name for c in "\\\n\r"):
+        return f"{sha256.hex()}  {name}\n"
+    escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return f"\\{sha256.hex()}  {escaped}\n"
+
+
+class Pacer:
+    """Reads of `rate` bytes a second at most (None: unpaced), over one run of the hasher; time spent idle
+    earns a burst of one second's worth, no more."""
+
+    def __init__(self, rate: int | None) -> None:
+        self.rate = rate
+        self.began, self.done = time.monotonic(), 0
+
+    def delay(self, size: int) -> float:
+        """The seconds to wait after reading `size` bytes more."""
+        if not self.rate:
+            return 0.0
+        self.done += size
+        ahead = self.began + self.done / self.rate - time.monotonic()
+        if ahead < -1.0:
+            self.began -= ahead + 1.0
+        return max(ahead, 0.0)
+
+
+class Digests:
+    """The SHA-256 of the files under the real directory `root`, by content_identity. lookup, in the event loop,
+    reads memory only; a miss asks for the file, and a thread (one per Digests, alive while there is work) hashes
+    it first, then walks the root: at start, and again HASH_RESCAN_S later (begun by the next lookup). Digests are
+    kept in the SQLite file `cache` ("off": memory only), a row per real path, pruned to the files a walk finds
+    and DIGEST_ROWS in all. Processes sharing the file take turns by a lease in it (HASH_LEASE_S): one hashes a
+    root, the others read its rows when a lookup misses (every DIGEST_POLL_S at most). A file changed less than
+    MIN_STRONG_AGE_S ago waits: a second change within the clock's tick would leave its identity as it was."""
+
+    def __init__(self, root: str, *, cache: str = "off", rate: int | None = DEFAULT_HASH_RATE, serve_hidden: bool = False) -> None:
+        self.root, self.cache, self.rate, self.serve_hidden = root, cache, rate, serve_hidden
+        self.known: dict[Identity, bytes] = {}
+        self.wanted: dict[str, None] = {}  # paths to hash first, in the order asked (HASH_QUEUE at most)
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.owner = secrets.token_hex(8)  # in the lease: this Digests of this process
+        self.db: sqlite3.Connection | None = None  # the thread's (one run at a time)
+        self.synced = 0  # the last rowid of the cache read into `known`
+        self.lease_until = 0.0  # time.time() the lease lapses unless renewed
+        self.next_walk = 0.0  # time.monotonic() the next walk is due
+        self.idle_until = 0.0  # time.monotonic() before which no run starts (another process hashes; an error)
+        self.pacer = Pacer(rate)
+
+    def lookup(self, identity: Identity | None, path: str) -> bytes | None:
+        """The digest of the file with `identity`, if known; if not, the file at `path` is hashed soon."""
+        if identity is None:
+            return None
+        digest = self.known.get(identity)
+        if digest is None:
+            with self.lock:
+                if len(self.wanted) < HASH_QUEUE:
+                    self.wanted[path] = None
+        if digest is None or time.monotonic() >= self.next_walk:
+            self.start()
+        return digest
+
+    def start(self) -> None:
+        """The thread, unless it runs already (or waits: idle_until)."""
+        with self.lock:
+            if (self.thread is not None and self.thread.is_alive()) or self.stopping.is_set() or time.monotonic() < self.idle_until:
+                return
+            self.thread = threading.Thread(target=self.run, name="downloader-hasher", daemon=True)
+            self.thread.start()
+
+    def close(self) -> None:
+        """Stops the thread within one read and hands the lease on. Blocking."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(DRAIN_S)
+        if self.db is not None and not (self.thread and self.thread.is_alive()):
+            with contextlib.suppress(sqlite3.Error):
+                with self.db:
+                    self.db.execute("DELETE FROM hashers WHERE root = ? AND owner = ?", (self.root, self.owner))
+                self.db.close()
+            self.db = None
+
+    def load(self) -> None:
+        """The cache read into memory (before the thread's first run). Blocking."""
+        with contextlib.suppress(sqlite3.Error):
+            self.sync(self.connect())
+
+    def run(self) -> None:
+        """Hashes what is asked for, then walks the root when due; ends when there is nothing left to do."""
+        try:
+            db = self.connect()
+            self.sync(db)
+            self.pacer = Pacer(self.rate)
+            while not self.stopping.is_set():
+                if not self.take_lease(db):  # another process hashes this root: its rows are read again later
+                    self.idle_until = time.monotonic() + DIGEST_POLL_S
+                    with self.lock:
+                        self.wanted.clear()
+                    return
+                if (path := self.next_wanted()) is not None:
+                    self.hash_path(db, functools.partial(open_path, path))
+                elif time.monotonic() >= self.next_walk:
+                    self.walk(db)
+                else:
+                    with self.lock:
+                        if not self.wanted:
+                            return
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("downloader: hashing %s stopped (%s); it starts again in %g s", self.root, exc, DIGEST_POLL_S)
+            self.idle_until = time.monotonic() + DIGEST_POLL_S
+
+    def connect(self) -> sqlite3.Connection:
+        """The cache, opened once; an in-memory one if it can't be (a warning says why)."""
+        if self.db is None:
+            db = None
+            if self.cache != "off":
+                try:
+                    os.makedirs(os.path.dirname(self.cache), exist_ok=True)
+                    db = sqlite3.connect(self.cache, timeout=CATALOG_TIMEOUT_S, check_same_thread=False)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    for statement in DIGEST_SCHEMA:
+                        db.execute(statement)
+                except (OSError, sqlite3.Error) as exc:
+                    log.warning("downloader: the digest cache %s can't be used (%s): digests are kept in memory only", self.cache, exc)
+                    db = None
+            if db is None:
+                db = sqlite3.connect(":memory:", check_same_thread=False)
+                for statement in DIGEST_SCHEMA:
+                    db.execute(statement)
+            self.db = db
+        return self.db
+
+    def sync(self, db: sqlite3.Connection) -> None:
+        """Reads the cache's rows added since the last sync into `known` (all of them anew once it outgrew DIGEST_ROWS)."""
+        if len(self.known) > DIGEST_ROWS:
+            self.known, self.synced = {}, 0
+        for rowid, identity, sha256 in db.execute("SELECT rowid, identity, sha256 FROM digests WHERE rowid > ? ORDER BY rowid", (self.synced,)):
+            self.known[tuple(map(int, identity.split(":")))] = bytes(sha256)  # type: ignore[index]
+            self.synced = rowid
+
+    def take_lease(self, db: sqlite3.Connection) -> bool:
+        """Whether this Digests hashes the root: the lease taken or renewed (written when a third of it is gone)."""
+        now = time.time()
+        if now < self.lease_until - HASH_LEASE_S * 2 / 3:
+            return True
+        with db:
+            taken = db.execute(TAKE_LEASE, (self.root, self.owner, now + HASH_LEASE_S, now)).rowcount > 0
+        self.lease_until = now + HASH_LEASE_S if taken else 0.0
+        return taken
+
+    def next_wanted(self) -> str | None:
+        with self.lock:
+            if not self.wanted:
+                return None
+            path = next(iter(self.wanted))
+            del self.wanted[path]
+            return path
+
+    def pace(self, size: int) -> bool:
+        """hash_file's pace: waits out hash_rate and renews the lease; False once closing or the lease is lost."""
+        delay = self.pacer.delay(size)
+        if delay and self.stopping.wait(delay):
+            return False
+        return not self.stopping.is_set() and self.take_lease(self.connect())
+
+    def hash_path(self, db: sqlite3.Connection, opener: Callable[[], OpenFile]) -> FileInfo | None:
+        """The file `opener` opens, hashed and stored unless known (or changed a moment ago); its FileInfo, None
+        if it can't be opened."""
+        try:
+            opened = opener()
+        except (OSError, HTTPError):
+            return None
+        info = opened.info
+        try:
+            if info.identity is None or info.identity in self.known or time.time() - info.identity[4] / 1e9 < MIN_STRONG_AGE_S:
+                return info
+            digest = hash_file(opened.fd, info.identity, self.pace)
+        finally:
+            os.close(opened.fd)
+        if digest is not None:
+            with db:
+                db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (info.path, ":".join(map(str, info.identity)), digest, time.time()))
+            self.known[info.identity] = digest
+        return info
+
+    def walk(self, db: sqlite3.Connection) -> None:
+        """Every file /download serves hashed unless known (what is asked for meanwhile first), then the cache's
+        rows of files no longer there deleted, and the oldest beyond DIGEST_ROWS."""
+        self.next_walk = time.monotonic() + HASH_RESCAN_S
+        began, seen = time.time(), []
+        for listed in walk_files(self.root, serve_hidden=self.serve_hidden):
+            while (path := self.next_wanted()) is not None:
+                self.hash_path(db, functools.partial(open_path, path))
+            if self.stopping.is_set() or not self.take_lease(db):
+                return
+            info = self.hash_path(db, functools.partial(open_under_root, self.root, listed.path, serve_hidden=self.serve_hidden))
+            if info is not None:
+                seen.append((time.time(), info.path))
+            if len(seen) >= 1000:
+                with db:
+                    db.executemany("UPDATE digests SET seen = ? WHERE path = ?", seen)
+                seen = []
+        with db:
+            db.executemany("UPDATE digests SET seen = ? WHERE path = ?", seen)
+            db.execute("DELETE FROM digests WHERE path > ? AND path < ? AND seen < ?", (self.root + "/", self.root + "0", began))
+            (rows,) = db.execute("SELECT count(*) FROM digests").fetchone()
+            if rows > DIGEST_ROWS:
+                db.execute("DELETE FROM digests WHERE rowid IN (SELECT rowid FROM digests ORDER BY seen LIMIT ?)", (rows - DIGEST_ROWS,))
+
+    def hash_now(self, paths: Iterable[str]) -> Iterator[tuple[str, bytes | None]]:
+        """Each /download path and its digest, hashed now (at hash_rate) unless known: None if it can't be opened,
+        or changed a moment ago. For the CLI's `hash`; blocking."""
+        db = self.connect()
+        self.sync(db)
+        for path in paths:
+            info = self.hash_path(db, functools.partial(open_under_root, self.root, path, serve_hidden=self.serve_hidden))
+            yield path, None if info is None or info.identity is None else self.known.get(info.identity)
+
+
+# =============================================================================
+# 8. Signed links and catalog
 # =============================================================================
 # Two ways to hand out a protected file: stateless signed links, an HMAC-SHA256 of the exact path and
 # expiry that any replica with the secret verifies (like S3 presigned URLs); and opaque IDs in a catalog
@@ -2632,7 +2917,7 @@ def check_link(link: Link | None, now: float) -> Link:
 
 
 # =============================================================================
-# 8. Responses
+# 9. Responses
 # =============================================================================
 # The ASGI objects a host app can return too: DownloadResponse (a file, by sections 4 and 5),
 # GeneratedDownload (stream_download, /zip) and error_response (the one HTTPError -> JSON).
@@ -2740,7 +3025,8 @@ class DownloadResponse(Download):
     Content-Disposition with `disposition` ("attachment" or "inline"); `media_type` defaults to one
     guessed from it; `headers`, `background` and `status_code` as in Download. `authorize`, given the
     FileInfo (None when there is no such file, so that a refused client can't tell), may raise HTTPError;
-    `gate` is called before the file's last byte, False aborts (hold_last_byte)."""
+    `gate` is called before the file's last byte, False aborts (hold_last_byte). With `digests` (an app's:
+    `app.state.service.digests`), a file whose digest is known carries it (Repr-Digest, Digest)."""
 
     def __init__(
         self, path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None, serve_hidden: bool = False,
@@ -2748,7 +3034,7 @@ class DownloadResponse(Download):
         cache_control: str = DEFAULT_CACHE_CONTROL, chunk_size: int = CHUNK_SIZE, headers: Mapping[str, str] | None = None,
         background: BackgroundTask | None = None, authorize: Callable[[FileInfo | None], Awaitable[None]] | None = None,
         gate: Gate | None = None, rate_limit: int | None = None, stall_timeout_s: float | None = None,
-        offload_prefix: str | None = None, root_is_real: bool = False,
+        offload_prefix: str | None = None, root_is_real: bool = False, digests: Digests | None = None,
     ) -> None:
         super().__init__(disposition, headers, background)
         if offload_prefix is not None and root is None:
@@ -2766,6 +3052,7 @@ class DownloadResponse(Download):
         self.stall_timeout_s = stall_timeout_s
         self.offload_prefix = offload_prefix
         self.root_is_real = root_is_real  # a real path already: skip its realpath per request
+        self.digests = digests
 
     async def respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -2773,6 +3060,8 @@ class DownloadResponse(Download):
         except HTTPError as exc:
             await self.send_missing(exc, scope, receive, send)
             return
+        if self.digests is not None:
+            opened = opened._replace(info=dataclasses.replace(opened.info, sha256=self.digests.lookup(opened.info.identity, opened.info.path)))
         if self.offload_prefix is not None:
             os.close(opened.fd)  # the front proxy opens the file itself
             await self.send_offloaded(scope, receive, send, opened.info)
@@ -2857,6 +3146,8 @@ class DownloadResponse(Download):
             media_type=self.media_type or media_type_for(name, _MEDIA_TYPES),
             disposition=disposition_for(name, self.disposition, requested), cache_control=self.cache_control,
         )
+        if info.sha256 is not None:
+            headers += digest_headers(info.sha256, requested.get("want-repr-digest"))
         if self.rate_limit:
             headers.append(("X-Accel-Limit-Rate", str(self.rate_limit)))
         await send(self.start(200, headers))
@@ -3068,13 +3359,13 @@ def coalesced(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 
 def folder_zip(settings: Settings, folder: str, files: Sequence[ListedFile], entry_bytes: Callable[[ListedFile], Iterable[bytes]]) -> GeneratedDownload:
     """The folder (checked, "" for the root) as a ZIP of its `files` (those /download serves there, at most
-    MAX_ZIP_FILES), each read by `entry_bytes` when the stream reaches it, built while sent. Entries are stored,
+    MAX_FOLDER_FILES), each read by `entry_bytes` when the stream reaches it, built while sent. Entries are stored,
     so the size is known first (Content-Length); with zip_compression they are deflated (chunked), except
     COMPRESSED_SUFFIXES."""
     import zipstream
 
-    if len(files) > MAX_ZIP_FILES:  # refused before any entry is made
-        raise HTTPError(413, f"The folder holds more than {MAX_ZIP_FILES} files")
+    if len(files) > MAX_FOLDER_FILES:  # refused before any entry is made
+        raise HTTPError(413, f"The folder holds more than {MAX_FOLDER_FILES} files")
     compress = settings.zip_compression
     archive = zipstream.ZipStream(compress_type=zipstream.ZIP_DEFLATED if compress else zipstream.ZIP_STORED, sized=not compress)
     for f in files:
@@ -3090,7 +3381,7 @@ def folder_zip(settings: Settings, folder: str, files: Sequence[ListedFile], ent
 
 
 # =============================================================================
-# 9. App and routes
+# 10. App and routes
 # =============================================================================
 # Endpoints are plain functions of a Request; what an app serves lives in one Service, found through
 # request.app (the innermost app, so mounted too). create_app only assembles. Every error a client
@@ -3207,6 +3498,9 @@ class Service:
         self.catalog = open_catalog(settings.catalog, "catalog") if settings.catalog else None
         self.metrics = Metrics() if settings.metrics else None
         self.bucket = open_bucket(settings.root, "root", self.metrics, signing=settings.s3_mode == "redirect") if settings.is_bucket else None
+        self.digests = None
+        if settings.digests and not settings.is_bucket:
+            self.digests = Digests(settings.root, cache=settings.digest_cache, rate=settings.hash_rate, serve_hidden=settings.serve_hidden)
         self.log = open_access_log(settings.access_log)
         # /zip has no signature or per-file hook check: it exists only where anyone may list.
         self.zip_on = settings.listing_on and not settings.secret and settings.authorize is None
@@ -3221,13 +3515,19 @@ class Service:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """At shutdown, lets the requests the server cancelled end (and log) first, then closes the
-        catalog's idle connections."""
+        catalog's idle connections and stops the hasher. At start-up the digest cache is read (the first requests
+        have the digests of a previous run) and hashing starts; without a lifespan, both at the first download."""
+        if self.digests is not None:
+            await anyio.to_thread.run_sync(self.digests.load)
+            self.digests.start()
         yield
         with anyio.move_on_after(DRAIN_S):
             while self.in_flight:
                 await anyio.sleep(0.01)
         if self.catalog is not None:
             self.catalog.close()
+        if self.digests is not None:
+            await anyio.to_thread.run_sync(self.digests.close)
 
     def file_response(self, request: Request, path: str, **options: object) -> DownloadResponse:
         config = self.settings
@@ -3242,7 +3542,7 @@ class Service:
             path, root=config.root, serve_hidden=config.serve_hidden, cache_control=config.cache_control,
             chunk_size=config.chunk_size, authorize=file_check(config.authorize, request), rate_limit=config.rate_limit,
             stall_timeout_s=config.stall_timeout, offload_prefix=config.offload_prefix if config.offload else None,
-            root_is_real=True,  # resolved once by make_settings
+            root_is_real=True, digests=self.digests,  # the root resolved once by make_settings
             **options,  # type: ignore[arg-type]
         )
 
@@ -3359,6 +3659,12 @@ class Service:
                 raise not_found()
         return folder
 
+    def digest_of(self, listed: ListedFile) -> bytes | None:
+        """A listed file's SHA-256, None while unknown (it is hashed soon) or never (a bucket's)."""
+        if self.digests is None:
+            return None
+        return self.digests.lookup(listed.identity, os.path.join(self.settings.root, listed.path))
+
     def check_admin(self, request: Request) -> Catalog:
         """The catalog, once the bearer token checks out; 404 where there is no admin API."""
         if self.catalog is None or self.settings.admin_token is None:
@@ -3458,13 +3764,13 @@ async def zip_folder(request: Request) -> Response:
     service.active_zips += 1
     try:
         folder = await service.resolve_folder(request.path_params["folder"])
-        files, _ = await service.list_files(after="", limit=MAX_ZIP_FILES + 1, folder=folder, bounded=False)
+        files, _ = await service.list_files(after="", limit=MAX_FOLDER_FILES + 1, folder=folder, bounded=False)
         bucket = service.bucket
         if bucket is None:
             entry_bytes = functools.partial(_entry_bytes, config.root, serve_hidden=config.serve_hidden, chunk_size=config.chunk_size)
         else:
             entry_bytes = functools.partial(object_entry, bucket, chunk_size=config.chunk_size)
-        archive = await anyio.to_thread.run_sync(folder_zip, config, folder, files, entry_bytes)  # a loop over up to MAX_ZIP_FILES
+        archive = await anyio.to_thread.run_sync(folder_zip, config, folder, files, entry_bytes)  # a loop over up to MAX_FOLDER_FILES
     except BaseException:
         service.active_zips -= 1
         raise
@@ -3490,10 +3796,33 @@ async def list_files(request: Request) -> Response:
 
     items = [
         {"name": f.path.rsplit("/", 1)[-1], "path": f.path, "size": f.size, "modified": rfc3339(f.mtime),
-         "content_type": media_type_for(f.path, _MEDIA_TYPES), "url": url(f.path)}
-        for f in files
+         "content_type": media_type_for(f.path, _MEDIA_TYPES), "url": url(f.path), "sha256": digest and digest.hex()}
+        for f, digest in zip(files, map(service.digest_of, files))
     ]
     return json_response({"files": items, "next_cursor": next_cursor})
+
+
+async def sha256sums(request: Request) -> Response:
+    """SHA256SUMS of a folder: `sha256sum -c` checks the files fetched into one directory. Files whose digest is
+    not yet known are left out (and hashed first); Digests-Pending says how many. Open where the listing is."""
+    service = service_of(request)
+    await service.check_listing(request)
+    if service.digests is None:
+        raise HTTPError(404, "No digests: objects are not hashed" if service.bucket else "Digests are switched off (DOWNLOADER_DIGESTS=false)")
+    folder = await service.resolve_folder(request.path_params["folder"])
+    files, _ = await service.list_files(after="", limit=MAX_FOLDER_FILES + 1, folder=folder, bounded=False)
+    if len(files) > MAX_FOLDER_FILES:
+        raise HTTPError(413, f"The folder holds more than {MAX_FOLDER_FILES} files")
+
+    def lines() -> list[bytes]:
+        named = [(service.digest_of(f), f.path[len(folder) + 1 :] if folder else f.path) for f in files]
+        return [sha256sum_line(digest, name).encode() for digest, name in named if digest is not None]
+
+    known = await anyio.to_thread.run_sync(lines)  # up to MAX_FOLDER_FILES lookups
+    return stream_download(
+        coalesced(known, service.settings.chunk_size), "SHA256SUMS", media_type="text/plain; charset=utf-8",
+        size=sum(map(len, known)), headers={"Digests-Pending": str(len(files) - len(known))},
+    )
 
 
 async def list_links(request: Request) -> Response:
@@ -3576,6 +3905,7 @@ ROUTES = [
     Route("/files/{id}", file_by_id, methods=["GET", "HEAD"]),
     Route("/zip/{folder:anypath}", zip_folder, methods=["GET", "HEAD"]),
     Route("/api/files", list_files, methods=["GET", "HEAD"]),
+    Route("/sha256sums/{folder:anypath}", sha256sums, methods=["GET", "HEAD"]),
     Route("/api/links", list_links, methods=["GET"]),
     Route("/api/links", create_link, methods=["POST"]),
     Route("/api/links/{id}", revoke_link, methods=["DELETE"]),
@@ -3753,7 +4083,7 @@ def create_app(root: str | os.PathLike[str] | None = None, **settings: object) -
 
 
 # =============================================================================
-# 10. Server protocol
+# 11. Server protocol
 # =============================================================================
 # downloader:HTTPProtocol is uvicorn's HTTP/1.1 protocol (httptools, else h11) with what a
 # file server needs and uvicorn lacks. It offers ASGI's http.response.zerocopysend on
@@ -4080,7 +4410,7 @@ def http_protocol(parser: str = "auto") -> type:
 
 
 # =============================================================================
-# 11. CLI
+# 12. CLI
 # =============================================================================
 # `python downloader.py [--root DIR] [--port P] ...`: flags become DOWNLOADER_* variables (reaching
 # every worker); all is checked before the URL is announced (a problem: one line naming the flag or
@@ -4111,7 +4441,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--grace", help=f"seconds in-flight downloads get after SIGTERM (DOWNLOADER_GRACE; default {GRACE_S:g})")
     parser.add_argument("--proxy-headers", action="store_const", const="true", help="trust X-Forwarded-For/-Proto from --forwarded-allow-ips (DOWNLOADER_PROXY_HEADERS)")
     parser.add_argument("--forwarded-allow-ips", help="addresses of trusted proxies, comma-separated (DOWNLOADER_FORWARDED_ALLOW_IPS; default 127.0.0.1)")
-    commands = parser.add_subparsers(dest="command", metavar="{sign,add,revoke,list}")
+    commands = parser.add_subparsers(dest="command", metavar="{sign,add,revoke,list,hash}")
     sign = commands.add_parser("sign", help="print a signed URL for a file (needs DOWNLOADER_SECRET)")
     sign.add_argument("path", help="the file, relative to the root")
     sign.add_argument("--ttl", default="1h", help="how long the link works: 90, 45s, 30m, 1h, 7d (default 1h)")
@@ -4124,6 +4454,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add.add_argument("--base-url", help="scheme://host:port[/prefix] of the server")
     commands.add_parser("revoke", help="revoke an ID").add_argument("id")
     commands.add_parser("list", help="list the catalog's IDs")
+    hashing = commands.add_parser("hash", help="hash files now into the digest cache; print SHA256SUMS lines")
+    hashing.add_argument("path", nargs="?", default="", help="a file or folder, relative to the root (default: the whole root)")
     return parser.parse_args(argv)
 
 
@@ -4242,7 +4574,9 @@ def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> in
 
 
 def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> int:
-    """sign, add, revoke or list: the result on stdout, an error as one line on stderr."""
+    """sign, add, revoke, list or hash: the result on stdout, an error as one line on stderr."""
+    if args.command == "hash":
+        return hash_command(settings, args.path)
     try:
         ttl = parse_ttl(args.ttl) if getattr(args, "ttl", None) else None
     except ValueError as exc:
@@ -4286,6 +4620,34 @@ def run_command(args: argparse.Namespace, settings: Settings, base_url: str) -> 
         limit = "-" if link.max_downloads is None else str(link.max_downloads)
         print(f"{link.id}\t{link.path}\t{link.downloads}\t{limit}\t{expires}\t{link_state(link, now)}")
     return 0
+
+
+def hash_command(settings: Settings, path: str) -> int:
+    """`hash [PATH]`: every file at or under PATH hashed into the digest cache, unpaced (a file changed less than
+    MIN_STRONG_AGE_S ago is waited for), printed as SHA256SUMS lines relative to the root."""
+    if settings.is_bucket or not settings.digests:
+        raise SettingsError(ENV_PREFIX + ("ROOT" if settings.is_bucket else "DIGESTS"), "hash needs digests on and a directory root")
+    root, hidden = settings.root, settings.serve_hidden
+    try:
+        folder = resolve_folder(root, path, serve_hidden=hidden)
+        paths = [listed.path for listed in walk_files(root, folder=folder, serve_hidden=hidden)]
+    except HTTPError:
+        paths = [path]  # a file, or nothing: then the error below
+    digests = Digests(root, cache=settings.digest_cache, rate=None, serve_hidden=hidden)
+    status = 0
+    try:
+        for name, digest in digests.hash_now(paths):
+            if digest is None:
+                time.sleep(MIN_STRONG_AGE_S)
+                ((_, digest),) = digests.hash_now([name])
+            if digest is None:
+                print(f"downloader: cannot hash {name!r}: no file under {root} by that path", file=sys.stderr)
+                status = 1
+            else:
+                sys.stdout.write(sha256sum_line(digest, name))
+    finally:
+        digests.close()
+    return status
 
 
 class AbortNoise(logging.Filter):

@@ -4,10 +4,12 @@ requests to a live server or the ASGI app. The plumbing behind them is in helper
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,10 @@ import pytest
 from helpers import PROJECT, Postgres, Seaweed, Server, failed, uvicorn_server
 
 sys.path.insert(0, str(PROJECT))
+# The digest caches of every app and server the tests start (DOWNLOADER_DIGEST_CACHE's default) go to a
+# folder of this run's, never the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="downloader-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 import downloader  # noqa: E402
 

@@ -91,6 +91,22 @@ def write_file(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+def plant_digest(cache: Path, path: Path, digest: bytes) -> None:
+    """A digest cache (DOWNLOADER_DIGEST_CACHE) that says `path`, as it is now, has `digest`: a cache gone wrong,
+    the tests' way to have a file served with a wrong digest."""
+    import sqlite3
+
+    import downloader
+
+    db = sqlite3.connect(cache)
+    for statement in downloader.DIGEST_SCHEMA:
+        db.execute(statement)
+    identity = ":".join(map(str, downloader.content_identity(os.stat(path))))
+    with db:
+        db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (os.path.realpath(path), identity, digest, time.time()))
+    db.close()
+
+
 class Server:
     """A server process in its own process group on 127.0.0.1, its output in `log`.
 

@@ -1257,7 +1257,7 @@ async def test_zip_of_many_tiny_files_goes_out_in_few_messages(root: Path) -> No
 async def test_zip_over_the_limit_is_refused_before_any_entry_is_made(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import zipstream
 
-    monkeypatch.setattr(downloader, "MAX_ZIP_FILES", 3)
+    monkeypatch.setattr(downloader, "MAX_FOLDER_FILES", 3)
     monkeypatch.setattr(zipstream, "ZipStream", lambda *a, **k: pytest.fail("an archive was started"))
     async with asgi_client(create_app(root)) as c:
         response = await c.get("/zip/")
@@ -1293,8 +1293,8 @@ async def test_a_refused_archive_gives_its_slot_back(root: Path, monkeypatch: py
     for target in (b"/zip/missing", b"/zip/ten.txt", b"/zip/missing", b"/zip/missing"):
         status, _, _, _ = await asgi_exchange(app, target)
         assert status == 404
-    monkeypatch.setattr(downloader, "MAX_ZIP_FILES", 0)
+    monkeypatch.setattr(downloader, "MAX_FOLDER_FILES", 0)
     assert (await asgi_exchange(app, b"/zip/sub"))[0] == 413
-    monkeypatch.setattr(downloader, "MAX_ZIP_FILES", 100_000)
+    monkeypatch.setattr(downloader, "MAX_FOLDER_FILES", 100_000)
     status, _, body, _ = await asgi_exchange(app, b"/zip/sub")
     assert (status, zip_contents(body)) == (200, {"inner.txt": b"inner"})

@@ -4,6 +4,7 @@ and the nginx X-Accel-Redirect offload built from the README's own nginx block."
 
 from __future__ import annotations
 
+import base64
 import calendar
 import dataclasses
 import hashlib
@@ -587,6 +588,23 @@ def test_nginx_offload_sends_the_file_byte_exact_with_our_headers(procs: Process
     assert named.headers.get_all("Cache-Control") == ["no-cache, no-transform"]
     assert named.headers.get_all("X-Content-Type-Options") == ["nosniff"]
     assert whole.headers.get_all("Content-Type") == ["application/octet-stream"]
+
+
+def test_nginx_offload_carries_the_digest_on_200_and_206_but_not_on_304(procs: Processes, root: Path, tmp_path: Path) -> None:
+    """The digest fields are ours, on the answer nginx completes; a 304, which nginx makes itself, carries none."""
+    wanted = write_file(root / "digested.bin", 3 * MIB)
+    time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)  # old enough to be hashed
+    _, port = through_nginx(procs, root, tmp_path)
+    head = wait_for(lambda: (f := fetch(port, signed("digested.bin"), method="HEAD")).headers["Repr-Digest"] and f, 15, "the digest")
+    encoded = base64.b64encode(bytes.fromhex(wanted)).decode()
+    whole = fetch(port, signed("digested.bin"))
+    part = fetch(port, signed("digested.bin"), {"Range": "bytes=5-9"})
+    cached = fetch(port, signed("digested.bin"), {"If-None-Match": whole.headers["ETag"]})
+    assert [(r.status, r.headers.get_all("Repr-Digest"), r.headers.get_all("Digest")) for r in (head, whole, part)] == [
+        (status, [f"sha-256=:{encoded}:"], [f"SHA-256={encoded}"]) for status in (200, 200, 206)
+    ]
+    assert hashlib.sha256(whole.body).hexdigest() == wanted
+    assert (cached.status, cached.headers.get_all("Repr-Digest"), cached.headers.get_all("Digest")) == (304, None, None)
 
 
 QUOTED_NAMES = ["a?b.txt", "100%.txt", "x%41.txt", "a#b.txt", "semi;colon.txt", "plus+sign.txt"]

@@ -5,10 +5,13 @@ the run command starts the service these tests start)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +19,7 @@ import pytest
 
 import downloader
 from conftest import need
-from helpers import PROJECT, Server, cli_server, free_port
+from helpers import PROJECT, Server, cli_server, free_port, wait_for
 
 SAMPLES = PROJECT / "static" / "downloads"
 BLOCK_RE = re.compile(r"^(?:<!-- (?P<marker>[^>]*?) -->\n)?```(?P<lang>\w+)\n(?P<code>.*?)^```$", re.S | re.M)
@@ -26,7 +29,7 @@ EXAMPLES = {
     "catalog-cli": "test_readme", "catalog-python": "test_readme", "authorize": "test_readme",
     "sidecar": "test_readme", "systemd": "test_readme",
     "starlette": "test_embed", "fastapi": "test_embed", "nginx": "test_ops",
-    "scale-out": "test_replicas", "nginx-upstream": "test_replicas", "s3": "test_s3",
+    "scale-out": "test_replicas", "nginx-upstream": "test_replicas", "s3": "test_s3", "integrity": "test_readme",
 }
 
 
@@ -60,14 +63,19 @@ def test_every_code_block_is_an_example_a_test_runs() -> None:
     assert sorted(names) == sorted(EXAMPLES)
 
 
-def test_routes_curl_examples(tmp_path: Path) -> None:
-    need("curl")
-    root = tmp_path / "samples"
+def copy_samples(root: Path) -> Path:
+    """A copy of the sample files at `root`."""
     root.mkdir()
     for sample in SAMPLES.rglob("*"):
         if sample.is_file():
             (root / sample.relative_to(SAMPLES)).parent.mkdir(parents=True, exist_ok=True)
             (root / sample.relative_to(SAMPLES)).write_bytes(sample.read_bytes())
+    return root
+
+
+def test_routes_curl_examples(tmp_path: Path) -> None:
+    need("curl")
+    root = copy_samples(tmp_path / "samples")
     work = tmp_path / "work"
     work.mkdir()
     with cli_server(root, tmp_path / "server.log") as server:
@@ -79,6 +87,25 @@ def test_routes_curl_examples(tmp_path: Path) -> None:
     assert result.stdout.startswith(hello[:10].decode())
     assert "HTTP/1.1 304 Not Modified" in result.stdout
     assert "Content-Range: bytes 0-4/57" in result.stdout  # a part of the multipart answer
+
+
+def test_integrity_examples(tmp_path: Path) -> None:
+    """In a folder holding the sample files: the digest fields, SHA256SUMS checked by sha256sum -c, and `hash`."""
+    need("curl"), need("sha256sum")
+    root, work = copy_samples(tmp_path / "samples"), copy_samples(tmp_path / "work")
+    time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)  # old enough to be hashed
+    settings = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_DIGEST_CACHE": str(tmp_path / "digests.sqlite3")}
+    with cli_server(root, tmp_path / "server.log", **settings) as server:
+        wait_for(lambda: httpx.get(f"{server.url}/sha256sums/").headers["digests-pending"] == "0", 15, "the samples hashed")
+        script = example("integrity").replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+        result = shell(script.replace("python downloader.py", f"python {PROJECT / 'downloader.py'}"), work, tmp_path, **settings)
+    assert result.returncode == 0, result.stderr
+    samples = sorted(str(p.relative_to(SAMPLES)) for p in SAMPLES.rglob("*") if p.is_file())
+    hello = base64.b64encode(hashlib.sha256((SAMPLES / "hello.txt").read_bytes()).digest()).decode()
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [f"repr-digest: sha-256=:{hello}:", f"digest: SHA-256={hello}"]
+    assert lines[2:-len(samples)] == [f"{name}: OK" for name in samples]
+    assert lines[-len(samples):] == [f"{hashlib.sha256((SAMPLES / name).read_bytes()).hexdigest()}  {name}" for name in samples]
 
 
 def test_sign_examples(tmp_path: Path) -> None:

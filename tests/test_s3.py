@@ -275,8 +275,21 @@ def asgi_client(app) -> httpx.AsyncClient:
 async def both(aws: Seaweed, mirrored: tuple[str, Path, int]) -> Iterator[tuple[httpx.AsyncClient, httpx.AsyncClient, int]]:
     """A client of the disk root and one of the bucket prefix holding the same files; their mtime."""
     prefix, root, modified = mirrored
-    async with asgi_client(downloader.create_app(root)) as disk, asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as bucket:
+    # (digests off on the disk: objects have none, and what is compared is ranges and preconditions)
+    async with asgi_client(downloader.create_app(root, digests=False)) as disk, asgi_client(downloader.create_app(f"s3://{aws.bucket}/{prefix}")) as bucket:
         yield disk, bucket, modified
+
+
+@pytest.mark.anyio
+async def test_objects_have_no_digest(both: tuple[httpx.AsyncClient, httpx.AsyncClient, int]) -> None:
+    """Objects are not hashed (README: Integrity): no digest fields, sha256 null, no SHA256SUMS."""
+    _, bucket, _ = both
+    download = await bucket.get("/download/ten.txt")
+    listed = (await bucket.get("/api/files")).json()["files"]
+    sums = await bucket.get("/sha256sums/")
+    assert (download.status_code, "repr-digest" in download.headers, "digest" in download.headers) == (200, False, False)
+    assert listed and {f["sha256"] for f in listed} == {None}
+    assert (sums.status_code, sums.json()) == (404, {"detail": "No digests: objects are not hashed"})
 
 
 def shift_dates(headers: dict[str, str], modified: int) -> dict[str, str]:

@@ -1,0 +1,77 @@
+"""What the background hasher costs requests (not collected by pytest).
+
+    python tests/bench_digests.py [--tree-mib 2048] [--rates 64,256] [--rounds 3] [--seconds 4]
+
+Makes a root holding a 1 KiB file and a tree of TREE_MIB MiB (files of 256 MiB), then, for each hash_rate
+(MiB/s) and each round: starts `python downloader.py` with a new digest cache, so that it hashes the whole tree,
+measures requests/s of the 1 KiB download with `wrk -c32` while it hashes ("busy"), waits until /sha256sums says
+nothing is pending, and measures again ("idle"). Prints each pair, the ratio busy/idle, and how long the tree
+took. The tree is in the page cache (just written): this is the hasher's CPU, not the disk's."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import downloader  # noqa: E402
+from bench_catalog import wrk  # noqa: E402
+from helpers import MIB, Server, free_port, write_file  # noqa: E402
+
+
+def pending(url: str) -> int:
+    return int(httpx.get(f"{url}/sha256sums/", timeout=30).headers["digests-pending"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tree-mib", type=int, default=2048)
+    parser.add_argument("--rates", default="64,256", help="hash_rate values to try, MiB/s")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=4)
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="bench-digests-"))
+    root = base / "root"
+    (root / "tree").mkdir(parents=True)
+    (root / "one.bin").write_bytes(os.urandom(1024))
+    for i in range(0, args.tree_mib, 256):
+        write_file(root / "tree" / f"part{i // 256:03}.bin", min(256, args.tree_mib - i) * MIB)
+    time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)
+    print(f"1 KiB downloads, wrk -t1 -c32 {args.seconds:g} s, while the hasher reads a {args.tree_mib} MiB tree, and after")
+    print("| hash_rate | round | busy req/s | idle req/s | busy / idle | tree hashed in |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for rate in (int(r) for r in args.rates.split(",")):
+        ratios = []
+        for round_ in range(1, args.rounds + 1):
+            port = free_port()
+            env = {
+                "DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_HASH_RATE": str(rate * MIB),
+                "DOWNLOADER_DIGEST_CACHE": str(base / f"cache-{rate}-{round_}.sqlite3"),
+            }
+            with Server([sys.executable, "downloader.py", "--port", str(port)], base / "server.log", env=env, port=port) as server:
+                began = time.monotonic()
+                busy = wrk(port, "/download/one.bin", args.seconds)
+                left = pending(server.url)
+                if left == 0:
+                    raise SystemExit("the tree was hashed before wrk finished: use a bigger --tree-mib or a lower rate")
+                while pending(server.url):
+                    time.sleep(0.2)
+                took = time.monotonic() - began
+                idle = wrk(port, "/download/one.bin", args.seconds)
+            if busy is None or idle is None:
+                raise SystemExit("wrk is not installed")
+            ratios.append(busy / idle)
+            print(f"| {rate} MiB/s | {round_} | {busy:,.0f} | {idle:,.0f} | {busy / idle:.2f} | {took:.1f} s |")
+        print(f"| {rate} MiB/s | median | | | {statistics.median(ratios):.2f} | |")
+
+
+if __name__ == "__main__":
+    main()
