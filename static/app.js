@@ -2,8 +2,9 @@
 // resume.
 //
 // Sections: 1. Settings  2. Header values (pure)  3. Files, names, folders (pure)
-// 4. Formatting (pure)  5. Transfer with resume  6. Sinks  7. Download state (pure)
-// 8. File rows: view and controller  9. Folders, filter, listing and start-up.
+// 4. Formatting (pure)  5. SHA-256 (pure)  6. Transfer with resume  7. Sinks
+// 8. Download state (pure)  9. File rows: view and controller
+// 10. Folders, filter, listing and start-up.
 // The pure functions and DownloadState are exported so tests/test_page.py can check them
 // in the real browser.
 //
@@ -30,6 +31,13 @@
 // "fs" and "blob" share transfer(), which continues after a dropped connection with
 // Range: bytes=N- and If-Range (RFC 9110 §14.2, §13.1.5), so the saved file stays exact.
 // A folder's ZIP is always a plain link: the server builds it while it sends it.
+//
+// Verifying: "fs" and "blob" hash the bytes as they arrive (Sha256: WebCrypto has no
+// incremental digest, and a whole-file digest would need the whole file in memory). The
+// state survives a resume, so a resumed file is verified whole. The expected digest is the
+// response's Repr-Digest (RFC 9530), which belongs to the very version sent (If-Range keeps
+// a resume on it); never the listing's, which may be of an older version. A mismatch saves
+// nothing. "native" can't see the bytes: the row shows the digest to compare instead.
 
 // ===========================================================================
 // 1. Settings
@@ -70,7 +78,7 @@ export function parseRetryDelays(search) {
 }
 
 // ===========================================================================
-// 2. Header values (pure): Content-Disposition, Content-Range, If-Range
+// 2. Header values (pure): Content-Disposition, Content-Range, If-Range, Repr-Digest
 // ===========================================================================
 
 /** Parse a Content-Disposition value (RFC 6266 §4.1) into {type, params}.
@@ -223,6 +231,25 @@ export function parseContentRange(value) {
   return { start, end, size };
 }
 
+/** The sha-256 of a Repr-Digest field (RFC 9530: a Structured Fields Dictionary, the
+ *  digest a Byte Sequence, `sha-256=:<base64>:`) as lower-case hex; null when absent or
+ *  not 32 bytes. Other algorithms and parameters are ignored. */
+export function parseReprDigest(value) {
+  for (const member of String(value ?? "").split(",")) {
+    const m = /^\s*sha-256=:([A-Za-z0-9+/]*={0,2}):(;.*)?\s*$/.exec(member);
+    if (!m) continue;
+    let bytes;
+    try {
+      bytes = atob(m[1]);
+    } catch {
+      return null;
+    }
+    if (bytes.length !== 32) return null;
+    return [...bytes].map((c) => c.charCodeAt(0).toString(16).padStart(2, "0")).join("");
+  }
+  return null;
+}
+
 /** The If-Range validator for resuming: a strong ETag, else Last-Modified, else null.
  *  RFC 9110 §13.1.5: a weak entity-tag must not be used in If-Range. */
 export function ifRangeValidator(etag, lastModified) {
@@ -327,7 +354,81 @@ function countFiles(n) {
 }
 
 // ===========================================================================
-// 5. Transfer with resume
+// 5. SHA-256 (pure): FIPS 180-4, fed in pieces
+// ===========================================================================
+
+const K256 = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+/** SHA-256 of bytes given in pieces: update(Uint8Array) as they arrive, then hex() once. */
+export class Sha256 {
+  state = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+  words = new Uint32Array(64);
+  block = new Uint8Array(64); // the bytes of a block not yet full
+  filled = 0;
+  length = 0; // bytes fed in all
+
+  update(bytes) {
+    let i = 0;
+    this.length += bytes.length;
+    if (this.filled > 0) {
+      i = Math.min(64 - this.filled, bytes.length);
+      this.block.set(bytes.subarray(0, i), this.filled);
+      this.filled += i;
+      if (this.filled < 64) return this;
+      this.compress(this.block, 0);
+      this.filled = 0;
+    }
+    for (; i + 64 <= bytes.length; i += 64) this.compress(bytes, i);
+    this.block.set(bytes.subarray(i));
+    this.filled = bytes.length - i;
+    return this;
+  }
+
+  /** One 64-byte block of `bytes` at `at` into the state. */
+  compress(bytes, at) {
+    const w = this.words;
+    for (let t = 0; t < 16; t++, at += 4) w[t] = (bytes[at] << 24) | (bytes[at + 1] << 16) | (bytes[at + 2] << 8) | bytes[at + 3];
+    for (let t = 16; t < 64; t++) {
+      const x = w[t - 15], y = w[t - 2];
+      const s0 = ((x >>> 7) | (x << 25)) ^ ((x >>> 18) | (x << 14)) ^ (x >>> 3);
+      const s1 = ((y >>> 17) | (y << 15)) ^ ((y >>> 19) | (y << 13)) ^ (y >>> 10);
+      w[t] = (w[t - 16] + s0 + w[t - 7] + s1) | 0;
+    }
+    const s = this.state;
+    let a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
+    for (let t = 0; t < 64; t++) {
+      const t1 = (h + (((e >>> 6) | (e << 26)) ^ ((e >>> 11) | (e << 21)) ^ ((e >>> 25) | (e << 7))) + ((e & f) ^ (~e & g)) + K256[t] + w[t]) | 0;
+      const t2 = ((((a >>> 2) | (a << 30)) ^ ((a >>> 13) | (a << 19)) ^ ((a >>> 22) | (a << 10))) + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+      h = g; g = f; f = e; e = (d + t1) | 0; d = c; c = b; b = a; a = (t1 + t2) | 0;
+    }
+    s[0] += a; s[1] += b; s[2] += c; s[3] += d; s[4] += e; s[5] += f; s[6] += g; s[7] += h;
+  }
+
+  /** The digest of all bytes fed, as lower-case hex. Ends the hash: no update after it. */
+  hex() {
+    const bits = this.length * 8;
+    const tail = new Uint8Array(this.filled < 56 ? 64 : 128);
+    tail.set(this.block.subarray(0, this.filled));
+    tail[this.filled] = 0x80;
+    const view = new DataView(tail.buffer);
+    view.setUint32(tail.length - 8, Math.floor(bits / 2 ** 32));
+    view.setUint32(tail.length - 4, bits >>> 0);
+    for (let at = 0; at < tail.length; at += 64) this.compress(tail, at);
+    return [...this.state].map((n) => n.toString(16).padStart(8, "0")).join("");
+  }
+}
+
+// ===========================================================================
+// 6. Transfer with resume
 // ===========================================================================
 
 export class HttpError extends Error {
@@ -409,9 +510,29 @@ function contentLength(response) {
   return encoding === "identity" && raw && /^\d+$/.test(raw) ? Number(raw) : null;
 }
 
-/** A download in progress: what transfer() needs to continue it. */
+/** The bytes saved do not have the SHA-256 the server announced (Repr-Digest). */
+export class DigestMismatch extends Error {
+  constructor(expected, actual) {
+    super(`SHA-256 ${actual}, expected ${expected}`);
+    this.name = "DigestMismatch";
+    this.expected = expected;
+    this.actual = actual;
+  }
+}
+
+/** A download in progress: what transfer() needs to continue it. hash: a Sha256 of the
+ *  bytes received; expected: the response's Repr-Digest (hex), null while unknown. */
 export function newJob(url) {
-  return { url, received: 0, total: null, validator: null, filename: null, contentType: "" };
+  return { url, received: 0, total: null, validator: null, filename: null, contentType: "", hash: new Sha256(), expected: null };
+}
+
+/** After transfer(): true when the bytes have the announced digest, false when the server
+ *  announced none; throws DigestMismatch when they differ. */
+export function verify(job) {
+  if (job.expected === null) return false;
+  const actual = job.hash.hex();
+  if (actual !== job.expected) throw new DigestMismatch(job.expected, actual);
+  return true;
 }
 
 /** The byte the next request of `job` starts from: what it holds, when there is a
@@ -444,6 +565,7 @@ async function fetchOnce(job, sink, signal, onProgress) {
       throw new IncompleteError("The server resumed at the wrong byte.");
     }
     if (range.size !== null) job.total = range.size;
+    job.expected ??= parseReprDigest(response.headers.get("Repr-Digest")); // the same version: If-Range
   } else if (response.status === 200) {
     // A fresh start, or If-Range did not match (the file changed): drop what we have.
     if (resuming) await sink.reset();
@@ -454,6 +576,8 @@ async function fetchOnce(job, sink, signal, onProgress) {
       filenameFromContentDisposition(response.headers.get("Content-Disposition")) ??
       filenameFromUrl(response.url || job.url);
     job.contentType = response.headers.get("Content-Type") || "";
+    job.hash = new Sha256();
+    job.expected = parseReprDigest(response.headers.get("Repr-Digest"));
   } else {
     throw new HttpError(response.status, await errorDetail(response));
   }
@@ -463,6 +587,7 @@ async function fetchOnce(job, sink, signal, onProgress) {
     const { done, value } = await overNetwork(reader.read());
     if (done) break;
     await sink.write(value);
+    job.hash.update(value);
     job.received += value.byteLength;
     onProgress(job, false);
   }
@@ -499,10 +624,11 @@ export async function transfer(job, sink, { signal, onProgress = () => {}, onRet
 
 /** Above the blob limit the browser downloads the file itself, and an error would only
  *  show in its download list. So a HEAD first; when that is refused, a GET for the JSON
- *  detail a HEAD cannot carry, aborted at once should the file be there after all. */
+ *  detail a HEAD cannot carry, aborted at once should the file be there after all.
+ *  Returns the file's SHA-256 (hex) when the HEAD announces it, else null. */
 async function checkDownloadable(url) {
   const head = await overNetwork(fetch(url, { method: "HEAD", cache: "no-store" }));
-  if (head.ok) return;
+  if (head.ok) return parseReprDigest(head.headers.get("Repr-Digest"));
   const controller = new AbortController();
   const response = await fetch(url, { cache: "no-store", signal: controller.signal }).catch(() => null);
   const refused = response !== null && !response.ok;
@@ -512,7 +638,7 @@ async function checkDownloadable(url) {
 }
 
 // ===========================================================================
-// 6. Sinks: where the bytes go (write, reset to empty, finish, abort)
+// 7. Sinks: where the bytes go (write, reset to empty, finish, abort)
 // ===========================================================================
 
 /** Chunks in memory; finish({name, type}) saves them through a Blob and an a[download]. */
@@ -568,7 +694,7 @@ function clickLink(href, filename) {
 }
 
 // ===========================================================================
-// 7. Download state (pure)
+// 8. Download state (pure)
 // ===========================================================================
 
 /** "Not allowed" and "gone" say what the server said, when it said it in JSON. */
@@ -630,14 +756,16 @@ export class DownloadState {
     this.event = { kind: "retrying", attempt, of, delayMs, from };
   }
 
-  finished(savedAs) {
+  /** Saved; `verified`: its SHA-256 matched the server's (false: the server knew none). */
+  finished(savedAs, verified = false) {
     Object.assign(this, { status: "done", total: this.received, kept: false });
-    this.event = { kind: "saved", name: savedAs };
+    this.event = { kind: "saved", name: savedAs, verified };
   }
 
-  handedOver() {
+  /** The browser's downloader took it; `sha256`: the digest to compare by hand, or null. */
+  handedOver(sha256 = null) {
     Object.assign(this, { status: "done", kept: false });
-    this.event = { kind: "handed" };
+    this.event = { kind: "handed", sha256 };
   }
 
   /** The save dialog was dismissed: nothing started. */
@@ -660,11 +788,13 @@ export class DownloadState {
 }
 
 /** Why a download stopped, as data for DownloadState.failed: {kind: "cancelled"} |
- *  {kind: "http", status, detail} | {kind: "network", retries, from} (from: the byte
+ *  {kind: "http", status, detail} | {kind: "mismatch", expected, actual} (hex digests) |
+ *  {kind: "network", retries, from} (from: the byte
  *  Retry continues at, null when nothing is kept) | {kind: "failed", message}. */
 export function failureOf(err, keptJob, retries) {
   if (err?.name === "AbortError") return { kind: "cancelled" };
   if (err instanceof HttpError) return { kind: "http", status: err.status, detail: err.detail };
+  if (err instanceof DigestMismatch) return { kind: "mismatch", expected: err.expected, actual: err.actual };
   if (isRetryable(err)) return { kind: "network", retries, from: keptJob ? resumeOffset(keptJob) : null };
   return { kind: "failed", message: err?.message || String(err) };
 }
@@ -685,9 +815,13 @@ export function statusMessage(event) {
       return `Connection lost. Retrying in ${formatDuration(delayMs / 1000)}, continuing from ${formatBytes(from)} (attempt ${attempt} of ${of})…`;
     }
     case "saved":
-      return `Downloaded “${event.name}”.`;
-    case "handed":
-      return "Handed to your browser’s downloader: its download list shows the progress.";
+      return `Downloaded “${event.name}”. ${event.verified ? "SHA-256 verified." : "Not verified: the server sent no SHA-256 for it."}`;
+    case "handed": {
+      const check = event.sha256 ? `The page can’t verify it there: compare its SHA-256 with ${event.sha256}.` : "The page can’t verify it there, and the server sent no SHA-256 for it.";
+      return `Handed to your browser’s downloader: its download list shows the progress. ${check}`;
+    }
+    case "mismatch":
+      return `Corrupt download: its SHA-256 is ${event.actual}, the server’s is ${event.expected}. Nothing was saved; Retry downloads it again.`;
     case "not-started":
       return "Download not started: no file was chosen.";
     case "cancelled":
@@ -734,7 +868,7 @@ export function progressFigures(state) {
 }
 
 // ===========================================================================
-// 8. File rows: view and controller
+// 9. File rows: view and controller
 // ===========================================================================
 
 function el(tag, props = {}, children = []) {
@@ -862,8 +996,9 @@ class FileRow {
         },
       });
       const target = saveAs(this.entry, this.job);
+      const verified = verify(this.job);
       await this.sink.finish(target);
-      this.state.finished(this.sink.name ?? target.name);
+      this.state.finished(this.sink.name ?? target.name, verified);
       this.forget();
     } catch (err) {
       await this.fail(err);
@@ -897,13 +1032,14 @@ class FileRow {
   /** Above the blob limit: check the file can be had, so an error shows here rather than
    *  as a failed entry in the browser's list, then a plain link the browser downloads. */
   async handToBrowser() {
+    let sha256;
     try {
-      await checkDownloadable(this.entry.url);
+      sha256 = await checkDownloadable(this.entry.url);
     } catch (err) {
       return this.fail(err);
     }
     clickLink(this.entry.url, this.entry.name); // the server's Content-Disposition wins
-    this.state.handedOver();
+    this.state.handedOver(sha256);
     this.draw();
   }
 
@@ -924,7 +1060,7 @@ class FileRow {
 }
 
 // ===========================================================================
-// 9. Folders, filter, listing and start-up
+// 10. Folders, filter, listing and start-up
 // ===========================================================================
 
 let folderIds = 0;

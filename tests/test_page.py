@@ -31,10 +31,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from helpers import PROJECT as REPO
-from helpers import Server, free_port, wait_for
+from helpers import MIB, Server, free_port, plant_digest, wait_for, write_file
+
+import downloader
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -191,7 +194,14 @@ def root(tmp_path_factory: pytest.TempPathFactory, files: dict[str, bytes]) -> P
         (root / path).write_bytes(content)
     for link, target in LINKS.items():
         (root / link).symlink_to(target)
+    time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)  # old enough to be hashed
     return root
+
+
+def all_hashed(url: str) -> str:
+    """`url` once its server knows every file's digest (SHA256SUMS of the root: none pending)."""
+    wait_for(lambda: httpx.get(f"{url}/sha256sums/").headers.get("digests-pending") == "0", 30, "every file hashed")
+    return url
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +209,7 @@ def server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     log = tmp_path_factory.mktemp("log") / "server.log"
     env = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_BLOB_LIMIT": str(BLOB_LIMIT)}
     with run_server("downloader:app", env, log) as url:
-        yield url
+        yield all_hashed(url)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +226,7 @@ def mounted_server(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     )
     env = {"PAGE_TEST_ROOT": str(root), "PYTHONPATH": f"{here}{os.pathsep}{REPO}"}
     with run_server("host_app:app", env, here / "server.log") as url:
-        yield url
+        yield all_hashed(url + "/files")[: -len("/files")]
 
 
 @pytest.fixture(scope="module")
@@ -740,6 +750,9 @@ RUN_STATE = """async (steps) => {
     });
 }"""
 
+HANDED = "Handed to your browser’s downloader: its download list shows the progress."
+VERIFIED = "SHA-256 verified."
+UNVERIFIED = "Not verified: the server sent no SHA-256 for it."
 STATE_CASES = {
     "dropped-and-resumed": [
         (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
@@ -751,7 +764,17 @@ STATE_CASES = {
         ),
         (("progressed", 400, 1000, 2000, True), ("downloading", "Resumed at 400 B.", True, "40% · 400 B of 1000 B")),
         (("progressed", 1000, 1000, 2500, False), ("downloading", "Resumed at 400 B.", True, "100% · 1000 B of 1000 B · 1.2 KiB/s · 0 s left")),
-        (("finished", "a.bin"), ("done", "Downloaded “a.bin”.", True, "100% · 1000 B")),
+        (("finished", "a.bin", True), ("done", "Downloaded “a.bin”. SHA-256 verified.", True, "100% · 1000 B")),
+    ],
+    "unverified-and-mismatch": [
+        (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
+        (("progressed", 1000, 1000, 0, True), ("downloading", "Downloading…", True, "100% · 1000 B of 1000 B")),
+        (("finished", "a.bin", False), ("done", "Downloaded “a.bin”. Not verified: the server sent no SHA-256 for it.", True, "100% · 1000 B")),
+        (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
+        (
+            ("failed", {"kind": "mismatch", "expected": "ab" * 32, "actual": "cd" * 32}),
+            ("error", f"Corrupt download: its SHA-256 is {'cd' * 32}, the server’s is {'ab' * 32}. Nothing was saved; Retry downloads it again.", False, "0% · 0 B of 1000 B"),
+        ),
     ],
     "dropped-at-0-bytes": [
         (("started", 0), ("downloading", "Downloading…", True, "0% · 0 B of 1000 B")),
@@ -787,7 +810,8 @@ STATE_CASES = {
         (("failed", {"kind": "failed", "message": "disk full"}), ("error", "Download failed: disk full", False, "0% · 0 B of 1000 B")),
         (("failed", {"kind": "cancelled"}), ("cancelled", "Download cancelled.", False, "0% · 0 B of 1000 B")),
         (("notStarted",), ("idle", "Download not started: no file was chosen.", False, "0% · 0 B of 1000 B")),
-        (("handedOver",), ("done", "Handed to your browser’s downloader: its download list shows the progress.", False, "100% · 0 B")),
+        (("handedOver",), ("done", f"{HANDED} The page can’t verify it there, and the server sent no SHA-256 for it.", False, "100% · 0 B")),
+        (("handedOver", "ab" * 32), ("done", f"{HANDED} The page can’t verify it there: compare its SHA-256 with {'ab' * 32}.", False, "100% · 0 B")),
     ],
 }
 
@@ -1005,7 +1029,7 @@ def test_download_shows_progress_and_saves_exact_file_under_its_name(
             return state in ("done", "error")
 
         wait_for(finished, DOWNLOAD_S, "the download to end")
-    assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
+    assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”. {VERIFIED}"
     download = info.value
     assert download.suggested_filename == BIG_NAME
     assert sha256(saved_bytes(download, tmp_path)) == sha256(listed[BIG_NAME])
@@ -1030,7 +1054,7 @@ def test_small_file_downloads_without_the_save_dialog(
         with page.expect_download(timeout=10_000) as info:
             page.get_by_role("button", name="Download notes.txt", exact=True).click()
             status = wait_for_state(page, "notes.txt", "done", timeout_s=10)
-        assert status == "Downloaded “notes.txt”."
+        assert status == f"Downloaded “notes.txt”. {VERIFIED}"
         assert info.value.url.startswith("blob:")
         assert saved_bytes(info.value, tmp_path) == listed["notes.txt"]
         assert page.evaluate("window.__picked?.name ?? null") is None
@@ -1053,7 +1077,7 @@ def test_file_is_saved_under_its_listing_name_and_type(page: sync_api.Page, list
     with page.expect_download(timeout=10_000) as info:
         page.get_by_role("button", name="Download link-in", exact=True).click()
         status = wait_for_state(page, "link-in", "done", timeout_s=10)
-    assert status == "Downloaded “link-in”."
+    assert status == f"Downloaded “link-in”. {VERIFIED}"
     assert info.value.suggested_filename == "link-in"
     assert saved_bytes(info.value, tmp_path) == listed["link-in"]
     assert page.evaluate("window.__blobTypes") == [entry["content_type"].split(";")[0]]
@@ -1080,7 +1104,7 @@ def test_dropped_connection_resumes_with_range_and_if_range(
     held = call_app(page, "formatBytes", start)
     seen = [text for text, _ in statuses(BIG_NAME)]
     assert seen[:2] == ["Downloading…", f"Connection lost. Retrying in 0.5 s, continuing from {held} (attempt 1 of 5)…"]
-    assert seen[-2:] == [f"Resumed at {held}.", f"Downloaded “{BIG_NAME}”."]
+    assert seen[-2:] == [f"Resumed at {held}.", f"Downloaded “{BIG_NAME}”. {VERIFIED}"]
     assert all(f"continuing from {held} (attempt " in text for text in seen[2:-2]), seen  # more retries, if the outage outlasted the first
 
 
@@ -1107,7 +1131,7 @@ def test_file_changed_during_outage_restarts_from_zero(
     assert "range" in requests[-1] and "if-range" in requests[-1]
     assert [text for text, _ in statuses(path)][-2:] == [
         "The file changed on the server: downloading it again from 0 B.",
-        f"Downloaded “{path}”.",
+        f"Downloaded “{path}”. {UNVERIFIED}",  # changed a moment ago: not hashed yet
     ]
 
 
@@ -1213,7 +1237,7 @@ def test_drop_before_the_first_byte_continues_from_0_b(
             "Connection lost. Retrying in 0.1 s, continuing from 0 B (attempt 2 of 2)…",
             "Network error: the download failed after 2 retries. Retry continues from 0 B.",
             "Downloading…",
-            "Downloaded “notes.txt”.",
+            f"Downloaded “notes.txt”. {VERIFIED}",
         ]
         assert requests and all("range" not in h for h in requests), requests
     finally:
@@ -1273,7 +1297,7 @@ def test_file_picker_path_streams_above_the_blob_limit_and_resumes(
             page.get_by_role("button", name=f"Download {BIG_NAME}", exact=True).click()
             cut_at(page, proxy, BIG_NAME, 20)
             network(page)
-            assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”."
+            assert wait_for_state(page, BIG_NAME, "done") == f"Downloaded “{BIG_NAME}”. {VERIFIED}"
             picked = page.evaluate("window.__picked")
             assert picked == {
                 "name": BIG_NAME,
@@ -1307,8 +1331,64 @@ def test_mounted_under_prefix_and_large_file_goes_to_browser_downloader(
         assert download.suggested_filename == BIG_NAME
         assert sha256(saved_bytes(download, tmp_path)) == sha256(listed[BIG_NAME])
         status = wait_for_state(page, BIG_NAME, "done", timeout_s=10)
-        assert status == "Handed to your browser’s downloader: its download list shows the progress."
+        assert status == f"{HANDED} The page can’t verify it there: compare its SHA-256 with {sha256(listed[BIG_NAME])}."
         assert row(page, BIG_NAME).locator(".file-progress").is_hidden()
+    finally:
+        page.context.close()
+
+
+# ---------------------------------------------------------------------------
+# Verifying what was saved (SHA-256 against the response's Repr-Digest)
+# ---------------------------------------------------------------------------
+
+HUGE_SIZE = 300 * MIB
+
+
+@pytest.fixture(scope="module")
+def digest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """A 300 MiB file under a blob limit above it, a small one, and one whose digest in the cache is wrong (the
+    cache gone bad, planted before the server starts); the URL once all are hashed, and each file's sha256."""
+    root = tmp_path_factory.mktemp("digest-root")
+    sums = {"huge.bin": write_file(root / "huge.bin", HUGE_SIZE)}
+    for name in ("small.txt", "wrong.txt"):
+        (root / name).write_bytes(f"the file {name}\n".encode())
+        sums[name] = sha256((root / name).read_bytes())
+    time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)
+    cache = tmp_path_factory.mktemp("digest-cache") / "digests.sqlite3"
+    plant_digest(cache, root / "wrong.txt", bytes(32))
+    env = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_BLOB_LIMIT": str(512 * MIB), "DOWNLOADER_DIGEST_CACHE": str(cache)}
+    with run_server("downloader:app", env, tmp_path_factory.mktemp("digest-log") / "server.log") as url:
+        yield all_hashed(url), sums
+
+
+def test_small_and_300_mib_downloads_are_verified_as_they_arrive(
+    browser: sync_api.Browser, digest_server: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    url, sums = digest_server
+    page = open_page(browser, url + "/")
+    try:
+        for name in ("small.txt", "huge.bin"):
+            with page.expect_download(timeout=DOWNLOAD_S * 1000) as info:
+                page.get_by_role("button", name=f"Download {name}", exact=True).click()
+                status = wait_for_state(page, name, "done")
+            assert status == f"Downloaded “{name}”. {VERIFIED}"
+            assert sha256(saved_bytes(info.value, tmp_path)) == sums[name]
+    finally:
+        page.context.close()
+
+
+def test_a_digest_mismatch_is_shown_and_nothing_is_saved(browser: sync_api.Browser, digest_server: tuple[str, dict[str, str]]) -> None:
+    url, sums = digest_server
+    page = open_page(browser, url + "/")
+    downloads: list[sync_api.Download] = []
+    page.on("download", lambda d: downloads.append(d))
+    try:
+        page.get_by_role("button", name="Download wrong.txt", exact=True).click()
+        status = wait_for_state(page, "wrong.txt", "error")
+        assert status == f"Corrupt download: its SHA-256 is {sums['wrong.txt']}, the server’s is {'00' * 32}. Nothing was saved; Retry downloads it again."
+        assert row(page, "wrong.txt").get_by_role("button", name="Retry download of wrong.txt").is_visible()
+        page.wait_for_timeout(500)
+        assert downloads == []
     finally:
         page.context.close()
 
@@ -1345,7 +1425,7 @@ def test_page_lists_a_bucket_and_resumes_a_cut_download_from_it(
             assert sorted(shown) == sorted(files)
             requests, responses = download_requests(page)
             download, status = cut_and_resumed(page, proxy)
-            assert status == f"Downloaded “{BIG_NAME}”."
+            assert status == f"Downloaded “{BIG_NAME}”. {UNVERIFIED}"  # objects are not hashed
             assert download.suggested_filename == BIG_NAME
             assert sha256(saved_bytes(download, tmp_path)) == sha256(files[BIG_NAME])
             etag = responses[0].headers["etag"]
