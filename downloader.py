@@ -194,8 +194,9 @@ HASH_CHUNK = 1024 * 1024  # the hasher's read
 HASH_RESCAN_S = 300.0  # the hasher walks the root again this often for new and changed files (a file requested first)
 HASH_QUEUE = 10_000  # files asked for with their digest unknown, waiting to be hashed first; more wait for the next walk
 HASH_LEASE_S = 30.0
-"""Of the processes sharing a digest cache (`--workers N`, replicas on one disk), one hashes a root: the holder of a
-lease in the cache that it renews while it works. Held no longer than this after it stopped, another takes over."""
+"""Of the processes sharing a digest cache (`--workers N`, replicas on one disk), one hashes a root at a time: the
+holder of a lease in the cache, renewed while it works and given up when it has no more. One that died holding it
+is taken over this long after its last renewal."""
 DIGEST_POLL_S = 2.0  # the other processes read the holder's new digests this often at most (when a lookup misses)
 DIGEST_ROWS = 1_000_000  # files the digest cache keeps at most (about 150 bytes each); beyond, those unseen longest go
 MAX_FOLDER_FILES = 100_000  # more files than this in one folder and /zip and /sha256sums answer 413
@@ -1288,22 +1289,21 @@ SF_INTEGER = re.compile(r"-?\d{1,15}")
 
 def parse_want_digest(value: str | None) -> dict[str, int] | None:
     """A Want-Repr-Digest or Want-Content-Digest field (RFC 9530 §4): algorithm -> preference, 0 (not acceptable)
-    to 10 (most preferred), from an RFC 8941 Dictionary of Integers. None for no field, or one that doesn't parse
-    (RFC 8941 §4.2: the whole field is then ignored). A key without a value is Boolean true, not an Integer: ignored."""
+    to 10 (most preferred), from an RFC 8941 Dictionary. None for no field, or one whose members don't parse (RFC
+    8941 §4.2: the whole field is then ignored). A member that is no Integer of 0 to 10 (a bare key is Boolean
+    true) states no preference: only it is ignored. Parameters are ignored; a key given twice: the last wins."""
     if value is None:
         return None
     wanted: dict[str, int] = {}
     for member in value.split(","):
-        member = member.strip(" \t")
-        key, _, rest = member.partition("=")
+        item, _, _ = member.strip(" \t").partition(";")
+        key, _, number = item.partition("=")
         if not SF_KEY.fullmatch(key):
             return None
-        number, _, params = rest.partition(";")
-        if not rest:  # a bare key: Boolean true
-            continue
-        if not SF_INTEGER.fullmatch(number) or not 0 <= int(number) <= 10:
-            return None  # (RFC 9530: preferences are 0 to 10)
-        wanted[key] = int(number)
+        if SF_INTEGER.fullmatch(number) and 0 <= int(number) <= 10:
+            wanted[key] = int(number)
+        else:
+            wanted.pop(key, None)
     return wanted
 
 
@@ -2211,9 +2211,11 @@ def object_entry(bucket: Bucket, listed: ListedFile, chunk_size: int) -> Iterato
 # way (even rewritten with its size and mtime put back) has another identity: its old digest is never
 # announced. Objects are not hashed (README: Integrity).
 
-DIGEST_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, identity TEXT NOT NULL, sha256 BLOB NOT NULL, seen REAL NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS hashers (root TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
+DIGEST_SCHEMA = (  # root and path as file-system bytes (os.fsencode): a name need not be UTF-8
+    "CREATE TABLE IF NOT EXISTS digests (id INTEGER PRIMARY KEY AUTOINCREMENT, root BLOB NOT NULL, path BLOB NOT NULL,"
+    " identity TEXT NOT NULL, sha256 BLOB NOT NULL, seen REAL NOT NULL, UNIQUE (root, path))",
+    "CREATE INDEX IF NOT EXISTS digests_seen ON digests (seen)",
+    "CREATE TABLE IF NOT EXISTS hashers (root BLOB PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
 )
 TAKE_LEASE = (  # the root's lease, if free, lapsed or ours already: one statement, so two takers can't both win
     "INSERT INTO hashers (root, owner, until) VALUES (?, ?, ?) ON CONFLICT (root) DO UPDATE"
@@ -2251,47 +2253,52 @@ class Pacer:
 
 
 class Digests:
-    """The SHA-256 of the files under the real directory `root`, by content_identity. lookup, in the event loop,
-    reads memory only; a miss asks for the file, and a thread (one per Digests, alive while there is work) hashes
-    it first, then walks the root: at start, and again HASH_RESCAN_S later (begun by the next lookup). Digests are
-    kept in the SQLite file `cache` ("off": memory only), a row per real path, pruned to the files a walk finds
-    and DIGEST_ROWS in all. Processes sharing the file take turns by a lease in it (HASH_LEASE_S): one hashes a
-    root, the others read its rows when a lookup misses (every DIGEST_POLL_S at most). A file changed less than
-    MIN_STRONG_AGE_S ago waits: a second change within the clock's tick would leave its identity as it was."""
+    """The SHA-256 of the files /download serves under the real directory `root`, by content_identity. lookup,
+    in the event loop, reads memory only; a download's miss asks for its file, and a thread (one per Digests,
+    alive while there is work) hashes it first, then walks the root: at start, and again HASH_RESCAN_S later
+    (begun by the next lookup). Digests are kept in the SQLite file `cache` ("off": memory only), a row per
+    /download path of a root, pruned to the files a walk finds and DIGEST_ROWS in all. Processes sharing the file
+    take turns by a lease in it (HASH_LEASE_S): one hashes a root while it has work, the others read its rows and
+    try for the lease when a lookup misses (every DIGEST_POLL_S at most). A file changed less than MIN_STRONG_AGE_S ago waits: a second change within
+    the clock's tick would leave its identity as it was."""
 
     def __init__(self, root: str, *, cache: str = "off", rate: int | None = DEFAULT_HASH_RATE, serve_hidden: bool = False) -> None:
         self.root, self.cache, self.rate, self.serve_hidden = root, cache, rate, serve_hidden
+        self.key = os.fsencode(root)  # the root in the cache's rows
         self.known: dict[Identity, bytes] = {}
-        self.wanted: dict[str, None] = {}  # paths to hash first, in the order asked (HASH_QUEUE at most)
+        self.wanted: dict[str, None] = {}  # /download paths to hash first, in the order asked (HASH_QUEUE at most)
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        self.running = False  # a run is under way, or about to start (under the lock)
         self.owner = secrets.token_hex(8)  # in the lease: this Digests of this process
         self.db: sqlite3.Connection | None = None  # the thread's (one run at a time)
-        self.synced = 0  # the last rowid of the cache read into `known`
+        self.synced = 0  # the last row id of the cache read into `known`
         self.lease_until = 0.0  # time.time() the lease lapses unless renewed
         self.next_walk = 0.0  # time.monotonic() the next walk is due
         self.idle_until = 0.0  # time.monotonic() before which no run starts (another process hashes; an error)
         self.pacer = Pacer(rate)
 
-    def lookup(self, identity: Identity | None, path: str) -> bytes | None:
-        """The digest of the file with `identity`, if known; if not, the file at `path` is hashed soon."""
+    def lookup(self, identity: Identity | None, path: str | None = None) -> bytes | None:
+        """The digest of the file with `identity`, if known; if not, and `path` (its /download path) is given, the
+        file is hashed soon, before the walk's next."""
         if identity is None:
             return None
         digest = self.known.get(identity)
-        if digest is None:
+        if digest is None and path is not None:
             with self.lock:
                 if len(self.wanted) < HASH_QUEUE:
                     self.wanted[path] = None
-        if digest is None or time.monotonic() >= self.next_walk:
+        if (digest is None and path is not None) or time.monotonic() >= self.next_walk:
             self.start()
         return digest
 
     def start(self) -> None:
-        """The thread, unless it runs already (or waits: idle_until)."""
+        """A run in the thread, unless one is under way (or waits: idle_until)."""
         with self.lock:
-            if (self.thread is not None and self.thread.is_alive()) or self.stopping.is_set() or time.monotonic() < self.idle_until:
+            if self.running or self.stopping.is_set() or time.monotonic() < self.idle_until:
                 return
+            self.running = True
             self.thread = threading.Thread(target=self.run, name="downloader-hasher", daemon=True)
             self.thread.start()
 
@@ -2302,8 +2309,7 @@ class Digests:
             self.thread.join(DRAIN_S)
         if self.db is not None and not (self.thread and self.thread.is_alive()):
             with contextlib.suppress(sqlite3.Error):
-                with self.db:
-                    self.db.execute("DELETE FROM hashers WHERE root = ? AND owner = ?", (self.root, self.owner))
+                self.release_lease(self.db)
                 self.db.close()
             self.db = None
 
@@ -2319,22 +2325,29 @@ class Digests:
             self.sync(db)
             self.pacer = Pacer(self.rate)
             while not self.stopping.is_set():
-                if not self.take_lease(db):  # another process hashes this root: its rows are read again later
+                if not self.take_lease(db):  # another process hashes this root: its rows are read, the lease tried, later
                     self.idle_until = time.monotonic() + DIGEST_POLL_S
                     with self.lock:
                         self.wanted.clear()
                     return
                 if (path := self.next_wanted()) is not None:
-                    self.hash_path(db, functools.partial(open_path, path))
+                    with contextlib.suppress(HTTPError):  # gone meanwhile
+                        self.hash_path(db, path, self.pace)
                 elif time.monotonic() >= self.next_walk:
                     self.walk(db)
                 else:
+                    self.release_lease(db)  # idle: another process may hash what its clients ask for
                     with self.lock:
                         if not self.wanted:
+                            self.running = False  # under the lock: a path asked for from now on starts a new run
                             return
-        except (OSError, sqlite3.Error) as exc:
-            log.warning("downloader: hashing %s stopped (%s); it starts again in %g s", self.root, exc, DIGEST_POLL_S)
+        except Exception as exc:  # (any: a dead thread would be started again by every request)
+            log.warning("downloader: hashing %s stopped (%r); it starts again in %g s at the earliest", self.root, exc, DIGEST_POLL_S)
             self.idle_until = time.monotonic() + DIGEST_POLL_S
+        finally:
+            with self.lock:
+                if self.thread is threading.current_thread():  # not a run started since this one said it was done
+                    self.running = False
 
     def connect(self) -> sqlite3.Connection:
         """The cache, opened once; an in-memory one if it can't be (a warning says why)."""
@@ -2345,6 +2358,7 @@ class Digests:
                     os.makedirs(os.path.dirname(self.cache), exist_ok=True)
                     db = sqlite3.connect(self.cache, timeout=CATALOG_TIMEOUT_S, check_same_thread=False)
                     db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")  # a digest lost to a power cut is computed again
                     for statement in DIGEST_SCHEMA:
                         db.execute(statement)
                 except (OSError, sqlite3.Error) as exc:
@@ -2358,12 +2372,13 @@ class Digests:
         return self.db
 
     def sync(self, db: sqlite3.Connection) -> None:
-        """Reads the cache's rows added since the last sync into `known` (all of them anew once it outgrew DIGEST_ROWS)."""
+        """Reads the root's rows added since the last sync into `known` (all of them anew once it outgrew DIGEST_ROWS)."""
         if len(self.known) > DIGEST_ROWS:
             self.known, self.synced = {}, 0
-        for rowid, identity, sha256 in db.execute("SELECT rowid, identity, sha256 FROM digests WHERE rowid > ? ORDER BY rowid", (self.synced,)):
+        rows = db.execute("SELECT id, identity, sha256 FROM digests WHERE id > ? AND root = ? ORDER BY id", (self.synced, self.key))
+        for row_id, identity, sha256 in rows:
             self.known[tuple(map(int, identity.split(":")))] = bytes(sha256)  # type: ignore[index]
-            self.synced = rowid
+            self.synced = row_id
 
     def take_lease(self, db: sqlite3.Connection) -> bool:
         """Whether this Digests hashes the root: the lease taken or renewed (written when a third of it is gone)."""
@@ -2371,9 +2386,14 @@ class Digests:
         if now < self.lease_until - HASH_LEASE_S * 2 / 3:
             return True
         with db:
-            taken = db.execute(TAKE_LEASE, (self.root, self.owner, now + HASH_LEASE_S, now)).rowcount > 0
+            taken = db.execute(TAKE_LEASE, (self.key, self.owner, now + HASH_LEASE_S, now)).rowcount > 0
         self.lease_until = now + HASH_LEASE_S if taken else 0.0
         return taken
+
+    def release_lease(self, db: sqlite3.Connection) -> None:
+        with db:
+            db.execute("DELETE FROM hashers WHERE root = ? AND owner = ?", (self.key, self.owner))
+        self.lease_until = 0.0
 
     def next_wanted(self) -> str | None:
         with self.lock:
@@ -2384,64 +2404,58 @@ class Digests:
             return path
 
     def pace(self, size: int) -> bool:
-        """hash_file's pace: waits out hash_rate and renews the lease; False once closing or the lease is lost."""
+        """hash_file's pace in the thread: waits out hash_rate and renews the lease; False once closing or the lease is lost."""
         delay = self.pacer.delay(size)
         if delay and self.stopping.wait(delay):
             return False
         return not self.stopping.is_set() and self.take_lease(self.connect())
 
-    def hash_path(self, db: sqlite3.Connection, opener: Callable[[], OpenFile]) -> FileInfo | None:
-        """The file `opener` opens, hashed and stored unless known (or changed a moment ago); its FileInfo, None
-        if it can't be opened."""
+    def hash_path(self, db: sqlite3.Connection, path: str, pace: Callable[[int], bool] | None = None) -> bytes | None:
+        """The digest of the file /download serves at `path` (HTTPError if none), hashed and stored unless known;
+        None if it changed a moment ago or while it was read."""
+        opened = open_under_root(self.root, path, serve_hidden=self.serve_hidden)
+        identity = opened.info.identity
+        assert identity is not None
         try:
-            opened = opener()
-        except (OSError, HTTPError):
-            return None
-        info = opened.info
-        try:
-            if info.identity is None or info.identity in self.known or time.time() - info.identity[4] / 1e9 < MIN_STRONG_AGE_S:
-                return info
-            digest = hash_file(opened.fd, info.identity, self.pace)
+            if identity in self.known or time.time() - identity[4] / 1e9 < MIN_STRONG_AGE_S:
+                return self.known.get(identity)
+            digest = hash_file(opened.fd, identity, pace)
         finally:
             os.close(opened.fd)
         if digest is not None:
             with db:
-                db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (info.path, ":".join(map(str, info.identity)), digest, time.time()))
-            self.known[info.identity] = digest
-        return info
+                db.execute(
+                    "INSERT OR REPLACE INTO digests (root, path, identity, sha256, seen) VALUES (?, ?, ?, ?, ?)",
+                    (self.key, os.fsencode(path), ":".join(map(str, identity)), digest, time.time()),
+                )
+            self.known[identity] = digest
+        return digest
 
     def walk(self, db: sqlite3.Connection) -> None:
-        """Every file /download serves hashed unless known (what is asked for meanwhile first), then the cache's
-        rows of files no longer there deleted, and the oldest beyond DIGEST_ROWS."""
+        """Every file /download serves hashed unless known (what is asked for meanwhile first), then the root's rows
+        of files no longer there deleted, and the cache's oldest beyond DIGEST_ROWS."""
         self.next_walk = time.monotonic() + HASH_RESCAN_S
         began, seen = time.time(), []
         for listed in walk_files(self.root, serve_hidden=self.serve_hidden):
             while (path := self.next_wanted()) is not None:
-                self.hash_path(db, functools.partial(open_path, path))
+                with contextlib.suppress(HTTPError):
+                    self.hash_path(db, path, self.pace)
             if self.stopping.is_set() or not self.take_lease(db):
                 return
-            info = self.hash_path(db, functools.partial(open_under_root, self.root, listed.path, serve_hidden=self.serve_hidden))
-            if info is not None:
-                seen.append((time.time(), info.path))
+            if listed.identity not in self.known:  # (a known file is not opened again)
+                with contextlib.suppress(HTTPError):
+                    self.hash_path(db, listed.path, self.pace)
+            seen.append((time.time(), self.key, os.fsencode(listed.path)))
             if len(seen) >= 1000:
                 with db:
-                    db.executemany("UPDATE digests SET seen = ? WHERE path = ?", seen)
+                    db.executemany("UPDATE digests SET seen = ? WHERE root = ? AND path = ?", seen)
                 seen = []
         with db:
-            db.executemany("UPDATE digests SET seen = ? WHERE path = ?", seen)
-            db.execute("DELETE FROM digests WHERE path > ? AND path < ? AND seen < ?", (self.root + "/", self.root + "0", began))
+            db.executemany("UPDATE digests SET seen = ? WHERE root = ? AND path = ?", seen)
+            db.execute("DELETE FROM digests WHERE root = ? AND seen < ?", (self.key, began))
             (rows,) = db.execute("SELECT count(*) FROM digests").fetchone()
             if rows > DIGEST_ROWS:
-                db.execute("DELETE FROM digests WHERE rowid IN (SELECT rowid FROM digests ORDER BY seen LIMIT ?)", (rows - DIGEST_ROWS,))
-
-    def hash_now(self, paths: Iterable[str]) -> Iterator[tuple[str, bytes | None]]:
-        """Each /download path and its digest, hashed now (at hash_rate) unless known: None if it can't be opened,
-        or changed a moment ago. For the CLI's `hash`; blocking."""
-        db = self.connect()
-        self.sync(db)
-        for path in paths:
-            info = self.hash_path(db, functools.partial(open_under_root, self.root, path, serve_hidden=self.serve_hidden))
-            yield path, None if info is None or info.identity is None else self.known.get(info.identity)
+                db.execute("DELETE FROM digests WHERE id IN (SELECT id FROM digests ORDER BY seen LIMIT ?)", (rows - DIGEST_ROWS,))
 
 
 # =============================================================================
@@ -3060,8 +3074,6 @@ class DownloadResponse(Download):
         except HTTPError as exc:
             await self.send_missing(exc, scope, receive, send)
             return
-        if self.digests is not None:
-            opened = opened._replace(info=dataclasses.replace(opened.info, sha256=self.digests.lookup(opened.info.identity, opened.info.path)))
         if self.offload_prefix is not None:
             os.close(opened.fd)  # the front proxy opens the file itself
             await self.send_offloaded(scope, receive, send, opened.info)
@@ -3108,7 +3120,7 @@ class DownloadResponse(Download):
         try:
             if self.authorize is not None and not authorized:
                 await self.authorize(info)
-            plan = self.plan(scope, info)
+            plan = self.plan(scope, self.with_digest(info))
             pieces: Sequence[Piece] = () if scope["method"] == "HEAD" else plan.pieces
             if self.gate is not None and pieces:
                 # A body that goes out in one message is counted before its head: a refusal is still a 410.
@@ -3139,6 +3151,7 @@ class DownloadResponse(Download):
         except HTTPError as exc:
             await self.send_error(exc, scope, receive, send)
             return
+        info = self.with_digest(info)
         root = self.root if self.root_is_real else await anyio.to_thread.run_sync(os.path.realpath, self.root)
         relative = os.path.relpath(info.path, root).replace(os.sep, "/")
         name = self.filename or info.name
@@ -3152,6 +3165,13 @@ class DownloadResponse(Download):
             headers.append(("X-Accel-Limit-Rate", str(self.rate_limit)))
         await send(self.start(200, headers))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def with_digest(self, info: FileInfo) -> FileInfo:
+        """`info` with the file's digest if known (once the client may have the file: a refused one asks for no
+        hashing); else it is hashed soon."""
+        if self.digests is None or info.identity is None:
+            return info
+        return dataclasses.replace(info, sha256=self.digests.lookup(info.identity, self.path))
 
     async def count_at_last_byte(self, scope: Scope, requested: Mapping[str, str], info: FileInfo) -> None:
         """Before the bytes are handed to another server (offload, a presigned URL), which can't tell us whether a
@@ -3660,10 +3680,10 @@ class Service:
         return folder
 
     def digest_of(self, listed: ListedFile) -> bytes | None:
-        """A listed file's SHA-256, None while unknown (it is hashed soon) or never (a bucket's)."""
+        """A listed file's SHA-256, None while unknown or never (a bucket's)."""
         if self.digests is None:
             return None
-        return self.digests.lookup(listed.identity, os.path.join(self.settings.root, listed.path))
+        return self.digests.lookup(listed.identity)  # (a listing asks for no hashing: the walk gets to it)
 
     def check_admin(self, request: Request) -> Catalog:
         """The catalog, once the bearer token checks out; 404 where there is no admin API."""
@@ -4634,14 +4654,22 @@ def hash_command(settings: Settings, path: str) -> int:
     except HTTPError:
         paths = [path]  # a file, or nothing: then the error below
     digests = Digests(root, cache=settings.digest_cache, rate=None, serve_hidden=hidden)
+    db = digests.connect()  # (no lease: a server hashing meanwhile does no harm, each digest is of what was read)
+    digests.sync(db)
     status = 0
     try:
-        for name, digest in digests.hash_now(paths):
-            if digest is None:
-                time.sleep(MIN_STRONG_AGE_S)
-                ((_, digest),) = digests.hash_now([name])
-            if digest is None:
+        for name in paths:
+            try:
+                digest = digests.hash_path(db, name)
+                if digest is None:  # changed a moment ago, or while it was read
+                    time.sleep(MIN_STRONG_AGE_S)
+                    digest = digests.hash_path(db, name)
+            except HTTPError:
                 print(f"downloader: cannot hash {name!r}: no file under {root} by that path", file=sys.stderr)
+                status = 1
+                continue
+            if digest is None:
+                print(f"downloader: cannot hash {name!r}: it is being changed", file=sys.stderr)
                 status = 1
             else:
                 sys.stdout.write(sha256sum_line(digest, name))

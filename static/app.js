@@ -233,21 +233,24 @@ export function parseContentRange(value) {
 
 /** The sha-256 of a Repr-Digest field (RFC 9530: a Structured Fields Dictionary, the
  *  digest a Byte Sequence, `sha-256=:<base64>:`) as lower-case hex; null when absent or
- *  not 32 bytes. Other algorithms and parameters are ignored. */
+ *  not 32 bytes (the last sha-256 member counts). Other algorithms and parameters are
+ *  ignored. */
 export function parseReprDigest(value) {
+  let found = null; // a key given twice: the last wins (RFC 8941 §3.2)
   for (const member of String(value ?? "").split(",")) {
     const m = /^\s*sha-256=:([A-Za-z0-9+/]*={0,2}):(;.*)?\s*$/.exec(member);
-    if (!m) continue;
-    let bytes;
-    try {
-      bytes = atob(m[1]);
-    } catch {
-      return null;
-    }
-    if (bytes.length !== 32) return null;
-    return [...bytes].map((c) => c.charCodeAt(0).toString(16).padStart(2, "0")).join("");
+    if (m) found = m[1];
+    else if (/^\s*sha-256\s*(=|;|$)/.test(member)) found = null;
   }
-  return null;
+  if (found === null) return null;
+  let bytes;
+  try {
+    bytes = atob(found);
+  } catch {
+    return null;
+  }
+  if (bytes.length !== 32) return null;
+  return [...bytes].map((c) => c.charCodeAt(0).toString(16).padStart(2, "0")).join("");
 }
 
 /** The If-Range validator for resuming: a strong ETag, else Last-Modified, else null.
@@ -375,6 +378,7 @@ export class Sha256 {
   block = new Uint8Array(64); // the bytes of a block not yet full
   filled = 0;
   length = 0; // bytes fed in all
+  result = null; // hex(), once asked
 
   update(bytes) {
     let i = 0;
@@ -415,6 +419,7 @@ export class Sha256 {
 
   /** The digest of all bytes fed, as lower-case hex. Ends the hash: no update after it. */
   hex() {
+    if (this.result) return this.result;
     const bits = this.length * 8;
     const tail = new Uint8Array(this.filled < 56 ? 64 : 128);
     tail.set(this.block.subarray(0, this.filled));
@@ -423,7 +428,8 @@ export class Sha256 {
     view.setUint32(tail.length - 8, Math.floor(bits / 2 ** 32));
     view.setUint32(tail.length - 4, bits >>> 0);
     for (let at = 0; at < tail.length; at += 64) this.compress(tail, at);
-    return [...this.state].map((n) => n.toString(16).padStart(8, "0")).join("");
+    this.result = [...this.state].map((n) => n.toString(16).padStart(8, "0")).join("");
+    return this.result;
   }
 }
 

@@ -5,8 +5,10 @@
 Makes a root holding a 1 KiB file and a tree of TREE_MIB MiB (files of 256 MiB), then, for each hash_rate
 (MiB/s) and each round: starts `python downloader.py` with a new digest cache, so that it hashes the whole tree,
 measures requests/s of the 1 KiB download with `wrk -c32` while it hashes ("busy"), waits until /sha256sums says
-nothing is pending, and measures again ("idle"). Prints each pair, the ratio busy/idle, and how long the tree
-took. The tree is in the page cache (just written): this is the hasher's CPU, not the disk's."""
+nothing is pending, and measures again ("after"); then the same on a server with digests off ("off": the baseline,
+measured as soon after its start, and as long after, so that a server's age is no difference). Prints each
+round, the ratios busy/off and after/off, and how long the tree took. The tree is in the page cache (just
+written): this is the hasher's CPU, not the disk's."""
 
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ def pending(url: str) -> int:
     return int(httpx.get(f"{url}/sha256sums/", timeout=30).headers["digests-pending"])
 
 
+def start(env: dict[str, str], base: Path) -> Server:
+    port = free_port()
+    return Server([sys.executable, "downloader.py", "--port", str(port)], base / "server.log", env=env, port=port)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tree-mib", type=int, default=2048)
@@ -46,31 +53,34 @@ def main() -> None:
         write_file(root / "tree" / f"part{i // 256:03}.bin", min(256, args.tree_mib - i) * MIB)
     time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)
     print(f"1 KiB downloads, wrk -t1 -c32 {args.seconds:g} s, while the hasher reads a {args.tree_mib} MiB tree, and after")
-    print("| hash_rate | round | busy req/s | idle req/s | busy / idle | tree hashed in |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| hash_rate | round | busy req/s | after | off, early | off, late | busy / off | after / off | tree hashed in |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for rate in (int(r) for r in args.rates.split(",")):
-        ratios = []
+        ratios: list[tuple[float, float]] = []
         for round_ in range(1, args.rounds + 1):
-            port = free_port()
             env = {
                 "DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_HASH_RATE": str(rate * MIB),
                 "DOWNLOADER_DIGEST_CACHE": str(base / f"cache-{rate}-{round_}.sqlite3"),
             }
-            with Server([sys.executable, "downloader.py", "--port", str(port)], base / "server.log", env=env, port=port) as server:
+            with start(env, base) as server:
                 began = time.monotonic()
-                busy = wrk(port, "/download/one.bin", args.seconds)
-                left = pending(server.url)
-                if left == 0:
+                busy = wrk(server.port, "/download/one.bin", args.seconds)
+                if pending(server.url) == 0:
                     raise SystemExit("the tree was hashed before wrk finished: use a bigger --tree-mib or a lower rate")
                 while pending(server.url):
                     time.sleep(0.2)
                 took = time.monotonic() - began
-                idle = wrk(port, "/download/one.bin", args.seconds)
-            if busy is None or idle is None:
+                after = wrk(server.port, "/download/one.bin", args.seconds)
+            with start({"DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_DIGESTS": "false"}, base) as server:
+                began = time.monotonic()
+                early = wrk(server.port, "/download/one.bin", args.seconds)
+                time.sleep(max(0.0, took - (time.monotonic() - began)))
+                late = wrk(server.port, "/download/one.bin", args.seconds)
+            if None in (busy, after, early, late):
                 raise SystemExit("wrk is not installed")
-            ratios.append(busy / idle)
-            print(f"| {rate} MiB/s | {round_} | {busy:,.0f} | {idle:,.0f} | {busy / idle:.2f} | {took:.1f} s |")
-        print(f"| {rate} MiB/s | median | | | {statistics.median(ratios):.2f} | |")
+            ratios.append((busy / early, after / late))
+            print(f"| {rate} MiB/s | {round_} | {busy:,.0f} | {after:,.0f} | {early:,.0f} | {late:,.0f} | {busy / early:.2f} | {after / late:.2f} | {took:.1f} s |")
+        print(f"| {rate} MiB/s | median | | | | | {statistics.median(r[0] for r in ratios):.2f} | {statistics.median(r[1] for r in ratios):.2f} | |")
 
 
 if __name__ == "__main__":

@@ -91,9 +91,9 @@ def write_file(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def plant_digest(cache: Path, path: Path, digest: bytes) -> None:
-    """A digest cache (DOWNLOADER_DIGEST_CACHE) that says `path`, as it is now, has `digest`: a cache gone wrong,
-    the tests' way to have a file served with a wrong digest."""
+def plant_digest(cache: Path, root: Path, path: str, digest: bytes) -> None:
+    """A digest cache (DOWNLOADER_DIGEST_CACHE) that says the file /download serves at `path` under `root`, as it
+    is now, has `digest`: a cache gone wrong, the tests' way to have a file served with a wrong digest."""
     import sqlite3
 
     import downloader
@@ -101,9 +101,12 @@ def plant_digest(cache: Path, path: Path, digest: bytes) -> None:
     db = sqlite3.connect(cache)
     for statement in downloader.DIGEST_SCHEMA:
         db.execute(statement)
-    identity = ":".join(map(str, downloader.content_identity(os.stat(path))))
+    identity = ":".join(map(str, downloader.content_identity(os.stat(root / path))))
     with db:
-        db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (os.path.realpath(path), identity, digest, time.time()))
+        db.execute(
+            "INSERT OR REPLACE INTO digests (root, path, identity, sha256, seen) VALUES (?, ?, ?, ?, ?)",
+            (os.fsencode(os.path.realpath(root)), os.fsencode(path), identity, digest, time.time()),
+        )
     db.close()
 
 

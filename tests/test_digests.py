@@ -28,13 +28,17 @@ WANT_CASES = [
     ("sha-512=3,sha-256=0", {"sha-512": 3, "sha-256": 0}),
     ("  sha-256=5  ", {"sha-256": 5}),
     ("sha-256=5;q=1", {"sha-256": 5}),  # parameters: allowed, ignored
-    ("sha-256", {}),  # a Boolean, not an Integer: ignored
-    ("sha-256=11", None),  # out of 0..10: the field is ignored
-    ("sha-256=-1", None),
-    ("sha-256=1.5", None),
-    ("SHA-256=1", None),  # keys are lower case (RFC 8941 §3.1.2)
+    ("sha-256;a=1, sha-256=0", {"sha-256": 0}),  # a bare key with parameters, then an Integer
+    ("sha-256=0, sha-256", {}),  # the last wins: a Boolean, no preference
+    ("sha-256", {}),  # a Boolean, not an Integer: no preference
+    ("sha-256=0, unixsum=11", {"sha-256": 0}),  # one member out of 0..10: only it is ignored
+    ("sha-256=11", {}),
+    ("sha-256=-1", {}),
+    ("sha-256=1.5", {}),
+    ("sha-256=?0", {}),
+    ("sha-256=:AAAA:", {}),
+    ("SHA-256=1", None),  # keys are lower case (RFC 8941 §3.1.2): the field doesn't parse
     ("sha-256=1,,sha-512=2", None),
-    ("sha-256=:AAAA:", None),
     ("", None),
 ]
 
@@ -54,6 +58,7 @@ HEADER_CASES = [
     ("sha-512=10, sha-256=0", []),  # sha-256 refused
     ("sha-256=0", []),
     ("garbage!", BOTH),  # a field that doesn't parse is ignored
+    ("sha-256=0, unixsum=11", []),  # a bad member elsewhere doesn't undo the refusal
 ]
 
 
@@ -252,8 +257,10 @@ async def test_api_files_sha256_is_null_until_known_then_hex(files: Path) -> Non
 async def test_sha256sums_lists_known_digests_relative_to_the_folder_and_counts_the_pending(files: Path) -> None:
     async with app_client(files) as client:
         await known(client, "/download/sub/b.txt")
-        partial = await client.get("/sha256sums/sub")  # c d.txt not yet asked for: pending
         await known(client, "/download/sub/deeper/c%20d.txt")
+        (files / "sub" / "new.txt").write_bytes(b"new")
+        partial = await client.get("/sha256sums/sub")  # new.txt is hashed once MIN_STRONG_AGE_S old: pending
+        (files / "sub" / "new.txt").unlink()
         whole = await client.get("/sha256sums/sub")
         head = await client.head("/sha256sums/sub")
         root = await client.get("/sha256sums/")
@@ -263,7 +270,7 @@ async def test_sha256sums_lists_known_digests_relative_to_the_folder_and_counts_
             "outside": await client.get("/sha256sums/..%2F"),
         }
     b, c = hashlib.sha256(b"b" * 1000).hexdigest(), hashlib.sha256(b"").hexdigest()
-    assert (partial.status_code, partial.text, partial.headers["digests-pending"]) == (200, f"{b}  b.txt\n", "1")
+    assert (partial.status_code, partial.text, partial.headers["digests-pending"]) == (200, f"{b}  b.txt\n{c}  deeper/c d.txt\n", "1")
     assert (whole.text, whole.headers["digests-pending"]) == (f"{b}  b.txt\n{c}  deeper/c d.txt\n", "0")
     assert whole.headers["content-type"] == "text/plain; charset=utf-8"
     assert whole.headers["content-disposition"] == 'attachment; filename="SHA256SUMS"'
@@ -326,8 +333,8 @@ async def test_digests_come_from_the_cache_after_a_restart(files: Path, tmp_path
     cache = tmp_path / "cache" / "digests.sqlite3"
     cache.parent.mkdir()
     planted = hashlib.sha256(b"not the content").digest()
-    plant_digest(cache, files / "a.txt", planted)
-    plant_digest(cache, files / "sub" / "b.txt", planted)
+    plant_digest(cache, files, "a.txt", planted)
+    plant_digest(cache, files, "sub/b.txt", planted)
     (files / "sub" / "b.txt").write_bytes(b"b" * 1000)  # the same bytes again: a new ctime, so not the planted digest
     app = downloader.create_app(files, digest_cache=str(cache))
     async with app.router.lifespan_context(app):
@@ -357,6 +364,21 @@ def test_one_process_hashes_a_root_at_a_time(files: Path, tmp_path: Path) -> Non
             digests.close()
 
 
+def test_the_lease_is_given_up_once_the_work_is_done(files: Path, tmp_path: Path) -> None:
+    """A run hashes what was asked for and walks the root, then hands the lease back: another process may take it
+    at once for what its own clients ask for."""
+    cache = str(tmp_path / "d.sqlite3")
+    digests, other = (downloader.Digests(os.path.realpath(files), cache=cache) for _ in range(2))
+    try:
+        assert digests.lookup((0, 0, 0, 0, 0), "a.txt") is None  # a miss: a run starts
+        wait_for(lambda: len(digests.known) == 4 and not digests.running, 10, "the run to hash the root and end")
+        assert sqlite3.connect(cache).execute("SELECT count(*) FROM hashers").fetchone() == (0,)
+        assert other.take_lease(other.connect()) is True
+    finally:
+        digests.close()
+        other.close()
+
+
 def test_workers_share_the_cache_one_hashing_the_others_reading(files: Path, tmp_path: Path) -> None:
     """Two worker processes on one cache file: every answer, whichever worker gives it, carries the digest once
     one has hashed the file (the lease holder; the other reads the cache's rows)."""
@@ -374,19 +396,38 @@ def test_workers_share_the_cache_one_hashing_the_others_reading(files: Path, tmp
 
 def test_a_walk_hashes_every_served_file_and_prunes_the_gone(files: Path, tmp_path: Path) -> None:
     cache = tmp_path / "d.sqlite3"
-    root = os.path.realpath(files)
-    digests = downloader.Digests(root, cache=str(cache))
+    digests = downloader.Digests(os.path.realpath(files), cache=str(cache))
+
+    def rows() -> dict[str, bytes]:
+        return {os.fsdecode(path): sha256 for path, sha256 in sqlite3.connect(cache).execute("SELECT path, sha256 FROM digests")}
+
     try:
         digests.walk(digests.connect())
-        rows = dict(sqlite3.connect(cache).execute("SELECT path, sha256 FROM digests").fetchall())
         served = ["a.txt", "big.bin", "sub/b.txt", "sub/deeper/c d.txt"]
-        assert rows == {os.path.join(root, p): hashlib.sha256((files / p).read_bytes()).digest() for p in served}  # not .hidden
+        assert rows() == {p: hashlib.sha256((files / p).read_bytes()).digest() for p in served}  # not .hidden
         (files / "big.bin").unlink()
-        digests.next_walk = 0
         digests.walk(digests.connect())
-        assert sorted(p for (p,) in sqlite3.connect(cache).execute("SELECT path FROM digests")) == sorted(os.path.join(root, p) for p in served if p != "big.bin")
+        assert sorted(rows()) == [p for p in served if p != "big.bin"]
     finally:
         digests.close()
+
+
+def test_a_name_that_is_not_utf8_is_hashed_and_kept(tmp_path: Path) -> None:
+    """A name /download can't serve (not UTF-8) is not listed, but a root whose own path isn't UTF-8 is hashed:
+    rows hold file-system bytes."""
+    root = tmp_path / os.fsdecode(b"r\xe9pertoire")
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"a")
+    settle()
+    cache = tmp_path / "d.sqlite3"
+    digests = downloader.Digests(str(root), cache=str(cache))
+    try:
+        digests.walk(digests.connect())
+    finally:
+        digests.close()
+    assert sqlite3.connect(cache).execute("SELECT root, path, sha256 FROM digests").fetchall() == [
+        (os.fsencode(str(root)), b"a.txt", hashlib.sha256(b"a").digest())
+    ]
 
 
 def test_pacer_holds_reads_to_the_rate() -> None:
@@ -472,7 +513,7 @@ def test_aria2c_checks_the_digest_header(tmp_path: Path, connections: int) -> No
     write_file(root / "wrong.bin", 6 * MIB)
     settle()
     cache = tmp_path / "d.sqlite3"
-    plant_digest(cache, root / "wrong.bin", hashlib.sha256(b"something else").digest())
+    plant_digest(cache, root, "wrong.bin", hashlib.sha256(b"something else").digest())
     with uvicorn_server(root, tmp_path / "server.log", env={"DOWNLOADER_DIGEST_CACHE": str(cache)}) as server:
         wait_for(lambda: "digest" in httpx.head(f"{server.url}/download/right.bin").headers, 15, "right.bin hashed")
         assert httpx.head(f"{server.url}/download/wrong.bin").headers["digest"] == f"SHA-256={base64.b64encode(hashlib.sha256(b'something else').digest()).decode()}"

@@ -594,6 +594,43 @@ def test_parse_content_range(module_page: sync_api.Page, value: str | None, pars
     assert call_app(module_page, "parseContentRange", value) == parsed
 
 
+HELLO_B64, HELLO_HEX = "WJG1tSLV3whtD/CxEPvZ0hu0/HFjrzTQgoai6Eb2vgM=", "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+REPR_DIGEST_CASES = [
+    (f"sha-256=:{HELLO_B64}:", HELLO_HEX),
+    (f"sha-512=:AAAA:, sha-256=:{HELLO_B64}:", HELLO_HEX),  # other algorithms ignored
+    (f"sha-256=:{HELLO_B64}:;p=1", HELLO_HEX),  # parameters ignored
+    (f"sha-256=:AAAA:, sha-256=:{HELLO_B64}:", HELLO_HEX),  # the last member wins
+    (f"sha-256=:{HELLO_B64}:, sha-256=?1", None),
+    ("sha-256=:AAAA:", None),  # not 32 bytes
+    ("sha-256=:not base64!:", None),
+    (f"SHA-256={HELLO_B64}", None),  # RFC 3230's Digest is not read
+    ("", None),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize(("value", "digest"), REPR_DIGEST_CASES, ids=[str(v)[:40] for v, _ in REPR_DIGEST_CASES])
+def test_parse_repr_digest(module_page: sync_api.Page, value: str | None, digest: str | None) -> None:
+    assert call_app(module_page, "parseReprDigest", value) == digest
+
+
+SHA_IN_PIECES = """async ([data, piece]) => {
+    const app = await import(new URL('static/app.js', document.baseURI));
+    const bytes = new Uint8Array(data), hash = new app.Sha256();
+    for (let at = 0; at < bytes.length; at += piece) hash.update(bytes.subarray(at, at + piece));
+    return [hash.hex(), hash.hex()];
+}"""
+
+
+@pytest.mark.parametrize("piece", [1, 63, 4096])
+@pytest.mark.parametrize("length", [0, 3, 55, 56, 64, 119, 120, 1000, 70_000])
+def test_sha256_fed_in_pieces_is_hashlibs(module_page: sync_api.Page, length: int, piece: int) -> None:
+    """Every padding case (a tail of 55, 56 and 64 bytes; one or two final blocks), fed in pieces that split
+    blocks anywhere; hex() twice gives the same answer."""
+    data = os.urandom(length)
+    assert module_page.evaluate(SHA_IN_PIECES, [list(data), piece]) == [hashlib.sha256(data).hexdigest()] * 2
+
+
 @pytest.mark.parametrize(
     ("etag", "last_modified", "validator"),
     [
@@ -1355,7 +1392,7 @@ def digest_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         sums[name] = sha256((root / name).read_bytes())
     time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)
     cache = tmp_path_factory.mktemp("digest-cache") / "digests.sqlite3"
-    plant_digest(cache, root / "wrong.txt", bytes(32))
+    plant_digest(cache, root, "wrong.txt", bytes(32))
     env = {"DOWNLOADER_ROOT": str(root), "DOWNLOADER_BLOB_LIMIT": str(512 * MIB), "DOWNLOADER_DIGEST_CACHE": str(cache)}
     with run_server("downloader:app", env, tmp_path_factory.mktemp("digest-log") / "server.log") as url:
         yield all_hashed(url), sums
