@@ -2220,6 +2220,26 @@ DIGEST_SCHEMA = (  # root and path as file-system bytes (os.fsencode): a name ne
     "CREATE INDEX IF NOT EXISTS digests_seen ON digests (seen)",
     "CREATE TABLE IF NOT EXISTS hashers (root BLOB PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL)",
 )
+DIGEST_CACHE_VERSION = 1  # the cache's PRAGMA user_version: a cache of another version (or none) is made anew
+
+
+def prepare_digest_cache(db: sqlite3.Connection) -> None:
+    """The digest cache's tables, dropped first if they are of another version: it is a cache, computed again.
+    One writer at a time, so that two processes don't both remake it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("PRAGMA user_version").fetchone()[0] != DIGEST_CACHE_VERSION:
+            db.execute("DROP TABLE IF EXISTS digests")
+            db.execute("DROP TABLE IF EXISTS hashers")
+        for statement in DIGEST_SCHEMA:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {DIGEST_CACHE_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
 TAKE_LEASE = (  # the root's lease, if free, lapsed or ours already: one statement, so two takers can't both win
     "INSERT INTO hashers (root, owner, until) VALUES (?, ?, ?) ON CONFLICT (root) DO UPDATE"
     " SET owner = excluded.owner, until = excluded.until WHERE hashers.owner = excluded.owner OR hashers.until < ?"
@@ -2362,15 +2382,13 @@ class Digests:
                     db = sqlite3.connect(self.cache, timeout=CATALOG_TIMEOUT_S, check_same_thread=False)
                     db.execute("PRAGMA journal_mode=WAL")
                     db.execute("PRAGMA synchronous=NORMAL")  # a digest lost to a power cut is computed again
-                    for statement in DIGEST_SCHEMA:
-                        db.execute(statement)
+                    prepare_digest_cache(db)
                 except (OSError, sqlite3.Error) as exc:
                     log.warning("downloader: the digest cache %s can't be used (%s): digests are kept in memory only", self.cache, exc)
                     db = None
             if db is None:
                 db = sqlite3.connect(":memory:", check_same_thread=False)
-                for statement in DIGEST_SCHEMA:
-                    db.execute(statement)
+                prepare_digest_cache(db)
             self.db = db
         return self.db
 

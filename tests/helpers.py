@@ -99,8 +99,7 @@ def plant_digest(cache: Path, root: Path, path: str, digest: bytes) -> None:
     import downloader
 
     db = sqlite3.connect(cache)
-    for statement in downloader.DIGEST_SCHEMA:
-        db.execute(statement)
+    downloader.prepare_digest_cache(db)
     identity = ":".join(map(str, downloader.content_identity(os.stat(root / path))))
     with db:
         db.execute(

@@ -412,6 +412,23 @@ def test_a_walk_hashes_every_served_file_and_prunes_the_gone(files: Path, tmp_pa
         digests.close()
 
 
+def test_a_cache_of_another_version_is_made_anew(files: Path, tmp_path: Path) -> None:
+    """A cache file from another version (here: other tables, no user_version) is dropped and made again, not an
+    error at every run."""
+    cache = tmp_path / "d.sqlite3"
+    with sqlite3.connect(cache) as db:
+        db.execute("CREATE TABLE digests (path TEXT PRIMARY KEY, identity TEXT, sha256 BLOB, seen REAL)")
+        db.execute("INSERT INTO digests VALUES ('a.txt', '1:2:3:4:5', x'00', 0)")
+    digests = downloader.Digests(os.path.realpath(files), cache=str(cache))
+    try:
+        digests.walk(digests.connect())
+    finally:
+        digests.close()
+    db = sqlite3.connect(cache)
+    assert db.execute("PRAGMA user_version").fetchone() == (downloader.DIGEST_CACHE_VERSION,)
+    assert db.execute("SELECT count(*) FROM digests").fetchone() == (4,)
+
+
 def test_a_name_that_is_not_utf8_is_hashed_and_kept(tmp_path: Path) -> None:
     """A name /download can't serve (not UTF-8) is not listed, but a root whose own path isn't UTF-8 is hashed:
     rows hold file-system bytes."""
