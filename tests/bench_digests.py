@@ -55,43 +55,46 @@ def main() -> None:
     if PINNED:  # this process, and so wrk, off the server's core
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[1:])
     base = Path(tempfile.mkdtemp(prefix="bench-digests-"))
-    root = base / "root"
-    (root / "tree").mkdir(parents=True)
-    (root / "one.bin").write_bytes(os.urandom(1024))
-    for i in range(0, args.tree_mib, 256):
-        write_file(root / "tree" / f"part{i // 256:03}.bin", min(256, args.tree_mib - i) * MIB)
-    time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)
-    print(f"1 KiB downloads, wrk -t1 -c32 {args.seconds:g} s, while the hasher reads a {args.tree_mib} MiB tree, and after")
-    print("| hash_rate | round | busy req/s | after | off, early | off, late | busy / after | busy / off | after / off | tree hashed in |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for rate in (int(r) for r in args.rates.split(",")):
-        ratios: list[tuple[float, float, float]] = []
-        for round_ in range(1, args.rounds + 1):
-            env = {
-                "DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_HASH_RATE": str(rate * MIB),
-                "DOWNLOADER_DIGEST_CACHE": str(base / f"cache-{rate}-{round_}.sqlite3"),
-            }
-            with start(env, base) as server:
-                began = time.monotonic()
-                busy = wrk(server.port, "/download/one.bin", args.seconds)
-                if pending(server.url) == 0:
-                    raise SystemExit("the tree was hashed before wrk finished: use a bigger --tree-mib or a lower rate")
-                while pending(server.url):
-                    time.sleep(0.2)
-                took = time.monotonic() - began
-                after = wrk(server.port, "/download/one.bin", args.seconds)
-            with start({"DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_DIGESTS": "false"}, base) as server:
-                began = time.monotonic()
-                early = wrk(server.port, "/download/one.bin", args.seconds)
-                time.sleep(max(0.0, took - (time.monotonic() - began)))
-                late = wrk(server.port, "/download/one.bin", args.seconds)
-            if None in (busy, after, early, late):
-                raise SystemExit("wrk is not installed")
-            ratios.append((busy / after, busy / early, after / late))
-            print(f"| {rate} MiB/s | {round_} | {busy:,.0f} | {after:,.0f} | {early:,.0f} | {late:,.0f} | {busy / after:.2f} | {busy / early:.2f} | {after / late:.2f} | {took:.1f} s |")
-        medians = " | ".join(f"{statistics.median(r[i] for r in ratios):.2f}" for i in range(3))
-        print(f"| {rate} MiB/s | median | | | | | {medians} | |")
+    try:
+        root = base / "root"
+        (root / "tree").mkdir(parents=True)
+        (root / "one.bin").write_bytes(os.urandom(1024))
+        for i in range(0, args.tree_mib, 256):
+            write_file(root / "tree" / f"part{i // 256:03}.bin", min(256, args.tree_mib - i) * MIB)
+        time.sleep(downloader.MIN_STRONG_AGE_S + 0.05)
+        print(f"1 KiB downloads, wrk -t1 -c32 {args.seconds:g} s, while the hasher reads a {args.tree_mib} MiB tree, and after")
+        print("| hash_rate | round | busy req/s | after | off, early | off, late | busy / after | busy / off | after / off | tree hashed in |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for rate in (int(r) for r in args.rates.split(",")):
+            ratios: list[tuple[float, float, float]] = []
+            for round_ in range(1, args.rounds + 1):
+                env = {
+                    "DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_HASH_RATE": str(rate * MIB),
+                    "DOWNLOADER_DIGEST_CACHE": str(base / f"cache-{rate}-{round_}.sqlite3"),
+                }
+                with start(env, base) as server:
+                    began = time.monotonic()
+                    busy = wrk(server.port, "/download/one.bin", args.seconds)
+                    if pending(server.url) == 0:
+                        raise SystemExit("the tree was hashed before wrk finished: use a bigger --tree-mib or a lower rate")
+                    while pending(server.url):
+                        time.sleep(0.2)
+                    took = time.monotonic() - began
+                    after = wrk(server.port, "/download/one.bin", args.seconds)
+                with start({"DOWNLOADER_ROOT": str(root), "DOWNLOADER_ACCESS_LOG": "off", "DOWNLOADER_DIGESTS": "false"}, base) as server:
+                    began = time.monotonic()
+                    early = wrk(server.port, "/download/one.bin", args.seconds)
+                    time.sleep(max(0.0, took - (time.monotonic() - began)))
+                    late = wrk(server.port, "/download/one.bin", args.seconds)
+                if None in (busy, after, early, late):
+                    raise SystemExit("wrk is not installed")
+                ratios.append((busy / after, busy / early, after / late))
+                print(f"| {rate} MiB/s | {round_} | {busy:,.0f} | {after:,.0f} | {early:,.0f} | {late:,.0f} | {busy / after:.2f} | {busy / early:.2f} | {after / late:.2f} | {took:.1f} s |")
+            medians = " | ".join(f"{statistics.median(r[i] for r in ratios):.2f}" for i in range(3))
+            print(f"| {rate} MiB/s | median | | | | | {medians} | |")
 
+    finally:
+        shutil.rmtree(base, ignore_errors=True)  # the tree: gigabytes
 
 if __name__ == "__main__":
     main()
