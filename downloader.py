@@ -2240,6 +2240,24 @@ def prepare_digest_cache(db: sqlite3.Connection) -> None:
         raise
 
 
+def open_digest_cache(path: str) -> sqlite3.Connection:
+    """The digest cache at `path` ("off": in memory), its folder made if missing, ready for use by one thread at a
+    time. OSError or sqlite3.Error if it can't be."""
+    if path == "off":
+        db = sqlite3.connect(":memory:", check_same_thread=False)
+    else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        db = sqlite3.connect(path, timeout=CATALOG_TIMEOUT_S, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a digest lost to a power cut is computed again
+    try:
+        prepare_digest_cache(db)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 TAKE_LEASE = (  # the root's lease, if free, lapsed or ours already: one statement, so two takers can't both win
     "INSERT INTO hashers (root, owner, until) VALUES (?, ?, ?) ON CONFLICT (root) DO UPDATE"
     " SET owner = excluded.owner, until = excluded.until WHERE hashers.owner = excluded.owner OR hashers.until < ?"
@@ -2375,21 +2393,11 @@ class Digests:
     def connect(self) -> sqlite3.Connection:
         """The cache, opened once; an in-memory one if it can't be (a warning says why)."""
         if self.db is None:
-            db = None
-            if self.cache != "off":
-                try:
-                    os.makedirs(os.path.dirname(self.cache), exist_ok=True)
-                    db = sqlite3.connect(self.cache, timeout=CATALOG_TIMEOUT_S, check_same_thread=False)
-                    db.execute("PRAGMA journal_mode=WAL")
-                    db.execute("PRAGMA synchronous=NORMAL")  # a digest lost to a power cut is computed again
-                    prepare_digest_cache(db)
-                except (OSError, sqlite3.Error) as exc:
-                    log.warning("downloader: the digest cache %s can't be used (%s): digests are kept in memory only", self.cache, exc)
-                    db = None
-            if db is None:
-                db = sqlite3.connect(":memory:", check_same_thread=False)
-                prepare_digest_cache(db)
-            self.db = db
+            try:
+                self.db = open_digest_cache(self.cache)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("downloader: the digest cache %s can't be used (%s): digests are kept in memory only", self.cache, exc)
+                self.db = open_digest_cache("off")
         return self.db
 
     def sync(self, db: sqlite3.Connection) -> None:
@@ -4558,6 +4566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_env(os.environ)
         options = server_options(os.environ)
         shown = f"[{options.host}]" if ":" in options.host else options.host
+        if settings.digests and not settings.is_bucket and args.command in (None, "hash"):
+            check_digest_cache(settings.digest_cache)
         if args.command is not None:
             return run_command(args, settings, (args.base_url or f"http://{shown}:{options.port}").rstrip("/") if hasattr(args, "base_url") else "")
         if settings.catalog:
@@ -4580,6 +4590,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = f"http://{shown}:{port}/" if settings.listing_on else f"http://{shown}:{port}/download/PATH"
     print(f"downloader: serving {settings.root} on {where} (Ctrl-C stops)", flush=True)
     return serve(sock, options, settings)
+
+
+def check_digest_cache(path: str) -> None:
+    """The digest cache opened once before anything is announced: one set that can't be used is a bad setting;
+    the default (under the home folder, perhaps read-only) a note, and digests are kept in memory."""
+    try:
+        open_digest_cache(path).close()
+    except (OSError, sqlite3.Error) as exc:
+        if path != DEFAULT_DIGEST_CACHE:
+            raise SettingsError("digest_cache", f"{path!r} can't be used: {getattr(exc, 'strerror', None) or exc}") from None
+        print(f"downloader: note: the digest cache {path} can't be used ({exc}): digests are kept in memory only", file=sys.stderr)
 
 
 def serve(sock: socket.socket, options: ServerOptions, settings: Settings) -> int:

@@ -224,6 +224,37 @@ async def test_a_file_changed_after_hashing_never_gets_its_old_digest(files: Pat
 
 
 @pytest.mark.anyio
+async def test_a_file_changed_a_moment_ago_waits_to_be_hashed(files: Path) -> None:
+    """Within MIN_STRONG_AGE_S of its last change a file is not hashed, though asked for: a second write in the
+    clock's tick could leave its identity as it is. (Hashing it takes milliseconds: without the rule it would be.)"""
+    async with app_client(files) as client:
+        (files / "fresh.txt").write_bytes(b"fresh")
+        changed = time.monotonic()
+        early = [(await client.get("/download/fresh.txt")).headers.get("repr-digest")]
+        time.sleep(0.3)
+        early.append((await client.get("/download/fresh.txt")).headers.get("repr-digest"))
+        assert time.monotonic() - changed < downloader.MIN_STRONG_AGE_S
+        settle()
+        late = (await known(client, "/download/fresh.txt")).headers["repr-digest"]
+    assert early == [None, None] and late == repr_digest(b"fresh")
+
+
+def test_the_hasher_reads_at_hash_rate(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    write_file(root / "eight.bin", 8 * MIB)
+    settle()
+    digests = downloader.Digests(str(root), rate=4 * MIB)
+    try:
+        began = time.monotonic()
+        digests.hash_path(digests.connect(), "eight.bin", digests.pace)
+        took = time.monotonic() - began
+    finally:
+        digests.close()
+    assert took >= 1.5  # 8 MiB at 4 MiB/s: 2 s (the first read of 8 MiB, then the wait it costs)
+
+
+@pytest.mark.anyio
 async def test_digests_off_sends_none(files: Path) -> None:
     async with app_client(files, digest_cache=None, digests=False) as client:
         responses = [await client.get("/download/a.txt") for _ in range(3)]
@@ -496,6 +527,26 @@ def test_hash_command_prints_sha256sums_and_fills_the_cache(files: Path, tmp_pat
     missing = run_cli("hash", "nope.txt", DOWNLOADER_ROOT=str(files), DOWNLOADER_DIGEST_CACHE=str(cache))
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr == f"downloader: cannot hash 'nope.txt': no file under {os.path.realpath(files)} by that path\n"
+
+
+@pytest.mark.parametrize(("cache", "problem"), [
+    ("/proc/nope/d.sqlite3", "'/proc/nope/d.sqlite3' can't be used: No such file or directory"),
+    ("{tmp}/not-a-database", "'{tmp}/not-a-database' can't be used: file is not a database"),
+])
+def test_a_digest_cache_that_cant_be_used_stops_start_up(files: Path, tmp_path: Path, cache: str, problem: str) -> None:
+    (tmp_path / "not-a-database").write_text("plain text, not SQLite\n")
+    cache, problem = cache.format(tmp=tmp_path), problem.format(tmp=tmp_path)
+    for args in (["--port", "0"], ["hash"]):
+        result = run_cli(*args, DOWNLOADER_ROOT=str(files), DOWNLOADER_DIGEST_CACHE=cache)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", f"downloader: DOWNLOADER_DIGEST_CACHE: {problem}\n")
+
+
+def test_the_default_digest_cache_unusable_is_a_note_and_digests_stay_in_memory(files: Path, tmp_path: Path) -> None:
+    """A read-only home must not keep the server from starting: the default cache falls back to memory."""
+    with cli_server(files, tmp_path / "server.log", XDG_CACHE_HOME="/proc/nope") as server:
+        wait_for(lambda: "repr-digest" in httpx.head(f"{server.url}/download/a.txt").headers, 10, "a digest, from memory")
+        log = (tmp_path / "server.log").read_text()
+    assert "downloader: note: the digest cache /proc/nope/downloader/digests.sqlite3 can't be used" in log
 
 
 def test_sha256sum_c_passes_on_files_fetched_with_curl(files: Path, tmp_path: Path) -> None:
