@@ -3411,13 +3411,11 @@ def coalesced(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
 
 def folder_zip(settings: Settings, folder: str, files: Sequence[ListedFile], entry_bytes: Callable[[ListedFile], Iterable[bytes]]) -> GeneratedDownload:
     """The folder (checked, "" for the root) as a ZIP of its `files` (those /download serves there, at most
-    MAX_FOLDER_FILES), each read by `entry_bytes` when the stream reaches it, built while sent. Entries are stored,
+    MAX_FOLDER_FILES: Service.folder_files), each read by `entry_bytes` when the stream reaches it, built while sent. Entries are stored,
     so the size is known first (Content-Length); with zip_compression they are deflated (chunked), except
     COMPRESSED_SUFFIXES."""
     import zipstream
 
-    if len(files) > MAX_FOLDER_FILES:  # refused before any entry is made
-        raise HTTPError(413, f"The folder holds more than {MAX_FOLDER_FILES} files")
     compress = settings.zip_compression
     archive = zipstream.ZipStream(compress_type=zipstream.ZIP_DEFLATED if compress else zipstream.ZIP_STORED, sized=not compress)
     for f in files:
@@ -3717,6 +3715,15 @@ class Service:
             return None
         return self.digests.lookup(listed.identity)  # (a listing asks for no hashing: the walk gets to it)
 
+    async def folder_files(self, url_path: str) -> tuple[str, list[ListedFile]]:
+        """The folder `url_path` names (resolve_folder) and every file /download serves in it, in path order, for
+        /zip and /sha256sums: 413 beyond MAX_FOLDER_FILES, before any is read."""
+        folder = await self.resolve_folder(url_path)
+        files, _ = await self.list_files(after="", limit=MAX_FOLDER_FILES + 1, folder=folder, bounded=False)
+        if len(files) > MAX_FOLDER_FILES:
+            raise HTTPError(413, f"The folder holds more than {MAX_FOLDER_FILES} files")
+        return folder, files
+
     def check_admin(self, request: Request) -> Catalog:
         """The catalog, once the bearer token checks out; 404 where there is no admin API."""
         if self.catalog is None or self.settings.admin_token is None:
@@ -3815,8 +3822,7 @@ async def zip_folder(request: Request) -> Response:
     config = service.settings
     service.active_zips += 1
     try:
-        folder = await service.resolve_folder(request.path_params["folder"])
-        files, _ = await service.list_files(after="", limit=MAX_FOLDER_FILES + 1, folder=folder, bounded=False)
+        folder, files = await service.folder_files(request.path_params["folder"])
         bucket = service.bucket
         if bucket is None:
             entry_bytes = functools.partial(_entry_bytes, config.root, serve_hidden=config.serve_hidden, chunk_size=config.chunk_size)
@@ -3861,10 +3867,7 @@ async def sha256sums(request: Request) -> Response:
     await service.check_listing(request)
     if service.digests is None:
         raise HTTPError(404, "No digests: objects are not hashed" if service.bucket else "Digests are switched off (DOWNLOADER_DIGESTS=false)")
-    folder = await service.resolve_folder(request.path_params["folder"])
-    files, _ = await service.list_files(after="", limit=MAX_FOLDER_FILES + 1, folder=folder, bounded=False)
-    if len(files) > MAX_FOLDER_FILES:
-        raise HTTPError(413, f"The folder holds more than {MAX_FOLDER_FILES} files")
+    folder, files = await service.folder_files(request.path_params["folder"])
 
     def lines() -> list[bytes]:
         named = [(service.digest_of(f), f.path[len(folder) + 1 :] if folder else f.path) for f in files]
