@@ -192,7 +192,7 @@ DEFAULT_HASH_RATE = 64 * 1024 * 1024
 """Bytes per second the background hasher reads at most (setting: hash_rate), in one thread per app (section 7):
 about 4% of a core for SHA-256, so a tree being hashed costs requests little (README: Integrity)."""
 HASH_CHUNK = 8 * 1024 * 1024
-"""The hasher's read, into one buffer it keeps. Each read costs the event loop a few handovers of the GIL: with 1 MiB
+"""The hasher's read, into one buffer per file. Each read costs the event loop a few handovers of the GIL: with 1 MiB
 reads, hashing at 64 MiB/s took 10-18% of the requests/s of 1 KiB files; with 8 MiB, 4-6% (tests/bench_digests.py)."""
 HASH_RESCAN_S = 300.0  # the hasher walks the root again this often for new and changed files (a file requested first)
 HASH_QUEUE = 10_000  # files downloaded with their digest unknown, waiting to be hashed first; more wait for the next walk
